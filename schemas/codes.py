@@ -1,0 +1,38 @@
+"""Close codes and error codes: one table, as centrifuge's disconnect.go and starlette's status.py.
+
+WebSocket close codes 4000-4499 mean "reconnect may help", 4500-4999 "do not reconnect
+without changing something" (a new token, a new client_id). Codes below 4000 are RFC 6455.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class Close(IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server shutting down: reconnect, perhaps to another instance
+    POLICY_VIOLATION = 1008  # banned (abuse protection)
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    HEARTBEAT_TIMEOUT = 4000  # no pong for two heartbeat intervals
+    REPLACED = 4009  # the same device (sub + client_id) connected again elsewhere
+    BACKEND_UNAVAILABLE = 4503  # NATS unreachable; reconnect later
+    TOKEN_EXPIRED = 4401  # CONTRACT §3: token expired while connected
+
+
+class ErrorCode(StrEnum):
+    """``code`` of the ``error`` frame; the connection stays open unless ``closes`` is true."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_FRAME = "invalid_frame"  # wrong or missing fields; ``detail`` names them
+    UNKNOWN_TYPE = "unknown_type"
+    FRAME_TOO_LARGE = "frame_too_large"  # over 64 KiB
+    BINARY_NOT_SUPPORTED = "binary_not_supported"
+    INVALID_ACK = "invalid_ack"  # ack of a seq that was never sent on this connection
+    NOT_SUPPORTED = "not_supported"  # a known frame whose feature this build lacks
+    INTERNAL = "internal"
+
+
+#: Text frames above this size get ``frame_too_large`` (CONTRACT §6).
+MAX_CLIENT_FRAME_BYTES = 64 * 1024

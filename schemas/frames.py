@@ -1,0 +1,132 @@
+"""Every WebSocket frame, each a pydantic model; one discriminated union per direction."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from .alert import Alert
+from .codes import ErrorCode
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---------------------------------------------------------------- server -> client
+
+
+class ConnectionEstablished(_Frame):
+    type: Literal["connection_established"] = "connection_established"
+    connection_id: str
+    user_id: str
+    client_id: str
+    ack_mode: Literal["client", "auto"]
+    heartbeat_interval: float = Field(description="seconds between server pings")
+    pending: int = Field(ge=0, description="alerts in this device's backlog, to be sent next")
+    regions: list[str] = Field(description="region prefixes this connection receives ([] = all)")
+
+
+class AlertFrame(_Frame):
+    type: Literal["alert"] = "alert"
+    seq: int = Field(ge=1, description="increasing per device; ack it to acknowledge all up to it")
+    alert: Alert
+    redelivered: bool = False
+
+
+class BacklogTruncated(_Frame):
+    type: Literal["backlog_truncated"] = "backlog_truncated"
+    dropped: int = Field(ge=1, description="oldest alerts skipped beyond TOCSIN_OFFLINE_QUEUE_MAX")
+
+
+class SubscriptionResponse(_Frame):
+    type: Literal["subscription_response"] = "subscription_response"
+    action: str
+    groups: list[str] = []
+    status: Literal["ok", "denied", "invalid"]
+    detail: str = ""
+
+
+class Ping(_Frame):
+    type: Literal["ping"] = "ping"
+    ts: float = Field(description="server time (unix seconds); echo it in pong for latency")
+
+
+class RateLimitWarning(_Frame):
+    type: Literal["rate_limit_warning"] = "rate_limit_warning"
+    limit: int
+    retry_after_s: float
+
+
+class ConnectionStats(_Frame):
+    type: Literal["connection_stats"] = "connection_stats"
+    connection_id: str
+    connected_seconds: float
+    alerts_sent: int
+    alerts_redelivered: int
+    acks_received: int
+    inflight: int
+    mode: Literal["catchup", "live"]
+    acked_seq: int
+    latency_ms: float | None = Field(description="last ping→pong round trip")
+
+
+class Error(_Frame):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    detail: str
+    closes: bool = False
+
+
+ServerFrame = Annotated[
+    ConnectionEstablished
+    | AlertFrame
+    | BacklogTruncated
+    | SubscriptionResponse
+    | Ping
+    | RateLimitWarning
+    | ConnectionStats
+    | Error,
+    Field(discriminator="type"),
+]
+
+# ---------------------------------------------------------------- client -> server
+
+
+class Subscribe(_Frame):
+    type: Literal["subscribe"] = "subscribe"
+    groups: list[str] = Field(min_length=1, max_length=64)
+
+
+class Unsubscribe(_Frame):
+    type: Literal["unsubscribe"] = "unsubscribe"
+    groups: list[str] = Field(min_length=1, max_length=64)
+
+
+class UpdateFilters(_Frame):
+    type: Literal["update_filters"] = "update_filters"
+    filters: dict[str, Any]
+
+
+class Pong(_Frame):
+    type: Literal["pong"] = "pong"
+    ts: float | None = None
+
+
+class GetStats(_Frame):
+    type: Literal["get_stats"] = "get_stats"
+
+
+class Ack(_Frame):
+    type: Literal["ack"] = "ack"
+    seq: int = Field(ge=1)
+
+
+ClientFrame = Annotated[
+    Subscribe | Unsubscribe | UpdateFilters | Pong | GetStats | Ack,
+    Field(discriminator="type"),
+]
+
+client_frame_adapter: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
+server_frame_adapter: TypeAdapter[ServerFrame] = TypeAdapter(ServerFrame)

@@ -1,0 +1,158 @@
+"""Every stream, subject and consumer name of tocsin is built here and nowhere else.
+
+Subjects of ``ALERTS`` read left to right from the most to the least selective part, so
+that an operator can read ``nats stream view ALERTS`` and consumers filter on the server:
+
+    alerts.<country>.<region>.<level>.<alert_type>
+    alerts.KE.KE-30.high.outbreak_risk      an alert for Homa Bay county, Kenya
+    alerts.KE.KE.emergency.outbreak_risk    a country-wide alert (region = country)
+
+A token region ``KE`` becomes the filter ``alerts.KE.>``; ``UG-102`` becomes
+``alerts.UG.UG-102.>``. Region containment is by whole code, never by string prefix.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tocsin.schemas.alert import is_region, region_contains
+
+_SAFE = re.compile(r"[A-Za-z0-9@+\-]")
+
+
+def _escape(text: str) -> str:
+    """Make ``text`` safe inside a consumer name, reversibly: unsafe bytes become ``_hh``.
+
+    The result never contains ``__`` and never ends in ``_``, so ``__`` can separate parts.
+    """
+    out = []
+    for ch in text:
+        if _SAFE.fullmatch(ch):
+            out.append(ch)
+        else:
+            out.extend(f"_{b:02x}" for b in ch.encode())
+    return "".join(out)
+
+
+def _unescape(text: str) -> str:
+    raw = bytearray()
+    i = 0
+    while i < len(text):
+        if text[i] == "_":
+            raw.append(int(text[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.extend(text[i].encode())
+            i += 1
+    return raw.decode()
+
+
+@dataclass(frozen=True)
+class Names:
+    """Names for one deployment; ``namespace`` prefixes all of them (empty in production)."""
+
+    namespace: str = ""
+
+    # --- streams ---------------------------------------------------------------------
+    @property
+    def _stream_prefix(self) -> str:
+        return f"{self.namespace.upper().replace('-', '_')}_" if self.namespace else ""
+
+    @property
+    def _subject_prefix(self) -> str:
+        return f"{self.namespace}." if self.namespace else ""
+
+    @property
+    def ingest_stream(self) -> str:
+        return f"{self._stream_prefix}INGEST"
+
+    @property
+    def alerts_stream(self) -> str:
+        return f"{self._stream_prefix}ALERTS"
+
+    @property
+    def dlq_stream(self) -> str:
+        return f"{self._stream_prefix}INGEST_DLQ"
+
+    # --- subjects --------------------------------------------------------------------
+    @property
+    def ingest_subject(self) -> str:
+        """Where the engine publishes raw alert JSON (CONTRACT §5)."""
+        return f"{self._subject_prefix}ingest.alerts"
+
+    @property
+    def alerts_all(self) -> str:
+        return f"{self._subject_prefix}alerts.>"
+
+    @property
+    def dlq_all(self) -> str:
+        return f"{self._subject_prefix}ingest.dlq.>"
+
+    def dlq_subject(self, reason: str) -> str:
+        """``ingest.dlq.<reason>``: reason is one of :class:`tocsin.ingest.pipeline.Rejection`."""
+        return f"{self._subject_prefix}ingest.dlq.{reason}"
+
+    def alert_subject(self, region: str, level: str, alert_type: str) -> str:
+        if not is_region(region):
+            raise ValueError(f"not a region code: {region!r}")
+        return f"{self._subject_prefix}alerts.{region[:2]}.{region}.{level}.{alert_type}"
+
+    def region_filters(self, regions: Iterable[str] | None) -> list[str]:
+        """Server-side filter subjects for a set of region prefixes (None = everything).
+
+        Contained prefixes collapse (``KE`` swallows ``KE-30``) because JetStream rejects
+        overlapping filters on one consumer.
+        """
+        if regions is None:
+            return [self.alerts_all]
+        unique = sorted(set(regions))
+        kept = [r for r in unique if not any(o != r and region_contains(o, r) for o in unique)]
+        filters = []
+        for region in kept:
+            if not is_region(region):
+                raise ValueError(f"not a region code: {region!r}")
+            tail = ">" if len(region) == 2 else f"{region}.>"
+            filters.append(f"{self._subject_prefix}alerts.{region[:2]}.{tail}")
+        return filters
+
+    def parse_alert_subject(self, subject: str) -> tuple[str, str, str]:
+        """(region, level, alert_type) of an ``ALERTS`` subject."""
+        parts = subject[len(self._subject_prefix) :].split(".")
+        return parts[2], parts[3], parts[4]
+
+    # --- consumers -------------------------------------------------------------------
+    ingest_consumer: str = "ingest"
+
+    def device_consumer(self, user_id: str, client_id: str) -> str:
+        """The durable consumer that is one device's offline queue: ``dev__<user>__<client>``."""
+        return f"dev__{_escape(user_id)}__{_escape(client_id)}"
+
+    @staticmethod
+    def parse_device_consumer(name: str) -> tuple[str, str] | None:
+        parts = name.split("__")
+        if len(parts) != 3 or parts[0] != "dev":
+            return None
+        return _unescape(parts[1]), _unescape(parts[2])
+
+    def feed_consumer(self, instance: str) -> str:
+        """Not durable: the name the live feed of one gateway instance carries, for operators."""
+        return f"feed__{_escape(instance)}"
+
+    # --- core NATS control subjects -------------------------------------------------
+    def takeover_subject(self, consumer: str) -> str:
+        """A session listens here; a newer connection of the same device asks it to leave."""
+        return f"{self._subject_prefix}tocsin.device.{consumer}.takeover"
+
+
+def matches(subject: str, pattern: str) -> bool:
+    """NATS subject matching (``*`` one token, ``>`` one or more trailing tokens)."""
+    s = subject.split(".")
+    p = pattern.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(s) == len(p)

@@ -1,0 +1,151 @@
+"""All settings in one pydantic-settings model (CONTRACT §2); a bad value names its variable."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from tocsin.schemas.alert import ALERT_TYPE_PATTERN, DEFAULT_ALERT_TYPES
+
+
+def _csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of tocsin; environment variables are ``TOCSIN_`` + the field name in capitals."""
+
+    model_config = SettingsConfigDict(env_prefix="TOCSIN_", extra="ignore", frozen=True)
+
+    # --- CONTRACT §2 ---------------------------------------------------------------
+    nats_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="NATS server URLs, comma-separated; empty = embedded"
+    )
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    jwt_secret: str | None = Field(default=None, min_length=16, repr=False)
+    jwt_public_key: str | None = Field(default=None, repr=False)
+    max_connections_per_user: int = Field(default=5, ge=1)
+    max_messages_per_minute: int = Field(default=60, ge=1)
+    ban_duration_minutes: float = Field(default=15, gt=0)
+    offline_queue_max: int = Field(default=100, ge=1, le=1_000_000)
+    retention_hours: float = Field(default=24, gt=0, le=24 * 365)
+    heartbeat_seconds: float = Field(default=30, gt=0, le=3600)
+
+    # --- tocsin's own ----------------------------------------------------------------
+    namespace: str = Field(
+        default="",
+        pattern=r"^([a-z0-9][a-z0-9_-]{0,31})?$",
+        description="prefix for every stream, subject and consumer; lets several "
+        "deployments (or test runs) share one NATS",
+    )
+    replicas: int = Field(default=1, ge=1, le=5, description="replicas of the streams")
+    device_replicas: int = Field(default=1, ge=1, le=5, description="replicas of device consumers")
+    max_devices: int = Field(
+        default=50_000, ge=1, description="max_consumers of ALERTS (the server default is 1,000)"
+    )
+    duplicate_window_seconds: float | None = Field(
+        default=None, gt=0, description="ALERTS dedupe window; default: the retention"
+    )
+    max_inflight: int = Field(
+        default=64, ge=1, le=10_000, description="alerts sent and not yet acked, per connection"
+    )
+    redelivery_backoff: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0, 30.0],
+        description="seconds before each redelivery of an unacked alert; the last repeats",
+    )
+    max_deliver: int = Field(default=50, ge=2, description="JetStream max_deliver of device queues")
+    checkpoint_seconds: float = Field(
+        default=1.0, gt=0, le=60, description="how often acked positions are saved to JetStream"
+    )
+    alert_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="alert types accepted besides the built-in ones"
+    )
+    data_dir: Path = Field(default=Path(".tocsin"), description="embedded nats-server data")
+    nats_port: int = Field(default=4222, ge=0, le=65535, description="embedded nats-server port")
+    shutdown_grace_seconds: float = Field(default=10, gt=0)
+    log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    _split = field_validator("nats_url", "alert_types", mode="before")(_csv)
+
+    @field_validator("redelivery_backoff", mode="before")
+    @classmethod
+    def _floats(cls, value: object) -> object:
+        return _csv(value)
+
+    @field_validator("redelivery_backoff")
+    @classmethod
+    def _backoff_whole(cls, value: list[float]) -> list[float]:
+        if not value or any(v <= 0 for v in value):
+            raise ValueError("needs one or more positive numbers of seconds, e.g. 1,2,4,8")
+        return value
+
+    @field_validator("alert_types")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        import re
+
+        for name in value:
+            if not re.fullmatch(ALERT_TYPE_PATTERN, name):
+                raise ValueError(f"{name!r} is not a valid alert type ({ALERT_TYPE_PATTERN})")
+        return value
+
+    @field_validator("nats_url")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
+                raise ValueError(f"{url!r} is not a NATS URL (nats://host:port)")
+        return value
+
+    @model_validator(mode="after")
+    def _deliver_exceeds_backoff(self) -> Settings:
+        if self.max_deliver <= len(self.redelivery_backoff):
+            raise ValueError(
+                "TOCSIN_MAX_DELIVER must exceed the number of TOCSIN_REDELIVERY_BACKOFF steps"
+            )
+        return self
+
+    @property
+    def retention_seconds(self) -> float:
+        return self.retention_hours * 3600
+
+    @property
+    def accepted_alert_types(self) -> frozenset[str]:
+        return frozenset(DEFAULT_ALERT_TYPES) | frozenset(self.alert_types)
+
+
+class SettingsError(SystemExit):
+    """Raised by :func:`load_settings`; its message is the one line printed at start-up."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment; on a bad value raise SystemExit with one line naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = first["loc"]
+        if not loc:  # a rule across fields: its message names the variables itself
+            raise SettingsError(f"tocsin: invalid settings: {first['msg']}") from None
+        field = str(loc[0])
+        item = f" (item {loc[1]})" if len(loc) > 1 else ""
+        secret = field in {"jwt_secret", "jwt_public_key"}
+        shown = "" if secret or item else f" (got {first.get('input')!r})"
+        raise SettingsError(
+            f"tocsin: invalid TOCSIN_{field.upper()}{item}: {first['msg']}{shown}"
+        ) from None
+
+
+def exit_on_bad_settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,95 @@
+"""The NATS topology, declared in one place and applied idempotently at start-up.
+
+Streams are declared with nats-py, not faststream: faststream's ``JStream`` lacks
+``allow_msg_ttl`` and never updates an existing definition (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from .naming import Names
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Dead letters are kept longer than alerts: someone has to read them.
+DLQ_MAX_AGE_SECONDS = 7 * 24 * 3600
+#: Largest alert JSON accepted on any path (the alert model caps its own text fields).
+MAX_ALERT_BYTES = 64 * 1024
+
+
+def stream_configs(settings: Settings, names: Names) -> list[StreamConfig]:
+    retention = settings.retention_seconds
+    window = min(settings.duplicate_window_seconds or retention, retention)
+    return [
+        StreamConfig(
+            name=names.ingest_stream,
+            description="Raw alert events from the engine, waiting for validation",
+            subjects=[names.ingest_subject],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=settings.replicas,
+            max_age=retention,
+            max_msg_size=MAX_ALERT_BYTES * 2,
+            discard=DiscardPolicy.NEW,
+        ),
+        StreamConfig(
+            name=names.alerts_stream,
+            description="Validated alerts: alerts.<country>.<region>.<level>.<type>",
+            subjects=[names.alerts_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=settings.replicas,
+            max_age=retention,
+            duplicate_window=window,
+            allow_msg_ttl=True,
+            max_consumers=settings.max_devices + 64,  # + gateway feeds and tools
+            max_msg_size=MAX_ALERT_BYTES * 2,
+            discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            name=names.dlq_stream,
+            description="Rejected ingest events with the reason in headers",
+            subjects=[names.dlq_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=settings.replicas,
+            max_age=DLQ_MAX_AGE_SECONDS,
+            discard=DiscardPolicy.OLD,
+        ),
+    ]
+
+
+async def apply_topology(js: JetStreamContext, settings: Settings, names: Names) -> None:
+    """Create the streams, or bring existing ones to this definition; safe to run concurrently."""
+    for config in stream_configs(settings, names):
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+                log.info("created stream %s", config.name)
+                continue
+            except BadRequestError as exc:
+                if exc.err_code != 10058:  # created by a concurrent starter: update below
+                    raise
+        await js.update_stream(config)
+
+
+async def topology_ready(js: JetStreamContext, names: Names) -> bool:
+    for name in (names.ingest_stream, names.alerts_stream, names.dlq_stream):
+        try:
+            await js.stream_info(name)
+        except Exception:
+            return False
+    return True

@@ -1,0 +1,94 @@
+"""The gateway's shared state: connections to NATS, the live feed, the sessions, the ticker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from tocsin.core.auth import TokenVerifier
+from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
+
+from .live import LiveFeed
+from .queue import DeviceQueues
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.25
+#: Checkpoints (consumer resets) in flight at once, so a burst of acks can't flood the server.
+CHECKPOINT_CONCURRENCY = 64
+
+
+class Gateway:
+    def __init__(self, settings: Settings, nc: Client, js: JetStreamContext) -> None:
+        self.settings = settings
+        self.names = Names(settings.namespace)
+        self.instance = uuid.uuid4().hex[:12]
+        self.nc = nc
+        self.js = js
+        self.verifier = TokenVerifier.from_settings(settings)
+        self.queues = DeviceQueues(nc, js, settings, self.names)
+        self.feed = LiveFeed(js, self.names)
+        self.sessions: set[Session] = set()
+        self.devices: dict[str, Session] = {}  # consumer name -> the session holding it
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self.shutting_down = False
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def start(self) -> None:
+        await self.feed.start()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await self.feed.stop()
+
+    async def _tick_loop(self) -> None:
+        next_checkpoint = time.monotonic()
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            now_mono, now = time.monotonic(), time.time()
+            for session in list(self.sessions):
+                session.tick(now_mono, now)
+            if now_mono >= next_checkpoint:
+                next_checkpoint = now_mono + self.settings.checkpoint_seconds
+                dirty = [s for s in self.sessions if s.needs_checkpoint()]
+                if dirty:
+                    await self._checkpoint(dirty)
+
+    async def _checkpoint(self, sessions: list[Session]) -> None:
+        gate = asyncio.Semaphore(CHECKPOINT_CONCURRENCY)
+
+        async def one(session: Session) -> None:
+            async with gate:
+                try:
+                    await session.checkpoint()
+                except Exception as exc:  # retried at the next tick; the floor is in memory
+                    log.warning("checkpoint of %s failed: %s", session.consumer, exc)
+
+        await asyncio.gather(*(one(s) for s in sessions))
+
+    @property
+    def background_tasks_running(self) -> bool:
+        return self._ticker is not None and not self._ticker.done() and self.feed.running

@@ -1,0 +1,226 @@
+"""The WebSocket endpoint: handshake checks, then one :class:`Session` per connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from pydantic import ValidationError
+
+from tocsin.core.auth import TokenError, bearer
+from tocsin.schemas import (
+    MAX_CLIENT_FRAME_BYTES,
+    Ack,
+    BacklogTruncated,
+    Close,
+    ConnectionEstablished,
+    Error,
+    ErrorCode,
+    GetStats,
+    Pong,
+    Subscribe,
+    SubscriptionResponse,
+    Unsubscribe,
+    UpdateFilters,
+    client_frame_adapter,
+)
+
+from .context import Gateway
+from .session import Device, Session
+
+log = logging.getLogger(__name__)
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+#: Filters that arrive with the subscription model (CONTRACT §6, issue 3).
+NOT_YET = ("location_filter", "risk_threshold", "alert_types")
+#: Frames above this are refused by aiohttp itself (close 1009); up to it, an error frame.
+HARD_FRAME_LIMIT = 1024 * 1024
+
+
+def json_error(status: int, error: str, detail: str, **headers: str) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
+
+
+def parse_device(request: web.Request, gw: Gateway) -> Device | web.Response:
+    token = request.query.get("auth_token") or bearer(request.headers.get("Authorization"))
+    try:
+        claims = gw.verifier.verify(token)
+    except TokenError as exc:
+        return json_error(401, exc.error, exc.detail)
+    if not claims.is_admin and not claims.regions:
+        return json_error(403, "no_regions", "the token's regions claim grants no region")
+    client_id = request.query.get("client_id", "default")
+    if not CLIENT_ID_RE.fullmatch(client_id):
+        return json_error(400, "invalid_parameter",
+                          "client_id: 1-64 characters of A-Z a-z 0-9 . _ : @ -")
+    ack_mode = request.query.get("ack_mode", "client")
+    if ack_mode not in ("client", "auto"):
+        return json_error(400, "invalid_parameter", "ack_mode: must be 'client' or 'auto'")
+    for name in NOT_YET:
+        if name in request.query:
+            return json_error(400, "not_supported", f"{name}: filters are not supported yet")
+    return Device(claims, client_id, ack_mode)  # type: ignore[arg-type]
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    if gw.shutting_down:
+        return json_error(503, "shutting_down", "this gateway is stopping; reconnect",
+                          **{"Retry-After": "1"})
+    device = parse_device(request, gw)
+    if isinstance(device, web.Response):
+        return device
+    ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, autoping=True)
+    await ws.prepare(request)
+    session = Session(gw, ws, device)
+    try:
+        await serve(gw, session)
+    except Exception:
+        log.exception("session %s failed", session.id)
+        if not ws.closed:
+            await ws.close(code=Close.INTERNAL_ERROR, message=b"internal error")
+    return ws
+
+
+async def _take_over(gw: Gateway, session: Session) -> None:
+    """Make an older connection of the same device (on any gateway) leave first."""
+    subject = gw.names.takeover_subject(session.consumer)
+    with contextlib.suppress(NoRespondersError, NatsTimeout, asyncio.TimeoutError):
+        await gw.nc.request(subject, session.id.encode(), timeout=gw.settings.shutdown_grace_seconds)
+
+
+async def serve(gw: Gateway, session: Session) -> None:
+    await _take_over(gw, session)
+    waiting: list[str] = []
+
+    async def on_takeover(msg: Any) -> None:
+        if msg.data.decode() != session.id:
+            waiting.append(msg.reply)
+            session.close(Close.REPLACED, "the same device connected again")
+
+    control = await gw.nc.subscribe(gw.names.takeover_subject(session.consumer), cb=on_takeover)
+    gw.feed.register(session)  # before the queue is opened: live alerts buffer from now on
+    gw.sessions.add(session)
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        opened = await gw.queues.open(
+            session.device.user_id, session.device.client_id,
+            session.device.claims.receivable_regions(),
+        )
+        w = session.window
+        w.floor = session.saved_floor = opened.floor
+        w.next_seq = opened.floor + 1
+        session.high_water = opened.sent_high
+        session.send_control(ConnectionEstablished(
+            connection_id=session.id, user_id=session.device.user_id,
+            client_id=session.device.client_id, ack_mode=session.device.ack_mode,
+            heartbeat_interval=gw.settings.heartbeat_seconds, pending=opened.pending,
+            regions=list(session.device.claims.receivable_regions() or []),
+        ))
+        if opened.dropped:
+            session.send_control(BacklogTruncated(dropped=opened.dropped))
+        session.catchup_needed.set()
+        tasks = [
+            asyncio.create_task(session.sender()),
+            asyncio.create_task(session.catchup(first_reset_done=True)),
+        ]
+        receiver = asyncio.create_task(receive(session))
+        done, _ = await asyncio.wait([receiver, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        tasks.append(receiver)
+        for task in done:
+            if task is not receiver and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        gw.feed.unregister(session)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await _leave(gw, session)
+        with contextlib.suppress(Exception):
+            await control.unsubscribe()
+        gw.sessions.discard(session)
+        for reply in waiting:
+            with contextlib.suppress(Exception):
+                await gw.nc.publish(reply, b"released")
+        if not session.ws.closed:
+            code, reason = session.closing or (Close.NORMAL, "")
+            with contextlib.suppress(Exception):
+                await session.ws.close(code=code, message=reason.encode())
+
+
+async def _leave(gw: Gateway, session: Session) -> None:
+    """Save the device's position: acked floor for the queue, sent high-water for flags."""
+    try:
+        await session.checkpoint()
+        if session.high_water:
+            await gw.queues.remember_sent(session.consumer, session.high_water)
+    except Exception as exc:
+        log.warning("could not save the position of %s: %s", session.consumer, exc)
+
+
+async def receive(session: Session) -> None:
+    async for msg in session.ws:
+        if msg.type is WSMsgType.TEXT:
+            await on_text(session, msg.data)
+        elif msg.type is WSMsgType.BINARY:
+            session.send_control(Error(code=ErrorCode.BINARY_NOT_SUPPORTED,
+                                       detail="frames are JSON text"))
+        elif msg.type is WSMsgType.ERROR:
+            break
+
+
+def _frame_error(exc: ValidationError) -> Error:
+    err = exc.errors()[0]
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return Error(code=ErrorCode.UNKNOWN_TYPE,
+                     detail="type: expected one of subscribe, unsubscribe, update_filters, "
+                            "pong, get_stats, ack")
+    fields = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'][1:]) or 'frame'}: {e['msg']}" for e in exc.errors()
+    )
+    return Error(code=ErrorCode.INVALID_FRAME, detail=fields)
+
+
+async def on_text(session: Session, text: str) -> None:
+    if len(text) > MAX_CLIENT_FRAME_BYTES:
+        session.send_control(Error(code=ErrorCode.FRAME_TOO_LARGE,
+                                   detail=f"frames are limited to {MAX_CLIENT_FRAME_BYTES} bytes"))
+        return
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        session.send_control(Error(code=ErrorCode.INVALID_JSON, detail=f"not JSON: {exc}"))
+        return
+    if not isinstance(data, dict):
+        session.send_control(Error(code=ErrorCode.INVALID_FRAME, detail="frame: expected an object"))
+        return
+    try:
+        frame = client_frame_adapter.validate_python(data)
+    except ValidationError as exc:
+        session.send_control(_frame_error(exc))
+        return
+    match frame:
+        case Ack(seq=seq):
+            await session.on_ack(seq)
+        case Pong(ts=ts):
+            session.on_pong(ts)
+        case GetStats():
+            session.send_control(session.stats())
+        case Subscribe() | Unsubscribe():
+            session.send_control(SubscriptionResponse(
+                action=frame.type, groups=frame.groups, status="invalid",
+                detail="groups are not supported yet; this connection receives its token's regions",
+            ))
+        case UpdateFilters():
+            session.send_control(Error(code=ErrorCode.NOT_SUPPORTED,
+                                       detail="filters: not supported yet"))

@@ -1,0 +1,119 @@
+"""The live path: one ordered consumer per gateway process, fanned out in memory.
+
+Every alert is read from JetStream once per gateway, its frame encoded once, and offered
+to each local session whose filters match. Sessions that are still reading their backlog
+buffer what they are offered, so that the hand-over to live delivery has no gap
+(docs/architecture.md, "Backlog to live").
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+
+from tocsin.core.naming import Names
+from tocsin.ingest.pipeline import EXPIRES_HEADER
+
+log = logging.getLogger(__name__)
+
+
+def alert_frame(seq: int, data: bytes, redelivered: bool) -> bytes:
+    """An ``alert`` frame around the stored alert JSON, without parsing or re-encoding it."""
+    flag = b"true" if redelivered else b"false"
+    return b'{"type":"alert","seq":%d,"redelivered":%s,"alert":%s}' % (seq, flag, data)
+
+
+@dataclass(slots=True)
+class LiveAlert:
+    seq: int
+    subject: str
+    data: bytes
+    expires: float | None
+    frame: bytes = field(default=b"")
+
+    def __post_init__(self) -> None:
+        self.frame = alert_frame(self.seq, self.data, False)
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and self.expires <= now
+
+
+def expires_of(headers: dict[str, str] | None) -> float | None:
+    value = (headers or {}).get(EXPIRES_HEADER)
+    return float(value) if value else None
+
+
+class Listener(Protocol):
+    countries: frozenset[str] | None  # None = every country
+
+    def accepts(self, subject: str) -> bool: ...
+
+    def offer(self, alert: LiveAlert) -> None: ...
+
+
+class LiveFeed:
+    def __init__(self, js: JetStreamContext, names: Names) -> None:
+        self._js = js
+        self._names = names
+        self._by_country: dict[str, set[Listener]] = {}
+        self._everywhere: set[Listener] = set()
+        self._sub: Any = None
+        self.last_seq = 0
+        self.received = 0
+
+    async def start(self) -> None:
+        self._sub = await self._js.subscribe(
+            self._names.alerts_all,
+            cb=self._on_msg,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+            idle_heartbeat=2.0,
+            pending_msgs_limit=1_000_000,
+            pending_bytes_limit=1 << 30,
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # the connection may be closing already
+                log.debug("feed unsubscribe failed", exc_info=True)
+            self._sub = None
+
+    @property
+    def running(self) -> bool:
+        return self._sub is not None
+
+    def register(self, listener: Listener) -> None:
+        for bucket in self._buckets(listener.countries):
+            bucket.add(listener)
+
+    def unregister(self, listener: Listener) -> None:
+        for bucket in self._buckets(listener.countries):
+            bucket.discard(listener)
+
+    def _buckets(self, countries: Iterable[str] | None) -> list[set[Listener]]:
+        if countries is None:
+            return [self._everywhere]
+        return [self._by_country.setdefault(c, set()) for c in countries]
+
+    async def _on_msg(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        self.dispatch(LiveAlert(seq, msg.subject, msg.data, expires_of(msg.headers)))
+
+    def dispatch(self, alert: LiveAlert) -> None:
+        self.last_seq = alert.seq
+        self.received += 1
+        if alert.expired(time.time()):
+            return
+        country = self._names.parse_alert_subject(alert.subject)[0][:2]
+        for listener in (*self._by_country.get(country, ()), *self._everywhere):
+            if listener.accepts(alert.subject):
+                listener.offer(alert)

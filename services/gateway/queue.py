@@ -1,0 +1,146 @@
+"""A device's durable JetStream consumer: its offline queue and its acknowledged position.
+
+Positions are ``ALERTS`` stream sequences. The consumer's ack floor is the device's
+position: everything at or below it was acknowledged by the device. tocsin moves it with
+JetStream's own ack (``AckAll``) while reading the backlog, and with the consumer reset API
+(``$JS.API.CONSUMER.RESET``, nats-server 2.14+) for alerts that went out by the live path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import orjson
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy
+from nats.js.errors import NotFoundError
+
+from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
+
+from .recovery import truncation_target
+
+log = logging.getLogger(__name__)
+
+
+SENT_KEY = "tocsin.sent"
+
+
+class QueueError(Exception):
+    """JetStream refused an operation on a device queue."""
+
+
+@dataclass(frozen=True)
+class Opened:
+    """What :meth:`DeviceQueues.open` found: where delivery resumes and what was skipped."""
+
+    consumer: str
+    floor: int  # last acknowledged stream sequence (0: none yet)
+    pending: int  # alerts waiting in the backlog, after truncation
+    dropped: int  # alerts skipped because the backlog was over the cap
+    created: bool  # first time this device was seen: it starts at the live edge
+    sent_high: int = 0  # highest seq an earlier connection sent (as saved at its close)
+
+
+class DeviceQueues:
+    """Operations on device consumers; one instance per gateway process."""
+
+    def __init__(self, nc: Client, js: JetStreamContext, settings: Settings, names: Names) -> None:
+        self._nc = nc
+        self._js = js
+        self._settings = settings
+        self._names = names
+        self._stream = names.alerts_stream
+
+    def _config(self, name: str, user: str, client_id: str, filters: list[str],
+                start_seq: int) -> ConsumerConfig:
+        s = self._settings
+        one = len(filters) == 1
+        return ConsumerConfig(
+            durable_name=name,
+            description=f"tocsin device queue of {user!r} / {client_id!r}",
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
+            ack_policy=AckPolicy.ALL,
+            backoff=list(s.redelivery_backoff),
+            max_deliver=s.max_deliver,
+            max_ack_pending=s.max_inflight,
+            replay_policy=ReplayPolicy.INSTANT,
+            filter_subject=filters[0] if one else None,
+            filter_subjects=None if one else filters,
+            inactive_threshold=s.retention_seconds,
+            num_replicas=s.device_replicas,
+            metadata={"tocsin.user": user, "tocsin.client_id": client_id},
+        )
+
+    async def open(self, user: str, client_id: str, regions: tuple[str, ...] | None) -> Opened:
+        """Find or create the device's queue, bring its filters up to date, rewind it to its
+        acknowledged position and cut its backlog to ``TOCSIN_OFFLINE_QUEUE_MAX`` (newest kept).
+        """
+        name = self._names.device_consumer(user, client_id)
+        filters = self._names.region_filters(regions)
+        try:
+            info = await self._js.consumer_info(self._stream, name)
+        except NotFoundError:
+            stream = await self._js.stream_info(self._stream)
+            last = stream.state.last_seq
+            await self._js.add_consumer(
+                self._stream, self._config(name, user, client_id, filters, last + 1)
+            )
+            return Opened(name, floor=last, pending=0, dropped=0, created=True)
+
+        current = info.config.filter_subjects or (
+            [info.config.filter_subject] if info.config.filter_subject else []
+        )
+        if sorted(current) != sorted(filters):
+            # Same durable, new filters: JetStream updates in place and keeps the ack state.
+            start = info.config.opt_start_seq or 1
+            await self._js.add_consumer(
+                self._stream, self._config(name, user, client_id, filters, start)
+            )
+        start_seq = info.config.opt_start_seq or 1
+        floor = max(info.ack_floor.stream_seq if info.ack_floor else 0, start_seq - 1)
+        pending = await self.reset(name, floor + 1)
+        dropped = 0
+        cap = self._settings.offline_queue_max
+        if pending > cap:
+            stream = await self._js.stream_info(self._stream)
+            target = await truncation_target(
+                lambda seq: self.reset(name, seq), floor + 1, stream.state.last_seq + 1, cap
+            )
+            before = await self.reset(name, floor + 1)
+            after = await self.reset(name, target)
+            dropped, pending = before - after, after
+            floor = target - 1
+        sent_high = int((info.config.metadata or {}).get(SENT_KEY, "0") or 0)
+        return Opened(name, floor, pending, dropped, created=False, sent_high=sent_high)
+
+    async def remember_sent(self, consumer: str, sent_high: int) -> None:
+        """Save the highest seq sent, so the next connection flags repeats ``redelivered``."""
+        info = await self._js.consumer_info(self._stream, consumer)
+        config = info.config
+        metadata = {k: v for k, v in (config.metadata or {}).items() if not k.startswith("_nats")}
+        if metadata.get(SENT_KEY) == str(sent_high):
+            return
+        metadata[SENT_KEY] = str(sent_high)
+        config.metadata = metadata
+        await self._js.add_consumer(self._stream, config)
+
+    async def reset(self, consumer: str, seq: int) -> int:
+        """Point ``consumer`` at stream sequence ``seq`` (everything before counts as acked);
+        return how many alerts are then pending."""
+        subject = f"$JS.API.CONSUMER.RESET.{self._stream}.{consumer}"
+        reply = await self._nc.request(subject, orjson.dumps({"seq": seq}), timeout=5)
+        body = orjson.loads(reply.data)
+        if "error" in body:
+            raise QueueError(f"reset {consumer} to {seq}: {body['error'].get('description')}")
+        return int(body.get("num_pending", 0))
+
+    async def pending(self, consumer: str) -> int:
+        info = await self._js.consumer_info(self._stream, consumer)
+        return int(info.num_pending or 0)
+
+    async def reader(self, consumer: str) -> JetStreamContext.PullSubscription:
+        return await self._js.pull_subscribe_bind(durable=consumer, stream=self._stream)

@@ -1,0 +1,284 @@
+"""One WebSocket connection of one device: backlog first, then live, acks to JetStream.
+
+Two modes. ``catchup``: alerts come from the device's durable consumer (its offline queue)
+while live alerts offered meanwhile are buffered. ``live``: alerts come from the gateway's
+shared feed. The switch to live happens when the durable reports nothing pending; the
+buffer then holds every later alert, so nothing falls between (docs/architecture.md).
+A full window sends the session back to ``catchup``: the durable keeps what it missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from aiohttp import WSMsgType, web
+from nats.errors import TimeoutError as NatsTimeout
+
+from tocsin.core.auth import Claims
+from tocsin.core.naming import matches
+from tocsin.schemas import Close, ConnectionStats, Error, ErrorCode, Ping
+
+from .live import LiveAlert, alert_frame, expires_of
+from .window import InFlight, Window
+
+if TYPE_CHECKING:
+    from .context import Gateway
+
+log = logging.getLogger(__name__)
+
+#: Live alerts a catching-up session buffers before it relies on the durable instead.
+BUFFER_LIMIT = 10_000
+
+
+class Mode(enum.StrEnum):
+    CATCHUP = "catchup"
+    LIVE = "live"
+
+
+@dataclass(frozen=True)
+class Device:
+    claims: Claims
+    client_id: str
+    ack_mode: Literal["client", "auto"]
+
+    @property
+    def user_id(self) -> str:
+        return self.claims.sub
+
+
+class Session:
+    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, device: Device) -> None:
+        self.gw = gw
+        self.ws = ws
+        self.device = device
+        self.id = uuid.uuid4().hex
+        regions = device.claims.receivable_regions()
+        self.filters = gw.names.region_filters(regions)
+        self.countries = None if regions is None else frozenset(r[:2] for r in regions)
+        self.consumer = gw.names.device_consumer(device.user_id, device.client_id)
+        self.track = device.ack_mode == "client"
+        self.mode = Mode.CATCHUP
+        self.window = Window(gw.settings.max_inflight)
+        self.buffer: list[LiveAlert] = []
+        self.buffer_overflow = False
+        self.saved_floor = 0  # the floor JetStream knows
+        self.out: deque[tuple[int, bytes]] = deque()
+        self.out_ready = asyncio.Event()
+        self.room_ready = asyncio.Event()
+        self.catchup_needed = asyncio.Event()
+        self.closing: tuple[int, str] | None = None
+        self.started = time.monotonic()
+        now = time.monotonic()
+        self.next_ping = now + gw.settings.heartbeat_seconds
+        self.last_pong = now
+        self.latency_ms: float | None = None
+        self.sent = self.redelivered = self.acks = 0
+
+    # ------------------------------------------------------------ called by the feed
+    def accepts(self, subject: str) -> bool:
+        return any(matches(subject, f) for f in self.filters)
+
+    def offer(self, alert: LiveAlert) -> None:
+        if self.mode is Mode.CATCHUP:
+            if len(self.buffer) >= BUFFER_LIMIT:
+                self.buffer.clear()
+                self.buffer_overflow = True
+            elif not self.buffer_overflow:
+                self.buffer.append(alert)
+            return
+        if not self.window.is_new(alert.seq):
+            return
+        if self._room() <= 0:
+            self._fall_behind(alert)
+            return
+        self._send_new(alert.seq, alert.data, alert.expires, alert.frame)
+
+    # ------------------------------------------------------------ sending
+    def _room(self) -> int:
+        used = len(self.window.items) if self.track else len(self.out)
+        return self.window.capacity - used
+
+    def _send_new(self, seq: int, data: bytes, expires: float | None, frame: bytes | None,
+                  js_msg: Any = None) -> None:
+        if expires is not None and expires <= time.time():
+            self.window.skip(seq)
+            return
+        item = InFlight(seq, data, expires, time.monotonic(), 1, js_msg)
+        self.window.take(item, self.track)
+        redelivered = seq <= self.high_water
+        self.high_water = max(self.high_water, seq)
+        self.redelivered += redelivered
+        self._enqueue(seq, frame if frame and not redelivered else
+                      alert_frame(seq, data, redelivered))
+
+    high_water = 0  # highest seq ever sent to this device by this session
+
+    def _enqueue(self, seq: int, frame: bytes) -> None:
+        self.out.append((seq, frame))
+        self.out_ready.set()
+
+    def send_control(self, frame: Any) -> None:
+        self._enqueue(0, frame.model_dump_json().encode())
+
+    def _fall_behind(self, alert: LiveAlert) -> None:
+        """The window is full: stop live delivery; the durable has everything after the floor."""
+        self.mode = Mode.CATCHUP
+        self.buffer = [alert]
+        self.buffer_overflow = False
+        self.catchup_needed.set()
+
+    async def sender(self) -> None:
+        while True:
+            await self.out_ready.wait()
+            self.out_ready.clear()
+            while self.out:
+                seq, frame = self.out.popleft()
+                await self.ws.send_frame(frame, WSMsgType.TEXT)
+                if seq:
+                    self.sent += 1
+                    if not self.track:  # ack_mode=auto: written to the socket = delivered
+                        self.window.ack(seq)
+                        self.room_ready.set()
+
+    # ------------------------------------------------------------ backlog
+    async def catchup(self, first_reset_done: bool) -> None:
+        reader = None
+        reset_needed = not first_reset_done
+        while True:
+            await self.catchup_needed.wait()
+            if reset_needed:
+                await self.gw.queues.reset(self.consumer, self.window.floor + 1)
+                self.saved_floor = self.window.floor
+            reset_needed = True
+            if reader is None:
+                reader = await self.gw.queues.reader(self.consumer)
+            await self._drain(reader)
+
+    async def _drain(self, reader: Any) -> None:
+        while self.mode is Mode.CATCHUP:
+            room = self._room()
+            if room <= 0:
+                self.room_ready.clear()
+                await self.room_ready.wait()
+                continue
+            try:
+                msgs = await reader.fetch(room, timeout=2.0)
+            except (TimeoutError, NatsTimeout):
+                msgs = []
+            remaining = None
+            for msg in msgs:
+                meta = msg.metadata
+                remaining = meta.num_pending
+                await self._from_backlog(msg, meta.sequence.stream)
+            if remaining is None and await self.gw.queues.pending(self.consumer) > 0:
+                continue  # a slow answer, not an empty queue
+            if remaining in (None, 0):
+                self._try_go_live()
+
+    async def _from_backlog(self, msg: Any, seq: int) -> None:
+        if seq <= self.window.floor:
+            await msg.ack()  # the device acked it already (it went out live): tell JetStream
+            self.saved_floor = max(self.saved_floor, seq)
+        elif seq < self.window.next_seq:
+            item = self.window.items.get(seq)
+            if item is not None:
+                item.js_msg = msg  # so that the device's ack of it reaches JetStream
+        else:
+            self._send_new(seq, msg.data, expires_of(msg.headers), None, msg)
+
+    def _try_go_live(self) -> None:
+        if self.buffer_overflow:
+            self.buffer_overflow = False
+            self.buffer.clear()
+            return  # what was not buffered is in the durable: read on
+        fresh = [a for a in self.buffer if self.window.is_new(a.seq)]
+        if len(fresh) > self._room():
+            self.buffer.clear()
+            return
+        self.buffer.clear()
+        for alert in fresh:
+            self._send_new(alert.seq, alert.data, alert.expires, alert.frame)
+        self.mode = Mode.LIVE
+        self.catchup_needed.clear()
+
+    # ------------------------------------------------------------ acks and timers
+    async def on_ack(self, seq: int) -> None:
+        if seq >= self.window.next_seq:
+            self.send_control(Error(code=ErrorCode.INVALID_ACK,
+                                    detail=f"seq: {seq} was not sent on this connection"))
+            return
+        if not self.track:
+            return
+        self.acks += 1
+        done = self.window.ack(seq)
+        self.room_ready.set()
+        held = [i.js_msg for i in done if i.js_msg is not None]
+        if held and self.mode is Mode.CATCHUP:
+            await held[-1].ack()  # AckAll: JetStream's floor follows the device's
+            self.saved_floor = max(self.saved_floor, done[-1].seq)
+
+    def tick(self, now_mono: float, now: float) -> None:
+        """Called by the gateway's ticker: redeliveries, heartbeats, token expiry."""
+        if self.closing:
+            return
+        if now >= self.device.claims.exp:
+            self.close(Close.TOKEN_EXPIRED, "token expired")
+            return
+        hb = self.gw.settings.heartbeat_seconds
+        if now_mono - self.last_pong > 2 * hb:
+            self.close(Close.HEARTBEAT_TIMEOUT, "no pong for two heartbeat intervals")
+            return
+        if now_mono >= self.next_ping:
+            self.next_ping = now_mono + hb
+            self.send_control(Ping(ts=now))
+        if self.window.items:
+            self.window.drop_expired(now)
+            for item in self.window.due(now_mono, self.gw.settings.redelivery_backoff):
+                item.attempts += 1
+                item.sent_at = now_mono
+                self.redelivered += 1
+                self._enqueue(item.seq, alert_frame(item.seq, item.data, True))
+
+    def on_pong(self, ts: float | None) -> None:
+        self.last_pong = time.monotonic()
+        if ts is not None:
+            self.latency_ms = max(0.0, (time.time() - ts) * 1000)
+
+    def needs_checkpoint(self) -> bool:
+        return self.mode is Mode.LIVE and self.window.floor > self.saved_floor
+
+    async def checkpoint(self) -> None:
+        floor = self.window.floor
+        await self.gw.queues.reset(self.consumer, floor + 1)
+        self.saved_floor = floor
+
+    def stats(self) -> ConnectionStats:
+        return ConnectionStats(
+            connection_id=self.id,
+            connected_seconds=round(time.monotonic() - self.started, 3),
+            alerts_sent=self.sent,
+            alerts_redelivered=self.redelivered,
+            acks_received=self.acks,
+            inflight=len(self.window.items),
+            mode=self.mode.value,
+            acked_seq=self.window.floor,
+            latency_ms=self.latency_ms,
+        )
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask the connection to end; the handler closes the socket and cleans up."""
+        if self.closing is None:
+            self.closing = (code, reason)
+            self.gw.spawn(self.ws.close(code=code, message=reason.encode()))
+
+    async def _run_quietly(self, coro: Any) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await coro

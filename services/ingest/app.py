@@ -1,0 +1,70 @@
+"""The ingest service: a faststream app draining ``INGEST`` into ``ALERTS`` or ``INGEST_DLQ``.
+
+The engine's events are captured by JetStream before validation (``INGEST`` is a work
+queue), so nothing is lost while this service is down. A message is acked only after its
+alert (or its dead letter) is stored; a NATS failure nacks it for a retry.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from faststream import AckPolicy, FastStream
+from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy as JsAckPolicy
+from nats.js.api import ConsumerConfig
+
+from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
+from tocsin.core.topology import apply_topology
+
+from .pipeline import Rejection, append_alert, dead_letter, validate_event
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
+    names = Names(settings.namespace)
+    broker = NatsBroker(nats_urls, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    accepted = settings.accepted_alert_types
+    state: dict[str, JetStreamContext] = {}
+
+    @broker.subscriber(
+        names.ingest_subject,
+        stream=JStream(names.ingest_stream, declare=False),
+        durable=names.ingest_consumer,
+        pull_sub=PullSub(batch_size=64, timeout=1.0),
+        config=ConsumerConfig(
+            ack_policy=JsAckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_ack_pending=1024,
+            description="tocsin ingest: validates engine events into ALERTS",
+        ),
+        ack_policy=AckPolicy.NACK_ON_ERROR,
+        title="ingest.alerts",
+        description="Raw alert JSON from the engine (CONTRACT §4); invalid events go to the DLQ",
+    )
+    async def on_event(body: bytes, message: NatsMessage) -> None:
+        raw = message.raw_message.data
+        js = state["js"]
+        result = validate_event(raw, accepted)
+        if isinstance(result, Rejection):
+            ack = await dead_letter(js, names, raw, result, message.raw_message.headers)
+            log.warning("rejected event -> DLQ seq %s: %s", ack.seq, result.detail)
+            return
+        ack = await append_alert(js, names, result)
+        log.info(
+            "alert %s -> %s seq %s%s", result.alert_id, ack.stream, ack.seq,
+            " (duplicate)" if ack.duplicate else "",
+        )
+
+    app = FastStream(broker, title="tocsin ingest")
+
+    @app.on_startup
+    async def _topology() -> None:
+        await broker.connect()
+        state["js"] = broker.connection.jetstream()
+        await apply_topology(state["js"], settings, names)
+
+    return app

@@ -1,0 +1,64 @@
+"""``POST /api/v1/alerts``: synchronous publishing for HTTP clients (CONTRACT §5).
+
+Served by the gateway's HTTP listener so that every route answers on one port. The
+alert takes the same path as one from ``ingest.alerts`` (``pipeline.append_alert``); a
+rejected body is answered with 422 and the field errors, and is not dead-lettered: the
+caller holds it and has been told.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from nats.js import JetStreamContext
+
+from tocsin.core.auth import Role, TokenError, TokenVerifier, bearer
+from tocsin.core.naming import Names
+from tocsin.core.topology import MAX_ALERT_BYTES
+
+from .pipeline import Rejection, append_alert, validate_event
+
+JSON_TYPES = ("application/json", "")
+
+
+def publish_handler(
+    verifier: TokenVerifier,
+    names: Names,
+    accepted_types: frozenset[str],
+    jetstream: Callable[[], JetStreamContext],
+) -> Callable[[web.Request], object]:
+    async def publish(request: web.Request) -> web.Response:
+        token = bearer(request.headers.get("Authorization")) or request.query.get("auth_token")
+        try:
+            claims = verifier.verify(token)
+        except TokenError as exc:
+            return web.json_response({"error": exc.error, "detail": exc.detail}, status=401)
+        if Role.PUBLISHER not in claims.roles and not claims.is_admin:
+            return web.json_response(
+                {"error": "forbidden", "detail": "roles: publishing needs 'publisher'"},
+                status=403,
+            )
+        if request.content_type not in JSON_TYPES:
+            return web.json_response(
+                {"error": "unsupported_media_type",
+                 "detail": f"Content-Type {request.content_type!r}: send application/json"},
+                status=415,
+            )
+        if request.content_length is not None and request.content_length > MAX_ALERT_BYTES:
+            return web.json_response(
+                {"error": "too_large", "detail": f"body: the limit is {MAX_ALERT_BYTES} bytes"},
+                status=413,
+            )
+        raw = await request.content.read(MAX_ALERT_BYTES + 1)
+        result = validate_event(raw, accepted_types)
+        if isinstance(result, Rejection):
+            status = 413 if result.reason == "too_large" else 422
+            return web.json_response(result.as_json(), status=status)
+        ack = await append_alert(jetstream(), names, result)
+        return web.json_response(
+            {"alert_id": result.alert_id, "seq": ack.seq, "duplicate": bool(ack.duplicate)},
+            status=202,
+        )
+
+    return publish

@@ -1,0 +1,116 @@
+"""Validation and append: the one path every alert takes into ``ALERTS`` (NATS and HTTP)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+from pydantic import ValidationError
+
+from tocsin.core.naming import Names
+from tocsin.core.topology import MAX_ALERT_BYTES
+from tocsin.schemas import Alert
+
+#: Headers tocsin puts on every ``ALERTS`` message.
+EXPIRES_HEADER = "Tocsin-Expires"  # unix seconds; the gateway checks it without parsing JSON
+REASON_HEADER = "Tocsin-Reason"
+ERRORS_HEADER = "Tocsin-Errors"
+
+
+class Reason(StrEnum):
+    """Why an event was rejected; also the last token of its DLQ subject."""
+
+    TOO_LARGE = "too_large"
+    INVALID_JSON = "invalid_json"
+    INVALID_ALERT = "invalid_alert"
+    UNKNOWN_TYPE = "unknown_type"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: Reason
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def detail(self) -> str:
+        return "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"]
+                         for e in self.errors)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"error": self.reason.value, "detail": self.detail, "errors": self.errors}
+
+
+def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    out = []
+    for err in exc.errors():
+        # Union branches add their type name to the path (alert_id.int); keep the field.
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("int", "str", "constrained"))]
+        out.append({"field": ".".join(loc), "message": err["msg"]})
+    return out
+
+
+def validate_event(
+    raw: bytes, accepted_types: frozenset[str], now: float | None = None
+) -> Alert | Rejection:
+    """Turn raw bytes into an :class:`Alert`, or say exactly why not."""
+    if len(raw) > MAX_ALERT_BYTES:
+        return Rejection(Reason.TOO_LARGE, [{"field": "", "message":
+                         f"event is {len(raw)} bytes; the limit is {MAX_ALERT_BYTES}"}])
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return Rejection(Reason.INVALID_JSON, [{"field": "", "message": f"not JSON: {exc}"}])
+    if not isinstance(data, dict):
+        return Rejection(Reason.INVALID_JSON, [{"field": "", "message": "expected a JSON object"}])
+    try:
+        alert = Alert.model_validate(data)
+    except ValidationError as exc:
+        return Rejection(Reason.INVALID_ALERT, _field_errors(exc))
+    if alert.alert_type not in accepted_types:
+        allowed = ", ".join(sorted(accepted_types))
+        return Rejection(Reason.UNKNOWN_TYPE, [{"field": "alert_type", "message":
+                         f"{alert.alert_type!r} is not one of: {allowed}"}])
+    if alert.expiry_time is not None and alert.expiry_time.timestamp() <= (now or time.time()):
+        return Rejection(Reason.EXPIRED, [{"field": "expiry_time", "message":
+                         "already passed; an expired alert is never delivered"}])
+    return alert
+
+
+def encode_alert(alert: Alert) -> bytes:
+    """The canonical JSON stored in ``ALERTS`` and sent verbatim inside ``alert`` frames."""
+    return alert.model_dump_json(exclude_none=True).encode()
+
+
+async def append_alert(
+    js: JetStreamContext, names: Names, alert: Alert, now: float | None = None
+) -> PubAck:
+    """Append to ``ALERTS``; idempotent by ``alert_id`` within the duplicate window."""
+    headers = {"Nats-Msg-Id": alert.msg_id}
+    if alert.expiry_time is not None:
+        expires = alert.expiry_time.timestamp()
+        headers[EXPIRES_HEADER] = f"{expires:.3f}"
+        # JetStream TTLs are whole seconds: round up, the gateway checks the exact time.
+        headers["Nats-TTL"] = str(max(1, math.ceil(expires - (now or time.time()))))
+    subject = names.alert_subject(
+        alert.location.region, alert.alert_level.value, alert.alert_type
+    )
+    return await js.publish(subject, encode_alert(alert), headers=headers)
+
+
+async def dead_letter(
+    js: JetStreamContext, names: Names, raw: bytes, rejection: Rejection,
+    headers: dict[str, str] | None = None,
+) -> PubAck:
+    """Keep a rejected event, byte for byte, with the reason; never drop it silently."""
+    hdrs = dict(headers or {})
+    hdrs.pop("Nats-Msg-Id", None)
+    hdrs[REASON_HEADER] = rejection.reason.value
+    hdrs[ERRORS_HEADER] = orjson.dumps(rejection.errors).decode()
+    return await js.publish(names.dlq_subject(rejection.reason.value), raw, headers=hdrs)
