@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     )
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
-    jwt_secret: str | None = Field(default=None, min_length=16, repr=False)
+    jwt_secret: str | None = Field(default=None, min_length=32, repr=False)
     jwt_public_key: str | None = Field(default=None, repr=False)
     max_connections_per_user: int = Field(default=5, ge=1)
     max_messages_per_minute: int = Field(default=60, ge=1)

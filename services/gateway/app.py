@@ -37,7 +37,7 @@ def create_app(settings: Settings) -> web.Application:
     async def nats_and_gateway(app: web.Application) -> AsyncIterator[None]:
         nc = await nats.connect(
             settings.nats_url, name="tocsin-gateway", max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5, allow_reconnect=True,
+            reconnect_time_wait=0.5, allow_reconnect=True, drain_timeout=5,
         )
         js = nc.jetstream()
         await apply_topology(js, settings, names)

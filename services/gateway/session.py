@@ -152,15 +152,20 @@ class Session:
     async def catchup(self, first_reset_done: bool) -> None:
         reader = None
         reset_needed = not first_reset_done
-        while True:
-            await self.catchup_needed.wait()
-            if reset_needed:
-                await self.gw.queues.reset(self.consumer, self.window.floor + 1)
-                self.saved_floor = self.window.floor
-            reset_needed = True
-            if reader is None:
-                reader = await self.gw.queues.reader(self.consumer)
-            await self._drain(reader)
+        try:
+            while True:
+                await self.catchup_needed.wait()
+                if reset_needed:
+                    await self.gw.queues.reset(self.consumer, self.window.floor + 1)
+                    self.saved_floor = self.window.floor
+                reset_needed = True
+                if reader is None:
+                    reader = await self.gw.queues.reader(self.consumer)
+                await self._drain(reader)
+        finally:
+            if reader is not None:
+                with contextlib.suppress(Exception):
+                    await reader.unsubscribe()
 
     async def _drain(self, reader: Any) -> None:
         while self.mode is Mode.CATCHUP:

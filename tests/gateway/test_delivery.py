@@ -1,0 +1,145 @@
+"""Delivery, order, catch-up and acks over real sockets against a real nats-server."""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+
+from tocsin.core.naming import Names
+
+from ..support import Client, RunningGateway, alert, append, token
+
+
+async def test_live_alert_arrives_with_stream_seq(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    client = await Client.connect(gateway.ws_url, token("alice", ("KE",)))
+    hello = await client.next()
+    assert hello["type"] == "connection_established"
+    assert hello["user_id"] == "alice" and hello["client_id"] == "phone"
+    assert hello["pending"] == 0 and hello["ack_mode"] == "client"
+    body = alert("KE-30")
+    ack = await append(js, names, body)
+    [frame] = await client.alerts(1)
+    assert frame["seq"] == ack.seq
+    assert frame["alert"]["alert_id"] == body["alert_id"]
+    assert frame["redelivered"] is False
+    await client.close()
+
+
+async def test_regions_bound_delivery(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    client = await Client.connect(gateway.ws_url, token("bob", ("UG-102",)))
+    await client.next("connection_established")
+    await append(js, names, alert("UG-103"))  # a sibling district: not for bob
+    await append(js, names, alert("UG"))  # country-wide: not within UG-102
+    await append(js, names, alert("KE-30"))
+    wanted = await append(js, names, alert("UG-102"))
+    [frame] = await client.alerts(1)
+    assert frame["seq"] == wanted.seq  # the first alert bob sees is his own district's
+    await client.close()
+
+
+async def test_live_order_is_publish_order(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    client = await Client.connect(gateway.ws_url, token(), ack_mode="auto")
+    await client.next("connection_established")
+    acks = [await append(js, names, alert("KE-30")) for _ in range(200)]
+    frames = await client.alerts(200)
+    assert [f["seq"] for f in frames] == [a.seq for a in acks]
+    await client.close()
+
+
+async def test_catch_up_after_disconnect_in_order_before_live(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    tok = token("carol", ("KE",))
+    first = await Client.connect(gateway.ws_url, tok)
+    await first.next("connection_established")
+    await first.close()
+    missed = [await append(js, names, alert("KE-30")) for _ in range(3)]
+    again = await Client.connect(gateway.ws_url, tok)
+    hello = await again.next("connection_established")
+    assert hello["pending"] == 3
+    live = await append(js, names, alert("KE-01"))
+    frames = await again.alerts(4, ack=True)
+    assert [f["seq"] for f in frames] == [m.seq for m in missed] + [live.seq]
+    await again.close()
+
+
+async def test_unacked_alert_is_redelivered_then_acked_stays_acked(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    tok = token("dave")
+    client = await Client.connect(gateway.ws_url, tok)
+    await client.next("connection_established")
+    sent = await append(js, names, alert())
+    first = await client.next("alert")
+    assert first["seq"] == sent.seq and not first["redelivered"]
+    again = await client.next("alert", timeout=5)  # backoff[0] = 1 s in tests
+    assert again["seq"] == sent.seq and again["redelivered"] is True
+    await client.send({"type": "ack", "seq": sent.seq})
+    await client.close()
+    # after the ack, a reconnect brings nothing old: the next alert is the new one
+    back = await Client.connect(gateway.ws_url, tok)
+    hello = await back.next("connection_established")
+    assert hello["pending"] == 0
+    fresh = await append(js, names, alert())
+    [frame] = await back.alerts(1)
+    assert frame["seq"] == fresh.seq
+    await back.close()
+
+
+async def test_unacked_alerts_come_back_after_reconnect_flagged(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    tok = token("erin")
+    client = await Client.connect(gateway.ws_url, tok)
+    await client.next("connection_established")
+    seqs = [(await append(js, names, alert())).seq for _ in range(3)]
+    frames = await client.alerts(3)
+    await client.send({"type": "ack", "seq": frames[0]["seq"]})  # only the first
+    await client.send({"type": "get_stats"})  # a round trip: the ack has been processed
+    stats = await client.next("connection_stats")
+    assert stats["acked_seq"] == seqs[0]
+    await client.close()
+    back = await Client.connect(gateway.ws_url, tok)
+    hello = await back.next("connection_established")
+    assert hello["pending"] == 2
+    again = await back.alerts(2, ack=True)
+    assert [f["seq"] for f in again] == seqs[1:]
+    assert all(f["redelivered"] for f in again)
+    await back.close()
+
+
+async def test_cumulative_ack_acknowledges_everything_before(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    tok = token("frank")
+    client = await Client.connect(gateway.ws_url, tok)
+    await client.next("connection_established")
+    seqs = [(await append(js, names, alert())).seq for _ in range(5)]
+    await client.alerts(5)
+    await client.send({"type": "ack", "seq": seqs[-1]})  # one ack for all five
+    await client.send({"type": "get_stats"})
+    stats = await client.next("connection_stats")
+    assert stats["acked_seq"] == seqs[-1] and stats["inflight"] == 0
+    await client.close()
+    back = await Client.connect(gateway.ws_url, tok)
+    assert (await back.next("connection_established"))["pending"] == 0
+    await back.close()
+
+
+async def test_ack_of_unsent_seq_is_an_error_and_changes_nothing(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    client = await Client.connect(gateway.ws_url, token("gina"))
+    await client.next("connection_established")
+    await client.send({"type": "ack", "seq": 10_000_000})
+    err = await client.next("error")
+    assert err["code"] == "invalid_ack" and "seq" in err["detail"]
+    sent = await append(js, names, alert())
+    [frame] = await client.alerts(1)
+    assert frame["seq"] == sent.seq
+    await client.close()

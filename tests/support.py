@@ -1,0 +1,245 @@
+"""Test helpers: a gateway in this process or in its own, a WebSocket client, alert builders."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+
+from tocsin.core.auth import mint_token
+from tocsin.core.embedded import free_port, wait_for_port
+from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
+from tocsin.gateway.app import create_app
+from tocsin.ingest.pipeline import append_alert
+from tocsin.schemas import Alert
+
+DEADLINE = 10.0
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    timeout: float = DEADLINE,
+    what: str = "condition",
+) -> None:
+    """Poll ``check`` until it is true; fail after ``timeout`` seconds (never sleep to sync)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+_next_id = [int(time.time() * 1000)]
+
+
+def alert(region: str = "KE-30", **fields: Any) -> dict[str, Any]:
+    _next_id[0] += 1
+    body: dict[str, Any] = {
+        "alert_id": _next_id[0],
+        "alert_level": "high",
+        "alert_type": "outbreak_risk",
+        "title": "Malaria outbreak risk rising",
+        "message": "Risk model predicts a rise in cases",
+        "priority": "urgent",
+        "location": {"region": region},
+        "risk_score": 0.8,
+    }
+    body.update(fields)
+    return body
+
+
+async def append(js: JetStreamContext, names: Names, body: dict[str, Any]) -> PubAck:
+    """Append straight to ALERTS, as the ingest service would."""
+    return await append_alert(js, names, Alert.model_validate(body))
+
+
+def token(sub: str = "alice", regions: tuple[str, ...] = ("KE",),
+          roles: tuple[str, ...] = ("health_worker",), ttl: float = 3600,
+          secret: str | None = None) -> str:
+    from .conftest import SECRET
+
+    return mint_token(secret or SECRET, sub, roles=roles, regions=regions, ttl_seconds=ttl)
+
+
+@dataclass
+class RunningGateway:
+    settings: Settings
+    runner: web.AppRunner
+    port: int
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/v1/alerts/ws"
+
+    @property
+    def gw(self) -> Any:
+        from tocsin.gateway.handler import GATEWAY
+
+        return self.runner.app[GATEWAY]
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_gateway(settings: Settings) -> RunningGateway:
+    runner = web.AppRunner(create_app(settings), shutdown_timeout=settings.shutdown_grace_seconds)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    return RunningGateway(settings, runner, port)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TOCSIN_")}
+    env.update({
+        "TOCSIN_NATS_URL": ",".join(settings.nats_url),
+        "TOCSIN_NAMESPACE": settings.namespace,
+        "TOCSIN_JWT_SECRET": settings.jwt_secret or "",
+        "TOCSIN_HTTP_HOST": "127.0.0.1",
+        "TOCSIN_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+        "TOCSIN_REDELIVERY_BACKOFF": ",".join(str(v) for v in settings.redelivery_backoff),
+        "TOCSIN_CHECKPOINT_SECONDS": str(settings.checkpoint_seconds),
+        "TOCSIN_OFFLINE_QUEUE_MAX": str(settings.offline_queue_max),
+        "TOCSIN_SHUTDOWN_GRACE_SECONDS": str(settings.shutdown_grace_seconds),
+    })
+    return env
+
+
+@dataclass
+class GatewayProcess:
+    """``python -m tocsin gateway`` as a real process on a free port."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @classmethod
+    def spawn(cls, settings: Settings, log: Path) -> GatewayProcess:
+        port = free_port()
+        env = settings_env(settings) | {"TOCSIN_HTTP_PORT": str(port)}
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "tocsin", "gateway"], env=env,
+                                    stdout=out, stderr=out, start_new_session=True)
+        running = cls(proc, port, log)
+        try:
+            wait_for_port("127.0.0.1", port, 20)
+        except TimeoutError:
+            running.stop()
+            raise AssertionError(f"gateway did not start:\n{log.read_text()}") from None
+        return running
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/v1/alerts/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@dataclass
+class Client:
+    """A WebSocket client that records frames; pings are answered unless told not to."""
+
+    ws: aiohttp.ClientWebSocketResponse
+    session: aiohttp.ClientSession
+    answer_pings: bool = True
+    frames: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    close_code: int | None = None
+    reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(cls, url: str, tok: str, client_id: str = "phone",
+                      ack_mode: str = "client", **extra: str) -> Client:
+        session = aiohttp.ClientSession()
+        params = {"auth_token": tok, "client_id": client_id, "ack_mode": ack_mode, **extra}
+        ws = await session.ws_connect(url, params=params, autoping=True)
+        client = cls(ws, session)
+        client.reader = asyncio.create_task(client._read())
+        return client
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                frame = orjson.loads(msg.data)
+                if frame["type"] == "ping" and self.answer_pings:
+                    await self.send({"type": "pong", "ts": frame["ts"]})
+                    continue
+                await self.frames.put(frame)
+        self.close_code = self.ws.close_code
+        self.closed.set()
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        await self.ws.send_str(orjson.dumps(frame).decode())
+
+    async def next(self, kind: str | None = None, timeout: float = DEADLINE) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {kind or 'frame'} within {timeout}s")
+            frame = await asyncio.wait_for(self.frames.get(), remaining)
+            if kind is None or frame["type"] == kind:
+                return frame
+
+    async def alerts(self, n: int, ack: bool = False, timeout: float = DEADLINE) -> list[dict[str, Any]]:
+        got = []
+        for _ in range(n):
+            frame = await self.next("alert", timeout)
+            got.append(frame)
+            if ack:
+                await self.send({"type": "ack", "seq": frame["seq"]})
+        return got
+
+    async def nothing_more(self, within: float = 0.5) -> None:
+        """Assert that no alert arrives within ``within`` seconds (a negative check)."""
+        try:
+            frame = await self.next("alert", within)
+        except (AssertionError, TimeoutError):
+            return
+        raise AssertionError(f"unexpected alert: {frame}")
+
+    async def close(self) -> None:
+        await self.ws.close()
+        if self.reader:
+            await asyncio.wait_for(self.reader, DEADLINE)
+        await self.session.close()
+
+    async def wait_closed(self, timeout: float = DEADLINE) -> int | None:
+        await asyncio.wait_for(self.closed.wait(), timeout)
+        return self.close_code
