@@ -94,7 +94,9 @@ async def _take_over(gw: Gateway, session: Session) -> None:
     """Make an older connection of the same device (on any gateway) leave first."""
     subject = gw.names.takeover_subject(session.consumer)
     with contextlib.suppress(NoRespondersError, NatsTimeout, asyncio.TimeoutError):
-        await gw.nc.request(subject, session.id.encode(), timeout=gw.settings.shutdown_grace_seconds)
+        await gw.nc.request(
+            subject, session.id.encode(), timeout=gw.settings.shutdown_grace_seconds
+        )
 
 
 async def serve(gw: Gateway, session: Session) -> None:
@@ -192,9 +194,11 @@ def _frame_error(exc: ValidationError) -> Error:
 
 
 async def on_text(session: Session, text: str) -> None:
-    if len(text) > MAX_CLIENT_FRAME_BYTES:
-        session.send_control(Error(code=ErrorCode.FRAME_TOO_LARGE,
-                                   detail=f"frames are limited to {MAX_CLIENT_FRAME_BYTES} bytes"))
+    if len(text) > MAX_CLIENT_FRAME_BYTES // 4 and len(text.encode()) > MAX_CLIENT_FRAME_BYTES:
+        session.send_control(Error(
+            code=ErrorCode.FRAME_TOO_LARGE,
+            detail=f"frames are limited to 64 KiB ({MAX_CLIENT_FRAME_BYTES} bytes)",
+        ))
         return
     try:
         data = orjson.loads(text)
@@ -202,7 +206,9 @@ async def on_text(session: Session, text: str) -> None:
         session.send_control(Error(code=ErrorCode.INVALID_JSON, detail=f"not JSON: {exc}"))
         return
     if not isinstance(data, dict):
-        session.send_control(Error(code=ErrorCode.INVALID_FRAME, detail="frame: expected an object"))
+        session.send_control(
+            Error(code=ErrorCode.INVALID_FRAME, detail="frame: expected a JSON object")
+        )
         return
     try:
         frame = client_frame_adapter.validate_python(data)

@@ -1,0 +1,136 @@
+"""The offline queue: cap with backlog_truncated, expiry, duplicates, and the hand-over race."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from nats.js import JetStreamContext
+
+from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
+
+from ..support import Client, RunningGateway, alert, append, start_gateway, token
+
+
+async def test_offline_cap_keeps_newest_and_says_how_many_were_dropped(
+    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+) -> None:
+    running = await start_gateway(make_settings(offline_queue_max=5))
+    try:
+        tok = token("hana")
+        first = await Client.connect(running.ws_url, tok)
+        await first.next("connection_established")
+        await first.close()
+        seqs = [(await append(js, names, alert())).seq for _ in range(12)]
+        await append(js, names, alert("UG-102"))  # not hana's: must not count
+        back = await Client.connect(running.ws_url, tok)
+        hello = await back.next()
+        assert hello["type"] == "connection_established" and hello["pending"] == 5
+        truncated = await back.next()
+        assert truncated == {"type": "backlog_truncated", "dropped": 7}
+        frames = await back.alerts(5, ack=True)
+        assert [f["seq"] for f in frames] == seqs[-5:]
+        await back.close()
+    finally:
+        await running.stop()
+
+
+async def test_duplicate_alert_id_is_stored_and_delivered_once(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    client = await Client.connect(gateway.ws_url, token("ivan"), ack_mode="auto")
+    await client.next("connection_established")
+    body = alert()
+    first = await append(js, names, body)
+    repeat = await append(js, names, body)
+    assert repeat.duplicate and repeat.seq == first.seq
+    sentinel = await append(js, names, alert())
+    frames = await client.alerts(2)
+    assert [f["seq"] for f in frames] == [first.seq, sentinel.seq]
+    await client.close()
+
+
+async def test_expired_alerts_are_never_sent(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    tok = token("jane")
+    client = await Client.connect(gateway.ws_url, tok)
+    await client.next("connection_established")
+    await client.close()
+    soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    short = await append(js, names, alert(expiry_time=soon))
+    keeps = await append(js, names, alert(
+        expiry_time=(datetime.now(UTC) + timedelta(hours=1)).isoformat()))
+
+    async def expired() -> bool:
+        return datetime.now(UTC).isoformat() > soon
+
+    from ..support import eventually
+
+    await eventually(expired, timeout=5, what="the first alert's expiry")
+    back = await Client.connect(gateway.ws_url, tok)
+    await back.next("connection_established")
+    [frame] = await back.alerts(1, ack=True)
+    assert frame["seq"] == keeps.seq and frame["seq"] != short.seq
+    await back.close()
+
+
+async def test_handover_from_backlog_to_live_has_no_gap_and_no_reorder(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    """Publish continuously while a device reconnects: every alert exactly once, in order."""
+    tok = token("kim")
+    first = await Client.connect(gateway.ws_url, tok)
+    await first.next("connection_established")
+    await first.close()
+    published: list[int] = []
+    stop = asyncio.Event()
+
+    async def publisher() -> None:
+        while not stop.is_set() and len(published) < 600:
+            published.append((await append(js, names, alert())).seq)
+
+    task = asyncio.create_task(publisher())
+    await asyncio.sleep(0)  # let it start; correctness does not depend on timing
+    while len(published) < 50:
+        await asyncio.sleep(0.01)
+    back = await Client.connect(gateway.ws_url, tok, ack_mode="client")
+    await back.next("connection_established")
+    got: list[int] = []
+    while len(got) < 300:
+        frame = await back.next("alert")
+        got.append(frame["seq"])
+        await back.send({"type": "ack", "seq": frame["seq"]})
+    stop.set()
+    await task
+    while got[-1] < published[-1]:
+        frame = await back.next("alert")
+        got.append(frame["seq"])
+        await back.send({"type": "ack", "seq": frame["seq"]})
+    assert got == sorted(set(got)), "reordered or duplicated"
+    assert got == published[: len(got)] and got[-1] == published[-1], "gap"
+    await back.close()
+
+
+async def test_slow_reader_falls_back_to_queue_without_loss(
+    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+) -> None:
+    """A window of 4 and a burst of 40: the durable holds the rest; all arrive in order."""
+    running = await start_gateway(make_settings(max_inflight=4))
+    try:
+        client = await Client.connect(running.ws_url, token("lee"))
+        await client.next("connection_established")
+        seqs = [(await append(js, names, alert())).seq for _ in range(40)]
+        got: list[int] = []
+        while len(got) < 40:
+            frame = await client.next("alert")
+            if frame["seq"] in got:
+                continue  # a redelivery of something not yet acked
+            got.append(frame["seq"])
+            await client.send({"type": "ack", "seq": frame["seq"]})
+        assert got == seqs
+        await client.close()
+    finally:
+        await running.stop()

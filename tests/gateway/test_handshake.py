@@ -1,0 +1,155 @@
+"""Tokens at the handshake and while connected; malformed frames (CONTRACT §3, §6)."""
+
+from __future__ import annotations
+
+import aiohttp
+import jwt
+import pytest
+from nats.js import JetStreamContext
+
+from tocsin.core.naming import Names
+
+from ..conftest import SECRET
+from ..support import Client, RunningGateway, alert, append, token
+
+
+async def handshake(url: str, **params: str) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.ws_connect(url, params=params):
+                return 101, {}
+        except aiohttp.WSServerHandshakeError as exc:
+            async with http.get(url, params=params) as resp:  # same request, read the body
+                return exc.status, await resp.json()
+
+
+@pytest.mark.parametrize(
+    ("tok", "error"),
+    [
+        ("", "missing_token"),
+        ("not-a-jwt", "malformed_token"),
+        (token("x", ttl=-10), "token_expired"),
+        (token("x", secret="another-secret-another-secret-0123"), "invalid_signature"),
+        (jwt.encode({"sub": "x"}, SECRET, algorithm="HS256"), "invalid_claims"),
+        (jwt.encode({"sub": "x", "exp": 9e9, "regions": ["Kenya"]}, SECRET, algorithm="HS256"),
+         "invalid_claims"),
+        (jwt.encode({"sub": "x", "exp": 9e9}, "", algorithm="none"), "invalid_signature"),
+    ],
+)
+async def test_bad_tokens_get_401_with_json_body(
+    gateway: RunningGateway, tok: str, error: str
+) -> None:
+    status, body = await handshake(gateway.ws_url, auth_token=tok)
+    assert status == 401
+    assert body["error"] == error and body["detail"]
+
+
+async def test_bearer_header_is_accepted(gateway: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as http, http.ws_connect(
+        gateway.ws_url, headers={"Authorization": f"Bearer {token()}"}
+    ) as ws:
+        hello = await ws.receive_json(timeout=10)
+        assert hello["type"] == "connection_established"
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "needle"),
+    [
+        ({"client_id": "has space"}, 400, "client_id"),
+        ({"ack_mode": "sometimes"}, 400, "ack_mode"),
+        ({"risk_threshold": "0.5"}, 400, "risk_threshold"),
+    ],
+)
+async def test_bad_parameters_are_named(
+    gateway: RunningGateway, params: dict[str, str], status: int, needle: str
+) -> None:
+    code, body = await handshake(gateway.ws_url, auth_token=token(), **params)
+    assert code == status and needle in str(body["detail"])
+
+
+async def test_token_without_regions_is_refused(gateway: RunningGateway) -> None:
+    code, body = await handshake(gateway.ws_url, auth_token=token(regions=()))
+    assert code == 403 and body["error"] == "no_regions"
+
+
+async def test_admin_receives_every_region(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    client = await Client.connect(gateway.ws_url, token("root", (), roles=("admin",)),
+                                  ack_mode="auto")
+    await client.next("connection_established")
+    seqs = [(await append(js, names, alert(r))).seq for r in ("KE-30", "UG", "FJ-C")]
+    assert [f["seq"] for f in await client.alerts(3)] == seqs
+    await client.close()
+
+
+async def test_token_expiring_while_connected_closes_with_4401(gateway: RunningGateway) -> None:
+    client = await Client.connect(gateway.ws_url, token(ttl=1))
+    await client.next("connection_established")
+    assert await client.wait_closed(timeout=5) == 4401
+
+
+@pytest.mark.parametrize(
+    ("raw", "code", "needle"),
+    [
+        ("{not json", "invalid_json", "JSON"),
+        ("[1, 2]", "invalid_frame", "object"),
+        ('{"type": "dance"}', "unknown_type", "type"),
+        ('{"no_type": 1}', "unknown_type", "type"),
+        ('{"type": "ack"}', "invalid_frame", "seq"),
+        ('{"type": "ack", "seq": "x"}', "invalid_frame", "seq"),
+        ('{"type": "ack", "seq": 1, "extra": true}', "invalid_frame", "extra"),
+        ('{"type": "ack", "seq": 1, "pad": "' + "x" * 70_000 + '"}', "frame_too_large", "64"),
+    ],
+)
+async def test_malformed_frames_get_an_error_and_the_connection_lives_on(
+    gateway: RunningGateway, js: JetStreamContext, names: Names, raw: str, code: str, needle: str
+) -> None:
+    client = await Client.connect(gateway.ws_url, token(), ack_mode="auto")
+    await client.next("connection_established")
+    await client.ws.send_str(raw)
+    err = await client.next("error")
+    assert err["code"] == code and needle in err["detail"]
+    assert err["closes"] is False
+    sent = await append(js, names, alert())
+    [frame] = await client.alerts(1)  # still served
+    assert frame["seq"] == sent.seq
+    await client.close()
+
+
+async def test_binary_frames_are_refused_politely(gateway: RunningGateway) -> None:
+    client = await Client.connect(gateway.ws_url, token())
+    await client.next("connection_established")
+    await client.ws.send_bytes(b"\x00\x01")
+    assert (await client.next("error"))["code"] == "binary_not_supported"
+    await client.send({"type": "get_stats"})
+    assert (await client.next("connection_stats"))["mode"] in ("live", "catchup")
+    await client.close()
+
+
+async def test_subscribe_is_answered_until_groups_exist(gateway: RunningGateway) -> None:
+    client = await Client.connect(gateway.ws_url, token())
+    await client.next("connection_established")
+    await client.send({"type": "subscribe", "groups": ["region:KE"]})
+    response = await client.next("subscription_response")
+    assert response["action"] == "subscribe" and response["status"] == "invalid"
+    await client.close()
+
+
+async def test_missing_pongs_close_the_socket(make_settings, js: JetStreamContext) -> None:  # type: ignore[no-untyped-def]
+    from ..support import start_gateway
+
+    running = await start_gateway(make_settings(heartbeat_seconds=0.3))
+    try:
+        quiet = await Client.connect(running.ws_url, token("mute"))
+        quiet.answer_pings = False
+        lively = await Client.connect(running.ws_url, token("chatty"))
+        await quiet.next("connection_established")
+        await lively.next("connection_established")
+        assert await quiet.wait_closed(timeout=5) == 4000
+        await lively.send({"type": "get_stats"})
+        stats = await lively.next("connection_stats")
+        assert stats["latency_ms"] is not None  # it answered pings and is still here
+        await lively.close()
+    finally:
+        await running.stop()
