@@ -110,7 +110,6 @@ async def serve(gw: Gateway, session: Session) -> None:
 
     control = await gw.nc.subscribe(gw.names.takeover_subject(session.consumer), cb=on_takeover)
     gw.feed.register(session)  # before the queue is opened: live alerts buffer from now on
-    gw.sessions.add(session)
     tasks: list[asyncio.Task[Any]] = []
     try:
         opened = await gw.queues.open(
@@ -129,6 +128,7 @@ async def serve(gw: Gateway, session: Session) -> None:
         ))
         if opened.dropped:
             session.send_control(BacklogTruncated(dropped=opened.dropped))
+        gw.sessions.add(session)  # from now on the ticker pings, redelivers, checkpoints
         session.catchup_needed.set()
         tasks = [
             asyncio.create_task(session.sender()),

@@ -71,6 +71,7 @@ class Session:
         self.buffer_overflow = False
         self.saved_floor = 0  # the floor JetStream knows
         self.out: deque[tuple[int, bytes]] = deque()
+        self.written_js: deque[tuple[int, Any]] = deque()  # ack_mode=auto, see _ack_written
         self.out_ready = asyncio.Event()
         self.room_ready = asyncio.Event()
         self.catchup_needed = asyncio.Event()
@@ -147,6 +148,17 @@ class Session:
                     if not self.track:  # ack_mode=auto: written to the socket = delivered
                         self.window.ack(seq)
                         self.room_ready.set()
+            if self.written_js:
+                await self._ack_written()
+
+    async def _ack_written(self) -> None:
+        """ack_mode=auto: tell JetStream about backlog alerts now written to the socket."""
+        newest = None
+        while self.written_js and self.written_js[0][0] <= self.window.floor:
+            newest = self.written_js.popleft()
+        if newest is not None and self.mode is Mode.CATCHUP:
+            await newest[1].ack()  # AckAll
+            self.saved_floor = max(self.saved_floor, newest[0])
 
     # ------------------------------------------------------------ backlog
     async def catchup(self, first_reset_done: bool) -> None:
@@ -196,8 +208,12 @@ class Session:
             item = self.window.items.get(seq)
             if item is not None:
                 item.js_msg = msg  # so that the device's ack of it reaches JetStream
+            elif not self.track:
+                self.written_js.append((seq, msg))  # queued, not yet written: ack after
         else:
             self._send_new(seq, msg.data, expires_of(msg.headers), None, msg)
+            if not self.track:
+                self.written_js.append((seq, msg))
 
     def _try_go_live(self) -> None:
         if self.buffer_overflow:

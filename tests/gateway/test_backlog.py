@@ -134,3 +134,25 @@ async def test_slow_reader_falls_back_to_queue_without_loss(
         await client.close()
     finally:
         await running.stop()
+
+
+async def test_auto_ack_backlog_longer_than_the_window_drains_and_is_saved(
+    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+) -> None:
+    """ack_mode=auto with 30 queued and a window of 8: all arrive, and all count as acked."""
+    running = await start_gateway(make_settings(max_inflight=8))
+    try:
+        tok = token("auto")
+        first = await Client.connect(running.ws_url, tok, ack_mode="auto")
+        await first.next("connection_established")
+        await first.close()
+        seqs = [(await append(js, names, alert())).seq for _ in range(30)]
+        back = await Client.connect(running.ws_url, tok, ack_mode="auto")
+        assert (await back.next("connection_established"))["pending"] == 30
+        assert [f["seq"] for f in await back.alerts(30)] == seqs
+        await back.close()
+        again = await Client.connect(running.ws_url, tok, ack_mode="auto")
+        assert (await again.next("connection_established"))["pending"] == 0
+        await again.close()
+    finally:
+        await running.stop()
