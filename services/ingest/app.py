@@ -45,7 +45,8 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
         title="ingest.alerts",
         description="Raw alert JSON from the engine (CONTRACT §4); invalid events go to the DLQ",
     )
-    async def on_event(body: bytes, message: NatsMessage) -> None:
+    async def on_event(message: NatsMessage) -> None:
+        # The raw bytes, not faststream's decoded body: a bad event must reach the DLQ as sent.
         raw = message.raw_message.data
         js = state["js"]
         result = validate_event(raw, accepted)
@@ -59,7 +60,7 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
             " (duplicate)" if ack.duplicate else "",
         )
 
-    app = FastStream(broker, title="tocsin ingest")
+    app = FastStream(broker)
 
     @app.on_startup
     async def _topology() -> None:
