@@ -1,0 +1,50 @@
+"""A nats-server restart (file storage) under a connected gateway: nothing lost."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import nats
+import pytest
+
+from tocsin.core.embedded import NatsServer
+from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
+
+from ..support import Client, alert, append, eventually, start_gateway, token
+
+
+@pytest.mark.slow
+async def test_gateway_survives_nats_restart_without_losing_alerts(
+    make_settings: Callable[..., Settings], tmp_path: Path, names: Names
+) -> None:
+    server = NatsServer(store_dir=tmp_path / "own-nats").start()
+    settings = make_settings(nats_url=[server.url])
+    running = await start_gateway(settings)
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    js = nc.jetstream()
+    try:
+        client = await Client.connect(running.ws_url, token("quinn"))
+        await client.next("connection_established")
+        before = await append(js, names, alert())
+        assert (await client.alerts(1, ack=True))[0]["seq"] == before.seq
+
+        server.stop()
+        server.start()
+
+        async def ready() -> bool:
+            async with aiohttp.ClientSession() as http, http.get(f"{running.http}/readyz") as r:
+                return r.status == 200
+
+        await eventually(ready, timeout=20, what="the gateway to reconnect")
+        await eventually(lambda: nc.is_connected, timeout=20, what="the test's reconnect")
+        after = [(await append(js, names, alert())).seq for _ in range(3)]
+        frames = await client.alerts(3, ack=True, timeout=20)
+        assert [f["seq"] for f in frames] == after
+        await client.close()
+    finally:
+        await nc.close()
+        await running.stop()
+        server.stop()
