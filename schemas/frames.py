@@ -10,8 +10,15 @@ from .alert import Alert
 from .codes import ErrorCode
 
 
+def _type_is_required(schema: dict[str, Any]) -> None:
+    """Every frame carries ``type`` on the wire, although the models default it."""
+    required = schema.setdefault("required", [])
+    if "type" not in required:
+        required.insert(0, "type")
+
+
 class _Frame(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_type_is_required)
 
 
 # ---------------------------------------------------------------- server -> client

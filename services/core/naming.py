@@ -13,6 +13,7 @@ A token region ``KE`` becomes the filter ``alerts.KE.>``; ``UG-102`` becomes
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from tocsin.schemas.alert import is_region, region_contains
 
 _SAFE = re.compile(r"[A-Za-z0-9@+\-]")
+#: NATS refuses longer consumer names (error 10102).
+MAX_CONSUMER_NAME = 255
 
 
 def _escape(text: str) -> str:
@@ -32,7 +35,7 @@ def _escape(text: str) -> str:
         if _SAFE.fullmatch(ch):
             out.append(ch)
         else:
-            out.extend(f"_{b:02x}" for b in ch.encode())
+            out.extend(f"_{b:02x}" for b in ch.encode("utf-8", "surrogatepass"))
     return "".join(out)
 
 
@@ -46,7 +49,7 @@ def _unescape(text: str) -> str:
         else:
             raw.extend(text[i].encode())
             i += 1
-    return raw.decode()
+    return raw.decode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)
@@ -108,11 +111,12 @@ class Names:
         if regions is None:
             return [self.alerts_all]
         unique = sorted(set(regions))
+        for region in unique:
+            if not is_region(region):
+                raise ValueError(f"not a region code: {region!r}")
         kept = [r for r in unique if not any(o != r and region_contains(o, r) for o in unique)]
         filters = []
         for region in kept:
-            if not is_region(region):
-                raise ValueError(f"not a region code: {region!r}")
             tail = ">" if len(region) == 2 else f"{region}.>"
             filters.append(f"{self._subject_prefix}alerts.{region[:2]}.{tail}")
         return filters
@@ -126,8 +130,16 @@ class Names:
     ingest_consumer: str = "ingest"
 
     def device_consumer(self, user_id: str, client_id: str) -> str:
-        """The durable consumer that is one device's offline queue: ``dev__<user>__<client>``."""
-        return f"dev__{_escape(user_id)}__{_escape(client_id)}"
+        """The durable consumer that is one device's offline queue: ``dev__<user>__<client>``.
+
+        Names over NATS's limit (255) become ``devh__<digest>``; the consumer's metadata
+        (``tocsin.user``, ``tocsin.client_id``) still names the device for operators.
+        """
+        name = f"dev__{_escape(user_id)}__{_escape(client_id)}"
+        if len(name) <= MAX_CONSUMER_NAME:
+            return name
+        key = f"{user_id}\x00{client_id}".encode("utf-8", "surrogatepass")
+        return f"devh__{hashlib.sha256(key).hexdigest()}"
 
     @staticmethod
     def parse_device_consumer(name: str) -> tuple[str, str] | None:

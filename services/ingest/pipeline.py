@@ -77,7 +77,7 @@ def validate_event(
         allowed = ", ".join(sorted(accepted_types))
         return Rejection(Reason.UNKNOWN_TYPE, [{"field": "alert_type", "message":
                          f"{alert.alert_type!r} is not one of: {allowed}"}])
-    if alert.expiry_time is not None and alert.expiry_time.timestamp() <= (now or time.time()):
+    if alert.expiry_time is not None and alert.expiry_time.timestamp() <= (time.time() if now is None else now):
         return Rejection(Reason.EXPIRED, [{"field": "expiry_time", "message":
                          "already passed; an expired alert is never delivered"}])
     return alert
@@ -97,7 +97,7 @@ async def append_alert(
         expires = alert.expiry_time.timestamp()
         headers[EXPIRES_HEADER] = f"{expires:.3f}"
         # JetStream TTLs are whole seconds: round up, the gateway checks the exact time.
-        headers["Nats-TTL"] = str(max(1, math.ceil(expires - (now or time.time()))))
+        headers["Nats-TTL"] = str(max(1, math.ceil(expires - (time.time() if now is None else now))))
     subject = names.alert_subject(
         alert.location.region, alert.alert_level.value, alert.alert_type
     )
