@@ -88,7 +88,10 @@ class Alert(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    alert_id: Annotated[int, Field(ge=1, strict=True)] | Annotated[str, Field(pattern=ALERT_ID_STR_PATTERN)]
+    alert_id: (
+        Annotated[int, Field(ge=1, strict=True)]
+        | Annotated[str, Field(pattern=ALERT_ID_STR_PATTERN)]
+    )
     alert_level: AlertLevel
     alert_type: str = Field(pattern=ALERT_TYPE_PATTERN)
     title: str = Field(min_length=1, max_length=200)
@@ -109,4 +112,6 @@ class Alert(BaseModel):
         return str(self.alert_id)
 
     def is_expired(self, now: datetime | None = None) -> bool:
-        return self.expiry_time is not None and self.expiry_time <= (datetime.now(UTC) if now is None else now)
+        return self.expiry_time is not None and self.expiry_time <= (
+            datetime.now(UTC) if now is None else now
+        )

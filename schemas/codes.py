@@ -1,7 +1,7 @@
 """Close codes and error codes: one table, as centrifuge's disconnect.go and starlette's status.py.
 
-WebSocket close codes 4000-4499 mean "reconnect may help", 4500-4999 "do not reconnect
-without changing something" (a new token, a new client_id). Codes below 4000 are RFC 6455.
+Codes below 4000 are RFC 6455's; 4000-4999 are tocsin's. What a client should do is
+written beside each code (and in docs/protocol.md): the number alone carries no advice.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ class Close(IntEnum):
     POLICY_VIOLATION = 1008  # banned (abuse protection)
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
-    HEARTBEAT_TIMEOUT = 4000  # no pong for two heartbeat intervals
-    REPLACED = 4009  # the same device (sub + client_id) connected again elsewhere
-    BACKEND_UNAVAILABLE = 4503  # NATS unreachable; reconnect later
-    TOKEN_EXPIRED = 4401  # CONTRACT §3: token expired while connected
+    HEARTBEAT_TIMEOUT = 4000  # no pong for two heartbeat intervals: reconnect
+    REPLACED = 4009  # the same device connected again elsewhere: do not reconnect this one
+    TOKEN_EXPIRED = 4401  # CONTRACT §3, token expired while connected: get a new token
+    BACKEND_UNAVAILABLE = 4503  # the alert store is unreachable: reconnect with backoff
 
 
 class ErrorCode(StrEnum):

@@ -171,9 +171,7 @@ def _mint(settings: Settings, user: str, roles: list[str], regions: list[str], t
 
     if not user:
         raise Fail("--user must not be empty", 2)
-    return mint_token(
-        resolve_secret(settings), user, roles=roles, regions=regions, ttl_seconds=ttl
-    )
+    return mint_token(resolve_secret(settings), user, roles=roles, regions=regions, ttl_seconds=ttl)
 
 
 # --------------------------------------------------------------------------- tocsin run
@@ -213,8 +211,11 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]], grace: float) -
         try:
             proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            print(f"tocsin: the {name} did not stop within {grace:.0f}s; killing it",
-                  file=sys.stderr, flush=True)
+            print(
+                f"tocsin: the {name} did not stop within {grace:.0f}s; killing it",
+                file=sys.stderr,
+                flush=True,
+            )
             proc.kill()
             proc.wait()
 
@@ -251,8 +252,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     host = _client_host(settings.http_host)
     http_port = settings.http_port or free_port(settings.http_host or "127.0.0.1")
     if _port_in_use(settings.http_host, http_port):
-        raise Fail(f"TOCSIN_HTTP_PORT {http_port} on {settings.http_host} is already in use; "
-                   "stop what listens there or set TOCSIN_HTTP_PORT to a free port", 2)
+        raise Fail(
+            f"TOCSIN_HTTP_PORT {http_port} on {settings.http_host} is already in use; "
+            "stop what listens there or set TOCSIN_HTTP_PORT to a free port",
+            2,
+        )
 
     nats: NatsServer | None = None
     children: dict[str, subprocess.Popen[bytes]] = {}
@@ -266,22 +270,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                 raise Fail(
                     f"TOCSIN_NATS_PORT {settings.nats_port} is already in use (another "
                     "nats-server?); set TOCSIN_NATS_PORT to a free port, or TOCSIN_NATS_URL "
-                    "to use that server", 2)
+                    "to use that server",
+                    2,
+                )
             nats = NatsServer(
                 store_dir=data_dir / "nats",
                 port=settings.nats_port,
                 log_file=data_dir / "nats-server.log",
                 max_consumers=max(100_000, settings.max_devices + 64),
             )
-            print(f"tocsin: starting nats-server (JetStream data in {nats.store_dir})",
-                  flush=True)
+            print(f"tocsin: starting nats-server (JetStream data in {nats.store_dir})", flush=True)
             try:
                 nats.start()
             except (TimeoutError, FileNotFoundError) as exc:
                 raise Fail(f"nats-server did not start: {exc} (see {nats.log_file})") from None
             nats_url = nats.url
-            nats_note = f"embedded, pid {nats.process.pid if nats.process else '?'}, " \
-                        f"log {nats.log_file}"
+            nats_note = (
+                f"embedded, pid {nats.process.pid if nats.process else '?'}, log {nats.log_file}"
+            )
 
         if settings.jwt_secret:
             secret = settings.jwt_secret
@@ -293,17 +299,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"tocsin: dev JWT secret ({secret_note}): {secret}", flush=True)
 
         env = dict(os.environ)
-        env.update({
-            "TOCSIN_NATS_URL": nats_url,
-            "TOCSIN_JWT_SECRET": secret,
-            "TOCSIN_HTTP_PORT": str(http_port),
-            "TOCSIN_DATA_DIR": str(data_dir),
-        })
+        env.update(
+            {
+                "TOCSIN_NATS_URL": nats_url,
+                "TOCSIN_JWT_SECRET": secret,
+                "TOCSIN_HTTP_PORT": str(http_port),
+                "TOCSIN_DATA_DIR": str(data_dir),
+            }
+        )
         for name in ("ingest", "gateway"):
             if stop:
                 break
             children[name] = subprocess.Popen(
-                [sys.executable, "-m", "tocsin", name], env=env, stdin=subprocess.DEVNULL,
+                [sys.executable, "-m", "tocsin", name],
+                env=env,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
 
@@ -316,8 +326,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             dead = [(n, p.returncode) for n, p in children.items() if p.poll() is not None]
             if dead:
                 for name, code in dead:
-                    print(f"tocsin: the {name} exited during start-up (code {code}); "
-                          "stopping the rest", file=sys.stderr, flush=True)
+                    print(
+                        f"tocsin: the {name} exited during start-up (code {code}); "
+                        "stopping the rest",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 failed = True
                 break
             status, last = _readyz(ready_url)
@@ -325,8 +339,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 ready = True
                 break
             if time.monotonic() > deadline:
-                print(f"tocsin: the gateway was not ready after {READY_TIMEOUT:.0f}s "
-                      f"({ready_url}: {last.strip()}); stopping", file=sys.stderr, flush=True)
+                print(
+                    f"tocsin: the gateway was not ready after {READY_TIMEOUT:.0f}s "
+                    f"({ready_url}: {last.strip()}); stopping",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 failed = True
                 break
             time.sleep(0.1)
@@ -338,15 +356,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             dead = [(n, p.returncode) for n, p in children.items() if p.poll() is not None]
             if dead:
                 for name, code in dead:
-                    print(f"tocsin: the {name} exited unexpectedly (code {code}); "
-                          "stopping the rest", file=sys.stderr, flush=True)
+                    print(
+                        f"tocsin: the {name} exited unexpectedly (code {code}); stopping the rest",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 failed = True
                 break
             time.sleep(0.2)
 
         if stop:
-            print(f"tocsin: {signal.Signals(stop.signal or signal.SIGINT).name}: stopping",
-                  flush=True)
+            print(
+                f"tocsin: {signal.Signals(stop.signal or signal.SIGINT).name}: stopping", flush=True
+            )
     finally:
         _stop_children(children, settings.shutdown_grace_seconds + STOP_MARGIN)
         if nats is not None:
@@ -356,13 +378,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _print_banner(settings: Settings, host: str, port: int, nats_url: str,
-                  nats_note: str, secret_note: str) -> None:
+def _print_banner(
+    settings: Settings, host: str, port: int, nats_url: str, nats_note: str, secret_note: str
+) -> None:
     base = f"http://{host}:{port}"
     cmd = _example_env(settings, port) + _tocsin_command()
-    jwt_hint = "" if not settings.jwt_secret else \
-        "\nand with the same TOCSIN_JWT_SECRET in the environment"
-    print(f"""
+    jwt_hint = (
+        ""
+        if not settings.jwt_secret
+        else "\nand with the same TOCSIN_JWT_SECRET in the environment"
+    )
+    print(
+        f"""
 tocsin is ready.
   WebSocket   ws://{host}:{port}/api/v1/alerts/ws
   Publish     POST {base}/api/v1/alerts   (or NATS subject ingest.alerts)
@@ -378,7 +405,9 @@ run them as below, or `source .venv/bin/activate` and type `tocsin ...`){jwt_hin
   {cmd} token --user alice --regions KE
 
 Ctrl-C stops everything.
-""", flush=True)
+""",
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------- services
@@ -386,8 +415,11 @@ Ctrl-C stops everything.
 
 def _require_nats(settings: Settings, what: str) -> None:
     if not settings.nats_url:
-        raise Fail(f"TOCSIN_NATS_URL is not set: `tocsin {what}` needs a NATS server "
-                   "(e.g. nats://127.0.0.1:4222); `tocsin run` sets it for its children", 2)
+        raise Fail(
+            f"TOCSIN_NATS_URL is not set: `tocsin {what}` needs a NATS server "
+            "(e.g. nats://127.0.0.1:4222); `tocsin run` sets it for its children",
+            2,
+        )
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -396,14 +428,21 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     settings = exit_on_bad_settings()
     _require_nats(settings, "gateway")
     if not (settings.jwt_secret or settings.jwt_public_key):
-        raise Fail("TOCSIN_JWT_SECRET (or TOCSIN_JWT_PUBLIC_KEY) is not set: the gateway "
-                   "cannot verify tokens without a key", 2)
+        raise Fail(
+            "TOCSIN_JWT_SECRET (or TOCSIN_JWT_PUBLIC_KEY) is not set: the gateway "
+            "cannot verify tokens without a key",
+            2,
+        )
     _setup_logging(settings)
     from tocsin.gateway.app import create_app
 
     app = create_app(settings)
-    log.info("gateway listening on http://%s:%s (NATS %s)", settings.http_host,
-             settings.http_port, ",".join(settings.nats_url))
+    log.info(
+        "gateway listening on http://%s:%s (NATS %s)",
+        settings.http_host,
+        settings.http_port,
+        ",".join(settings.nats_url),
+    )
     # run_app turns SIGINT/SIGTERM into a graceful stop: on_shutdown closes the sockets
     # (1001), cleanup saves positions and drains NATS.
     web.run_app(
@@ -444,8 +483,17 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-FLAG_FIELDS = ("region", "title", "message", "priority", "risk_score", "lat", "lon",
-               "alert_id", "expires_in")
+FLAG_FIELDS = (
+    "region",
+    "title",
+    "message",
+    "priority",
+    "risk_score",
+    "lat",
+    "lon",
+    "alert_id",
+    "expires_in",
+)
 
 
 def build_alert(args: argparse.Namespace) -> dict[str, Any]:
@@ -473,7 +521,8 @@ def build_alert(args: argparse.Namespace) -> dict[str, Any]:
         "alert_level": args.level,
         "alert_type": args.type,
         "title": args.title if args.title is not None else f"Test {args.level} alert",
-        "message": args.message if args.message is not None
+        "message": args.message
+        if args.message is not None
         else f"Sent with tocsin publish for {args.region}",
         "location": {"region": args.region},
         "created_at": _iso(now),
@@ -519,8 +568,10 @@ async def _publish_http(settings: Settings, args: argparse.Namespace, payload: b
                 body = (await resp.text()).strip()
                 status = resp.status
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise Fail(f"cannot POST to {url}: {exc or type(exc).__name__} "
-                   "(is `tocsin run` running? TOCSIN_HTTP_HOST/TOCSIN_HTTP_PORT?)") from None
+        raise Fail(
+            f"cannot POST to {url}: {exc or type(exc).__name__} "
+            "(is `tocsin run` running? TOCSIN_HTTP_HOST/TOCSIN_HTTP_PORT?)"
+        ) from None
     print(body, flush=True)
     if not 200 <= status < 300:
         print(f"tocsin: {url} answered HTTP {status}", file=sys.stderr, flush=True)
@@ -537,19 +588,23 @@ async def _publish_nats(settings: Settings, payload: bytes, alert_id: object) ->
 
     urls = _nats_urls(settings)
     subject = Names(settings.namespace).ingest_subject
+
     async def quiet(exc: Exception) -> None:  # failures are reported below, once
         return None
 
     try:
-        nc = await nats.connect(urls, connect_timeout=5, allow_reconnect=False,
-                                max_reconnect_attempts=0, error_cb=quiet)
+        nc = await nats.connect(
+            urls, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0, error_cb=quiet
+        )
     except (NoServersError, OSError, TimeoutError) as exc:
         raise Fail(f"cannot connect to NATS {','.join(urls)}: {exc}") from None
     try:
         ack = await nc.jetstream().publish(subject, payload, timeout=10)
     except NoRespondersError:
-        raise Fail(f"no JetStream stream captures {subject!r} on {','.join(urls)}: start "
-                   "tocsin once (the ingest service and the gateway create the streams)") from None
+        raise Fail(
+            f"no JetStream stream captures {subject!r} on {','.join(urls)}: start "
+            "tocsin once (the ingest service and the gateway create the streams)"
+        ) from None
     except NatsTimeout:
         raise Fail(f"JetStream did not acknowledge the publish to {subject!r}") from None
     finally:
@@ -588,9 +643,11 @@ def format_frame(frame: dict[str, Any]) -> str:
     if frame.get("type") == "alert" and isinstance(frame.get("alert"), dict):
         alert = frame["alert"]
         region = (alert.get("location") or {}).get("region", "?")
-        line = (f"alert seq={frame.get('seq')} level={alert.get('alert_level')} "
-                f"region={region} type={alert.get('alert_type')} id={alert.get('alert_id')} "
-                f"title={json.dumps(alert.get('title'), ensure_ascii=False)}")
+        line = (
+            f"alert seq={frame.get('seq')} level={alert.get('alert_level')} "
+            f"region={region} type={alert.get('alert_type')} id={alert.get('alert_id')} "
+            f"title={json.dumps(alert.get('title'), ensure_ascii=False)}"
+        )
         return line + (" (redelivered)" if frame.get("redelivered") else "")
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
 
@@ -603,8 +660,13 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
     else:
         if not args.user or not args.regions:
             raise Fail("--user and --regions are needed to mint a token (or pass --token)", 2)
-        token = _mint(settings, args.user, _check_roles(_csv(args.roles)),
-                      _check_regions(_csv(args.regions)), TAIL_TOKEN_TTL)
+        token = _mint(
+            settings,
+            args.user,
+            _check_roles(_csv(args.roles)),
+            _check_regions(_csv(args.regions)),
+            TAIL_TOKEN_TTL,
+        )
     url = args.url or _ws_url(settings)
     params = {"auth_token": token, "client_id": args.client_id, "ack_mode": args.ack_mode}
     seen = 0
@@ -623,12 +685,17 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
                 pass
             if body:
                 print(body, flush=True)
-            print(f"tocsin: {url} refused the WebSocket with HTTP {exc.status}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"tocsin: {url} refused the WebSocket with HTTP {exc.status}",
+                file=sys.stderr,
+                flush=True,
+            )
             return 1
         except (aiohttp.ClientError, OSError) as exc:
-            raise Fail(f"cannot connect to {url}: {exc} "
-                       "(is `tocsin run` running? TOCSIN_HTTP_HOST/TOCSIN_HTTP_PORT?)") from None
+            raise Fail(
+                f"cannot connect to {url}: {exc} "
+                "(is `tocsin run` running? TOCSIN_HTTP_HOST/TOCSIN_HTTP_PORT?)"
+            ) from None
         async with ws:
             async for msg in ws:
                 if msg.type is not aiohttp.WSMsgType.TEXT:
@@ -672,15 +739,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="embedded nats-server (unless TOCSIN_NATS_URL), the "
-                       "ingest service and one gateway; Ctrl-C stops everything")
+    p = sub.add_parser(
+        "run",
+        help="embedded nats-server (unless TOCSIN_NATS_URL), the "
+        "ingest service and one gateway; Ctrl-C stops everything",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("gateway", help="the HTTP/WebSocket gateway (needs TOCSIN_NATS_URL)")
     p.set_defaults(func=cmd_gateway)
 
-    p = sub.add_parser("ingest", help="the ingest service: ingest.alerts -> ALERTS "
-                       "(needs TOCSIN_NATS_URL)")
+    p = sub.add_parser(
+        "ingest", help="the ingest service: ingest.alerts -> ALERTS (needs TOCSIN_NATS_URL)"
+    )
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("publish", help="send one alert (HTTP POST by default, or NATS)")
@@ -696,33 +767,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lon", type=float)
     p.add_argument("--alert-id", help="idempotency key (default: a fresh integer)")
     p.add_argument("--expires-in", type=float, metavar="SECONDS", help="sets expiry_time")
-    p.add_argument("--via", choices=("http", "nats"), default="http",
-                   help="http: POST /api/v1/alerts with a publisher token (default); "
-                   "nats: JetStream publish to ingest.alerts")
-    p.add_argument("--url", help="gateway base URL (default: "
-                   "http://TOCSIN_HTTP_HOST:TOCSIN_HTTP_PORT)")
+    p.add_argument(
+        "--via",
+        choices=("http", "nats"),
+        default="http",
+        help="http: POST /api/v1/alerts with a publisher token (default); "
+        "nats: JetStream publish to ingest.alerts",
+    )
+    p.add_argument(
+        "--url", help="gateway base URL (default: http://TOCSIN_HTTP_HOST:TOCSIN_HTTP_PORT)"
+    )
     p.add_argument("--token", help="publisher token (default: minted from the secret)")
     p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("token", help="print an HS256 token minted with the JWT secret")
     p.add_argument("--user", required=True, help="the sub claim")
-    p.add_argument("--roles", default="health_worker",
-                   help="comma-separated (default: health_worker)")
+    p.add_argument(
+        "--roles", default="health_worker", help="comma-separated (default: health_worker)"
+    )
     p.add_argument("--regions", default="", help="comma-separated region prefixes, e.g. KE,UG-102")
-    p.add_argument("--ttl", type=float, default=3600, metavar="SECONDS",
-                   help="lifetime (default: 3600)")
+    p.add_argument(
+        "--ttl", type=float, default=3600, metavar="SECONDS", help="lifetime (default: 3600)"
+    )
     p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("tail", help="connect as one device and print every frame")
     p.add_argument("--user", help="the token's sub (with --regions; not needed with --token)")
     p.add_argument("--regions", help="comma-separated region prefixes, e.g. KE")
-    p.add_argument("--roles", default="health_worker",
-                   help="comma-separated (default: health_worker)")
+    p.add_argument(
+        "--roles", default="health_worker", help="comma-separated (default: health_worker)"
+    )
     p.add_argument("--client-id", default="tail", help="device id (default: tail)")
-    p.add_argument("--ack-mode", choices=("client", "auto"), default="client",
-                   help="client: ack each alert after printing it (default)")
-    p.add_argument("--url", help="WebSocket URL (default: "
-                   "ws://TOCSIN_HTTP_HOST:TOCSIN_HTTP_PORT/api/v1/alerts/ws)")
+    p.add_argument(
+        "--ack-mode",
+        choices=("client", "auto"),
+        default="client",
+        help="client: ack each alert after printing it (default)",
+    )
+    p.add_argument(
+        "--url",
+        help="WebSocket URL (default: ws://TOCSIN_HTTP_HOST:TOCSIN_HTTP_PORT/api/v1/alerts/ws)",
+    )
     p.add_argument("--token", help="use this token instead of minting one")
     p.add_argument("--count", type=int, help="exit after N alerts")
     p.set_defaults(func=cmd_tail)

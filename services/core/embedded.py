@@ -10,6 +10,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +36,27 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float) -> None:
+def wait_for_port(
+    host: str,
+    port: int,
+    timeout: float,
+    alive: subprocess.Popen[bytes] | None = None,
+    greeting: bytes | None = None,
+) -> None:
+    """Wait until ``host:port`` accepts connections. With ``alive``, fail as soon as that
+    process exits; with ``greeting``, only a listener whose first bytes contain it counts
+    (another process may hold the port)."""
     deadline = time.monotonic() + timeout
     while True:
+        if alive is not None and alive.poll() is not None:
+            raise RuntimeError(
+                f"the process meant to listen on {host}:{port} exited ({alive.returncode})"
+            )
         try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
+            with socket.create_connection((host, port), timeout=0.5) as conn:
+                if greeting is None or greeting in conn.recv(4096):
+                    return
+                raise OSError("someone else answers on this port")
         except OSError:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
@@ -58,6 +74,7 @@ class NatsServer:
     log_file: Path | None = None
     extra_config: str = ""
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _name: str = field(default_factory=lambda: f"tocsin_{uuid.uuid4().hex[:8]}", repr=False)
 
     @property
     def url(self) -> str:
@@ -67,7 +84,7 @@ class NatsServer:
         store = str(self.store_dir.resolve()).replace("\\", "/")
         return (
             f"listen: {self.host}:{self.port}\n"
-            f"server_name: tocsin_{self.port}\n"
+            f"server_name: {self._name}\n"
             "jetstream {\n"
             f'  store_dir: "{store}"\n'
             f"  limits {{ default_max_consumers: {self.max_consumers} }}\n"
@@ -81,13 +98,28 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self.config_text())
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            [server_binary(), "-c", str(conf)], stdout=out, stderr=out, start_new_session=True
-        )
+        command = [server_binary(), "-c", str(conf)]
+        if self.log_file:
+            with open(self.log_file, "ab") as out:  # the child keeps its own descriptor
+                self.process = subprocess.Popen(
+                    command, stdout=out, stderr=out, start_new_session=True
+                )
+        else:
+            self.process = subprocess.Popen(
+                command,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         try:
-            wait_for_port(self.host, self.port, timeout)
-        except TimeoutError:
+            wait_for_port(
+                self.host,
+                self.port,
+                timeout,
+                alive=self.process,
+                greeting=f'"server_name":"{self._name}"'.encode(),
+            )
+        except (TimeoutError, RuntimeError):
             self.stop()
             raise
         return self

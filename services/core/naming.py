@@ -61,7 +61,7 @@ class Names:
     # --- streams ---------------------------------------------------------------------
     @property
     def _stream_prefix(self) -> str:
-        return f"{self.namespace.upper().replace('-', '_')}_" if self.namespace else ""
+        return f"{self.namespace.upper()}_" if self.namespace else ""
 
     @property
     def _subject_prefix(self) -> str:
@@ -147,10 +147,6 @@ class Names:
         if len(parts) != 3 or parts[0] != "dev":
             return None
         return _unescape(parts[1]), _unescape(parts[2])
-
-    def feed_consumer(self, instance: str) -> str:
-        """Not durable: the name the live feed of one gateway instance carries, for operators."""
-        return f"feed__{_escape(instance)}"
 
     # --- core NATS control subjects -------------------------------------------------
     def takeover_subject(self, consumer: str) -> str:

@@ -11,6 +11,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tocsin.schemas.alert import ALERT_TYPE_PATTERN, DEFAULT_ALERT_TYPES
 
+#: A namespace equal to these would overlap the subjects of an un-namespaced deployment.
+RESERVED_NAMESPACES = frozenset({"alerts", "ingest", "tocsin"})
+
 
 def _csv(value: object) -> object:
     if isinstance(value, str):
@@ -41,7 +44,7 @@ class Settings(BaseSettings):
     # --- tocsin's own ----------------------------------------------------------------
     namespace: str = Field(
         default="",
-        pattern=r"^([a-z0-9][a-z0-9_-]{0,31})?$",
+        pattern=r"^([a-z][a-z0-9]{0,31})?$",
         description="prefix for every stream, subject and consumer; lets several "
         "deployments (or test runs) share one NATS",
     )
@@ -102,6 +105,25 @@ class Settings(BaseSettings):
         for url in value:
             if not url.startswith(("nats://", "tls://", "ws://", "wss://")):
                 raise ValueError(f"{url!r} is not a NATS URL (nats://host:port)")
+        return value
+
+    @field_validator("jwt_public_key")
+    @classmethod
+    def _pem(cls, value: str | None) -> str | None:
+        if value:
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+            try:
+                load_pem_public_key(value.encode())
+            except ValueError:
+                raise ValueError("not a PEM public key (-----BEGIN PUBLIC KEY-----)") from None
+        return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_NAMESPACES:
+            raise ValueError(f"{value!r} is the first token of tocsin's own subjects")
         return value
 
     @model_validator(mode="after")

@@ -40,7 +40,8 @@ def stream_configs(settings: Settings, names: Names) -> list[StreamConfig]:
             storage=StorageType.FILE,
             num_replicas=settings.replicas,
             max_age=retention,
-            max_msg_size=MAX_ALERT_BYTES * 2,
+            # No max_msg_size: an oversized event must reach the ingest service and the
+            # DLQ; the server's max_payload (1 MB) refuses larger ones to the publisher.
             discard=DiscardPolicy.NEW,
         ),
         StreamConfig(

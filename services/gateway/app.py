@@ -36,16 +36,23 @@ def create_app(settings: Settings) -> web.Application:
 
     async def nats_and_gateway(app: web.Application) -> AsyncIterator[None]:
         nc = await nats.connect(
-            settings.nats_url, name="tocsin-gateway", max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5, allow_reconnect=True, drain_timeout=5,
+            settings.nats_url,
+            name="tocsin-gateway",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            drain_timeout=5,
         )
         js = nc.jetstream()
         await apply_topology(js, settings, names)
         gw = Gateway(settings, nc, js)
         await gw.start()
         app[GATEWAY] = gw
-        log.info("gateway %s ready on NATS %s", gw.instance, nc.connected_url.netloc
-                 if nc.connected_url else "?")
+        log.info(
+            "gateway %s ready on NATS %s",
+            gw.instance,
+            nc.connected_url.netloc if nc.connected_url else "?",
+        )
         try:
             yield
         finally:
@@ -63,8 +70,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post(
         "/api/v1/alerts",
         publish_handler(
-            TokenVerifier.from_settings(settings), names,
-            settings.accepted_alert_types, js,
+            TokenVerifier.from_settings(settings),
+            names,
+            settings.accepted_alert_types,
+            js,
         ),  # type: ignore[arg-type]
     )
     app.router.add_get("/healthz", healthz)

@@ -66,16 +66,18 @@ class Gateway:
 
     async def _tick_loop(self) -> None:
         next_checkpoint = time.monotonic()
+        checkpointing: asyncio.Task[None] | None = None
         while True:
             await asyncio.sleep(TICK_SECONDS)
             now_mono, now = time.monotonic(), time.time()
             for session in list(self.sessions):
                 session.tick(now_mono, now)
-            if now_mono >= next_checkpoint:
+            busy = checkpointing is not None and not checkpointing.done()
+            if now_mono >= next_checkpoint and not busy:
                 next_checkpoint = now_mono + self.settings.checkpoint_seconds
                 dirty = [s for s in self.sessions if s.needs_checkpoint()]
-                if dirty:
-                    await self._checkpoint(dirty)
+                if dirty:  # in the background: a slow NATS must not delay pings or resends
+                    checkpointing = self.spawn(self._checkpoint(dirty))
 
     async def _checkpoint(self, sessions: list[Session]) -> None:
         gate = asyncio.Semaphore(CHECKPOINT_CONCURRENCY)

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 from aiohttp import WSMsgType, web
+from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from pydantic import ValidationError
@@ -33,6 +34,7 @@ from tocsin.schemas import (
 )
 
 from .context import Gateway
+from .queue import QueueError
 from .session import Device, Session
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,9 @@ def parse_device(request: web.Request, gw: Gateway) -> Device | web.Response:
         return json_error(403, "no_regions", "the token's regions claim grants no region")
     client_id = request.query.get("client_id", "default")
     if not CLIENT_ID_RE.fullmatch(client_id):
-        return json_error(400, "invalid_parameter",
-                          "client_id: 1-64 characters of A-Z a-z 0-9 . _ : @ -")
+        return json_error(
+            400, "invalid_parameter", "client_id: 1-64 characters of A-Z a-z 0-9 . _ : @ -"
+        )
     ack_mode = request.query.get("ack_mode", "client")
     if ack_mode not in ("client", "auto"):
         return json_error(400, "invalid_parameter", "ack_mode: must be 'client' or 'auto'")
@@ -73,8 +76,9 @@ def parse_device(request: web.Request, gw: Gateway) -> Device | web.Response:
 async def websocket(request: web.Request) -> web.StreamResponse:
     gw = request.app[GATEWAY]
     if gw.shutting_down:
-        return json_error(503, "shutting_down", "this gateway is stopping; reconnect",
-                          **{"Retry-After": "1"})
+        return json_error(
+            503, "shutting_down", "this gateway is stopping; reconnect", **{"Retry-After": "1"}
+        )
     device = parse_device(request, gw)
     if isinstance(device, web.Response):
         return device
@@ -83,10 +87,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     session = Session(gw, ws, device)
     try:
         await serve(gw, session)
-    except Exception:
+    except Exception:  # serve() closed the socket with 1011 or 4503
         log.exception("session %s failed", session.id)
-        if not ws.closed:
-            await ws.close(code=Close.INTERNAL_ERROR, message=b"internal error")
     return ws
 
 
@@ -113,19 +115,25 @@ async def serve(gw: Gateway, session: Session) -> None:
     tasks: list[asyncio.Task[Any]] = []
     try:
         opened = await gw.queues.open(
-            session.device.user_id, session.device.client_id,
+            session.device.user_id,
+            session.device.client_id,
             session.device.claims.receivable_regions(),
         )
         w = session.window
         w.floor = session.saved_floor = opened.floor
         w.next_seq = opened.floor + 1
         session.high_water = opened.sent_high
-        session.send_control(ConnectionEstablished(
-            connection_id=session.id, user_id=session.device.user_id,
-            client_id=session.device.client_id, ack_mode=session.device.ack_mode,
-            heartbeat_interval=gw.settings.heartbeat_seconds, pending=opened.pending,
-            regions=list(session.device.claims.receivable_regions() or []),
-        ))
+        session.send_control(
+            ConnectionEstablished(
+                connection_id=session.id,
+                user_id=session.device.user_id,
+                client_id=session.device.client_id,
+                ack_mode=session.device.ack_mode,
+                heartbeat_interval=gw.settings.heartbeat_seconds,
+                pending=opened.pending,
+                regions=list(session.device.claims.receivable_regions() or []),
+            )
+        )
         if opened.dropped:
             session.send_control(BacklogTruncated(dropped=opened.dropped))
         gw.sessions.add(session)  # from now on the ticker pings, redelivers, checkpoints
@@ -140,6 +148,15 @@ async def serve(gw: Gateway, session: Session) -> None:
         for task in done:
             if task is not receiver and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
+    except Exception as exc:
+        if session.closing is None:
+            backend = isinstance(exc, (NatsError, QueueError, asyncio.TimeoutError))
+            session.closing = (
+                (Close.BACKEND_UNAVAILABLE, "alert store unavailable; reconnect later")
+                if backend
+                else (Close.INTERNAL_ERROR, "internal error")
+            )
+        raise
     finally:
         gw.feed.unregister(session)
         for task in tasks:
@@ -175,8 +192,9 @@ async def receive(session: Session) -> None:
         if msg.type is WSMsgType.TEXT:
             await on_text(session, msg.data)
         elif msg.type is WSMsgType.BINARY:
-            session.send_control(Error(code=ErrorCode.BINARY_NOT_SUPPORTED,
-                                       detail="frames are JSON text"))
+            session.send_control(
+                Error(code=ErrorCode.BINARY_NOT_SUPPORTED, detail="frames are JSON text")
+            )
         elif msg.type is WSMsgType.ERROR:
             break
 
@@ -184,9 +202,11 @@ async def receive(session: Session) -> None:
 def _frame_error(exc: ValidationError) -> Error:
     err = exc.errors()[0]
     if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        return Error(code=ErrorCode.UNKNOWN_TYPE,
-                     detail="type: expected one of subscribe, unsubscribe, update_filters, "
-                            "pong, get_stats, ack")
+        return Error(
+            code=ErrorCode.UNKNOWN_TYPE,
+            detail="type: expected one of subscribe, unsubscribe, update_filters, "
+            "pong, get_stats, ack",
+        )
     fields = "; ".join(
         f"{'.'.join(str(p) for p in e['loc'][1:]) or 'frame'}: {e['msg']}" for e in exc.errors()
     )
@@ -195,10 +215,12 @@ def _frame_error(exc: ValidationError) -> Error:
 
 async def on_text(session: Session, text: str) -> None:
     if len(text) > MAX_CLIENT_FRAME_BYTES // 4 and len(text.encode()) > MAX_CLIENT_FRAME_BYTES:
-        session.send_control(Error(
-            code=ErrorCode.FRAME_TOO_LARGE,
-            detail=f"frames are limited to 64 KiB ({MAX_CLIENT_FRAME_BYTES} bytes)",
-        ))
+        session.send_control(
+            Error(
+                code=ErrorCode.FRAME_TOO_LARGE,
+                detail=f"frames are limited to 64 KiB ({MAX_CLIENT_FRAME_BYTES} bytes)",
+            )
+        )
         return
     try:
         data = orjson.loads(text)
@@ -223,10 +245,15 @@ async def on_text(session: Session, text: str) -> None:
         case GetStats():
             session.send_control(session.stats())
         case Subscribe() | Unsubscribe():
-            session.send_control(SubscriptionResponse(
-                action=frame.type, groups=frame.groups, status="invalid",
-                detail="groups are not supported yet; this connection receives its token's regions",
-            ))
+            session.send_control(
+                SubscriptionResponse(
+                    action=frame.type,
+                    groups=frame.groups,
+                    status="invalid",
+                    detail="groups are not supported yet; this connection gets its token's regions",
+                )
+            )
         case UpdateFilters():
-            session.send_control(Error(code=ErrorCode.NOT_SUPPORTED,
-                                       detail="filters: not supported yet"))
+            session.send_control(
+                Error(code=ErrorCode.NOT_SUPPORTED, detail="filters: not supported yet")
+            )

@@ -69,6 +69,8 @@ class LiveFeed:
         self.received = 0
 
     async def start(self) -> None:
+        info = await self._js.stream_info(self._names.alerts_stream)
+        self.last_seq = info.state.last_seq
         self._sub = await self._js.subscribe(
             self._names.alerts_all,
             cb=self._on_msg,
@@ -78,6 +80,11 @@ class LiveFeed:
             pending_msgs_limit=1_000_000,
             pending_bytes_limit=1 << 30,
         )
+        # nats-py recreates an ordered consumer from the last sequence it saw + 1; before
+        # the first alert that is 0, which would replay the whole stream after a reconnect.
+        jsi = getattr(self._sub, "_jsi", None)
+        if jsi is not None and getattr(jsi, "_sseq", None) == 0:
+            jsi._sseq = self.last_seq
 
     async def stop(self) -> None:
         if self._sub is not None:

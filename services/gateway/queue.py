@@ -54,8 +54,9 @@ class DeviceQueues:
         self._names = names
         self._stream = names.alerts_stream
 
-    def _config(self, name: str, user: str, client_id: str, filters: list[str],
-                start_seq: int) -> ConsumerConfig:
+    def _config(
+        self, name: str, user: str, client_id: str, filters: list[str], start_seq: int
+    ) -> ConsumerConfig:
         s = self._settings
         one = len(filters) == 1
         return ConsumerConfig(

@@ -107,8 +107,9 @@ class Session:
         used = len(self.window.items) if self.track else len(self.out)
         return self.window.capacity - used
 
-    def _send_new(self, seq: int, data: bytes, expires: float | None, frame: bytes | None,
-                  js_msg: Any = None) -> None:
+    def _send_new(
+        self, seq: int, data: bytes, expires: float | None, frame: bytes | None, js_msg: Any = None
+    ) -> None:
         if expires is not None and expires <= time.time():
             self.window.skip(seq)
             return
@@ -117,8 +118,9 @@ class Session:
         redelivered = seq <= self.high_water
         self.high_water = max(self.high_water, seq)
         self.redelivered += redelivered
-        self._enqueue(seq, frame if frame and not redelivered else
-                      alert_frame(seq, data, redelivered))
+        self._enqueue(
+            seq, frame if frame and not redelivered else alert_frame(seq, data, redelivered)
+        )
 
     high_water = 0  # highest seq ever sent to this device by this session
 
@@ -166,7 +168,12 @@ class Session:
         reset_needed = not first_reset_done
         try:
             while True:
-                await self.catchup_needed.wait()
+                try:
+                    await asyncio.wait_for(self.catchup_needed.wait(), self.touch_seconds)
+                except TimeoutError:
+                    reader = reader or await self.gw.queues.reader(self.consumer)
+                    await self._touch(reader)
+                    continue
                 if reset_needed:
                     await self.gw.queues.reset(self.consumer, self.window.floor + 1)
                     self.saved_floor = self.window.floor
@@ -178,6 +185,20 @@ class Session:
             if reader is not None:
                 with contextlib.suppress(Exception):
                     await reader.unsubscribe()
+
+    @property
+    def touch_seconds(self) -> float:
+        """JetStream reaps a consumer after ``inactive_threshold`` without pulls or acks, and
+        a live device's queue sees neither: pull once well before that."""
+        return self.gw.settings.retention_seconds / 4
+
+    async def _touch(self, reader: Any) -> None:
+        try:
+            msgs = await reader.fetch(1, timeout=1.0)
+        except (TimeoutError, NatsTimeout):
+            return
+        for msg in msgs:  # an alert already sent, or the next one in order
+            await self._from_backlog(msg, msg.metadata.sequence.stream)
 
     async def _drain(self, reader: Any) -> None:
         while self.mode is Mode.CATCHUP:
@@ -233,8 +254,11 @@ class Session:
     # ------------------------------------------------------------ acks and timers
     async def on_ack(self, seq: int) -> None:
         if seq >= self.window.next_seq:
-            self.send_control(Error(code=ErrorCode.INVALID_ACK,
-                                    detail=f"seq: {seq} was not sent on this connection"))
+            self.send_control(
+                Error(
+                    code=ErrorCode.INVALID_ACK, detail=f"seq: {seq} was not sent on this connection"
+                )
+            )
             return
         if not self.track:
             return

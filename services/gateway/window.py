@@ -66,7 +66,8 @@ class Window:
     def due(self, now: float, schedule: list[float]) -> list[InFlight]:
         """Unacked items whose backoff has elapsed, oldest first."""
         return [
-            item for item in self.items.values()
+            item
+            for item in self.items.values()
             if now - item.sent_at >= backoff_delay(schedule, item.attempts)
         ]
 

@@ -24,6 +24,11 @@ from .pipeline import Rejection, append_alert, dead_letter, validate_event
 log = logging.getLogger(__name__)
 
 
+def retry_delay(attempt: int) -> float:
+    """Seconds before redelivering an event that could not be stored: 0.5 s doubling to 30 s."""
+    return float(min(30.0, 0.5 * 2 ** max(0, attempt - 1)))
+
+
 def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
     names = Names(settings.namespace)
     broker = NatsBroker(nats_urls, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
@@ -41,22 +46,36 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
             max_ack_pending=1024,
             description="tocsin ingest: validates engine events into ALERTS",
         ),
-        ack_policy=AckPolicy.NACK_ON_ERROR,
+        ack_policy=AckPolicy.MANUAL,
         title="ingest.alerts",
         description="Raw alert JSON from the engine (CONTRACT §4); invalid events go to the DLQ",
     )
     async def on_event(message: NatsMessage) -> None:
         # The raw bytes, not faststream's decoded body: a bad event must reach the DLQ as sent.
         raw = message.raw_message.data
+        try:
+            await _process(raw, message.raw_message.headers)
+        except Exception as exc:  # NATS trouble: keep the event, retry with backoff
+            attempt = message.raw_message.metadata.num_delivered
+            delay = retry_delay(attempt)
+            log.warning("event not stored (attempt %d, retry in %.1fs): %s", attempt, delay, exc)
+            await message.nack(delay=delay)
+            return
+        await message.ack()
+
+    async def _process(raw: bytes, headers: dict[str, str] | None) -> None:
         js = state["js"]
         result = validate_event(raw, accepted)
         if isinstance(result, Rejection):
-            ack = await dead_letter(js, names, raw, result, message.raw_message.headers)
+            ack = await dead_letter(js, names, raw, result, headers)
             log.warning("rejected event -> DLQ seq %s: %s", ack.seq, result.detail)
             return
         ack = await append_alert(js, names, result)
         log.info(
-            "alert %s -> %s seq %s%s", result.alert_id, ack.stream, ack.seq,
+            "alert %s -> %s seq %s%s",
+            result.alert_id,
+            ack.stream,
+            ack.seq,
             " (duplicate)" if ack.duplicate else "",
         )
 

@@ -40,8 +40,9 @@ class Rejection:
 
     @property
     def detail(self) -> str:
-        return "; ".join(f"{e['field']}: {e['message']}" if e["field"] else e["message"]
-                         for e in self.errors)
+        return "; ".join(
+            f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in self.errors
+        )
 
     def as_json(self) -> dict[str, Any]:
         return {"error": self.reason.value, "detail": self.detail, "errors": self.errors}
@@ -61,8 +62,15 @@ def validate_event(
 ) -> Alert | Rejection:
     """Turn raw bytes into an :class:`Alert`, or say exactly why not."""
     if len(raw) > MAX_ALERT_BYTES:
-        return Rejection(Reason.TOO_LARGE, [{"field": "", "message":
-                         f"event is {len(raw)} bytes; the limit is {MAX_ALERT_BYTES}"}])
+        return Rejection(
+            Reason.TOO_LARGE,
+            [
+                {
+                    "field": "",
+                    "message": f"event is {len(raw)} bytes; the limit is {MAX_ALERT_BYTES}",
+                }
+            ],
+        )
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -75,11 +83,22 @@ def validate_event(
         return Rejection(Reason.INVALID_ALERT, _field_errors(exc))
     if alert.alert_type not in accepted_types:
         allowed = ", ".join(sorted(accepted_types))
-        return Rejection(Reason.UNKNOWN_TYPE, [{"field": "alert_type", "message":
-                         f"{alert.alert_type!r} is not one of: {allowed}"}])
-    if alert.expiry_time is not None and alert.expiry_time.timestamp() <= (time.time() if now is None else now):
-        return Rejection(Reason.EXPIRED, [{"field": "expiry_time", "message":
-                         "already passed; an expired alert is never delivered"}])
+        return Rejection(
+            Reason.UNKNOWN_TYPE,
+            [{"field": "alert_type", "message": f"{alert.alert_type!r} is not one of: {allowed}"}],
+        )
+    if alert.expiry_time is not None and alert.expiry_time.timestamp() <= (
+        time.time() if now is None else now
+    ):
+        return Rejection(
+            Reason.EXPIRED,
+            [
+                {
+                    "field": "expiry_time",
+                    "message": "already passed; an expired alert is never delivered",
+                }
+            ],
+        )
     return alert
 
 
@@ -97,20 +116,24 @@ async def append_alert(
         expires = alert.expiry_time.timestamp()
         headers[EXPIRES_HEADER] = f"{expires:.3f}"
         # JetStream TTLs are whole seconds: round up, the gateway checks the exact time.
-        headers["Nats-TTL"] = str(max(1, math.ceil(expires - (time.time() if now is None else now))))
-    subject = names.alert_subject(
-        alert.location.region, alert.alert_level.value, alert.alert_type
-    )
+        headers["Nats-TTL"] = str(
+            max(1, math.ceil(expires - (time.time() if now is None else now)))
+        )
+    subject = names.alert_subject(alert.location.region, alert.alert_level.value, alert.alert_type)
     return await js.publish(subject, encode_alert(alert), headers=headers)
 
 
 async def dead_letter(
-    js: JetStreamContext, names: Names, raw: bytes, rejection: Rejection,
+    js: JetStreamContext,
+    names: Names,
+    raw: bytes,
+    rejection: Rejection,
     headers: dict[str, str] | None = None,
 ) -> PubAck:
     """Keep a rejected event, byte for byte, with the reason; never drop it silently."""
-    hdrs = dict(headers or {})
-    hdrs.pop("Nats-Msg-Id", None)
+    # JetStream acts on Nats-* headers (Nats-Expected-Stream, Nats-Msg-Id, ...): keep the
+    # engine's own headers, never those, or the dead letter itself would be refused.
+    hdrs = {k: v for k, v in (headers or {}).items() if not k.lower().startswith("nats-")}
     hdrs[REASON_HEADER] = rejection.reason.value
     hdrs[ERRORS_HEADER] = orjson.dumps(rejection.errors).decode()
     return await js.publish(names.dlq_subject(rejection.reason.value), raw, headers=hdrs)
