@@ -72,9 +72,13 @@ async def append(js: JetStreamContext, names: Names, body: dict[str, Any]) -> Pu
     return await append_alert(js, names, Alert.model_validate(body))
 
 
-def token(sub: str = "alice", regions: tuple[str, ...] = ("KE",),
-          roles: tuple[str, ...] = ("health_worker",), ttl: float = 3600,
-          secret: str | None = None) -> str:
+def token(
+    sub: str = "alice",
+    regions: tuple[str, ...] = ("KE",),
+    roles: tuple[str, ...] = ("health_worker",),
+    ttl: float = 3600,
+    secret: str | None = None,
+) -> str:
     from .conftest import SECRET
 
     return mint_token(secret or SECRET, sub, roles=roles, regions=regions, ttl_seconds=ttl)
@@ -115,17 +119,19 @@ async def start_gateway(settings: Settings) -> RunningGateway:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOCSIN_")}
-    env.update({
-        "TOCSIN_NATS_URL": ",".join(settings.nats_url),
-        "TOCSIN_NAMESPACE": settings.namespace,
-        "TOCSIN_JWT_SECRET": settings.jwt_secret or "",
-        "TOCSIN_HTTP_HOST": "127.0.0.1",
-        "TOCSIN_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
-        "TOCSIN_REDELIVERY_BACKOFF": ",".join(str(v) for v in settings.redelivery_backoff),
-        "TOCSIN_CHECKPOINT_SECONDS": str(settings.checkpoint_seconds),
-        "TOCSIN_OFFLINE_QUEUE_MAX": str(settings.offline_queue_max),
-        "TOCSIN_SHUTDOWN_GRACE_SECONDS": str(settings.shutdown_grace_seconds),
-    })
+    env.update(
+        {
+            "TOCSIN_NATS_URL": ",".join(settings.nats_url),
+            "TOCSIN_NAMESPACE": settings.namespace,
+            "TOCSIN_JWT_SECRET": settings.jwt_secret or "",
+            "TOCSIN_HTTP_HOST": "127.0.0.1",
+            "TOCSIN_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
+            "TOCSIN_REDELIVERY_BACKOFF": ",".join(str(v) for v in settings.redelivery_backoff),
+            "TOCSIN_CHECKPOINT_SECONDS": str(settings.checkpoint_seconds),
+            "TOCSIN_OFFLINE_QUEUE_MAX": str(settings.offline_queue_max),
+            "TOCSIN_SHUTDOWN_GRACE_SECONDS": str(settings.shutdown_grace_seconds),
+        }
+    )
     return env
 
 
@@ -142,8 +148,13 @@ class GatewayProcess:
         port = free_port()
         env = settings_env(settings) | {"TOCSIN_HTTP_PORT": str(port)}
         with open(log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "tocsin", "gateway"], env=env,
-                                    stdout=out, stderr=out, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tocsin", "gateway"],
+                env=env,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
         running = cls(proc, port, log)
         try:
             wait_for_port("127.0.0.1", port, 20)
@@ -184,8 +195,9 @@ class Client:
     reader: asyncio.Task[None] | None = None
 
     @classmethod
-    async def connect(cls, url: str, tok: str, client_id: str = "phone",
-                      ack_mode: str = "client", **extra: str) -> Client:
+    async def connect(
+        cls, url: str, tok: str, client_id: str = "phone", ack_mode: str = "client", **extra: str
+    ) -> Client:
         session = aiohttp.ClientSession()
         params = {"auth_token": tok, "client_id": client_id, "ack_mode": ack_mode, **extra}
         ws = await session.ws_connect(url, params=params, autoping=True)
@@ -217,7 +229,9 @@ class Client:
             if kind is None or frame["type"] == kind:
                 return frame
 
-    async def alerts(self, n: int, ack: bool = False, timeout: float = DEADLINE) -> list[dict[str, Any]]:
+    async def alerts(
+        self, n: int, ack: bool = False, timeout: float = DEADLINE
+    ) -> list[dict[str, Any]]:
         got = []
         for _ in range(n):
             frame = await self.next("alert", timeout)

@@ -32,11 +32,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def tocsin(*args: str, env: dict[str, str], cwd: Path, stdin: str | None = None,
-           timeout: float = DEADLINE) -> subprocess.CompletedProcess[str]:
+def tocsin(
+    *args: str, env: dict[str, str], cwd: Path, stdin: str | None = None, timeout: float = DEADLINE
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tocsin", *args], env=env, cwd=cwd, input=stdin,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "tocsin", *args],
+        env=env,
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -58,8 +64,19 @@ def lines(text: str) -> list[str]:
 
 def test_token_has_the_claims(tmp_path: Path) -> None:
     env = clean_env(TOCSIN_JWT_SECRET=SECRET)
-    out = tocsin("token", "--user", "alice", "--roles", "health_worker,analyst",
-                 "--regions", "KE,UG-102", "--ttl", "600", env=env, cwd=tmp_path)
+    out = tocsin(
+        "token",
+        "--user",
+        "alice",
+        "--roles",
+        "health_worker,analyst",
+        "--regions",
+        "KE,UG-102",
+        "--ttl",
+        "600",
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     claims = jwt.decode(out.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice"
@@ -80,8 +97,9 @@ def test_token_falls_back_to_the_dev_secret(tmp_path: Path) -> None:
 
 
 def test_token_without_any_secret_says_so(tmp_path: Path) -> None:
-    out = tocsin("token", "--user", "bob", env=clean_env(TOCSIN_DATA_DIR=str(tmp_path / "d")),
-                 cwd=tmp_path)
+    out = tocsin(
+        "token", "--user", "bob", env=clean_env(TOCSIN_DATA_DIR=str(tmp_path / "d")), cwd=tmp_path
+    )
     assert out.returncode == 2
     assert len(lines(out.stderr)) == 1 and "TOCSIN_JWT_SECRET" in out.stderr
 
@@ -98,8 +116,9 @@ def test_token_refuses_unknown_roles_and_bad_regions(tmp_path: Path) -> None:
 
 
 def test_bad_setting_stops_the_gateway_with_one_line(tmp_path: Path) -> None:
-    env = clean_env(TOCSIN_HTTP_PORT="abc", TOCSIN_NATS_URL="nats://127.0.0.1:1",
-                    TOCSIN_JWT_SECRET=SECRET)
+    env = clean_env(
+        TOCSIN_HTTP_PORT="abc", TOCSIN_NATS_URL="nats://127.0.0.1:1", TOCSIN_JWT_SECRET=SECRET
+    )
     out = tocsin("gateway", env=env, cwd=tmp_path)
     assert out.returncode == 2
     [line] = lines(out.stderr)
@@ -126,17 +145,31 @@ def test_ingest_without_nats_url_says_so(tmp_path: Path) -> None:
 def test_publish_validates_locally_naming_the_field(tmp_path: Path) -> None:
     # Nothing listens: the alert must be refused before any connection is tried.
     env = clean_env(TOCSIN_JWT_SECRET=SECRET, TOCSIN_HTTP_PORT=str(free_port()))
-    out = tocsin("publish", "--region", "kenya", "--title", "t", "--message", "m",
-                 env=env, cwd=tmp_path)
+    out = tocsin(
+        "publish", "--region", "kenya", "--title", "t", "--message", "m", env=env, cwd=tmp_path
+    )
     assert out.returncode == 2
     assert "location.region" in out.stderr and out.stdout == ""
 
 
 def test_publish_json_from_stdin_rejects_unknown_fields(tmp_path: Path) -> None:
-    body = {"alert_id": 7, "alert_level": "high", "alert_type": "outbreak_risk",
-            "title": "t", "message": "m", "location": {"region": "KE"}, "colour": "red"}
-    out = tocsin("publish", "--json", "-", env=clean_env(TOCSIN_JWT_SECRET=SECRET),
-                 cwd=tmp_path, stdin=json.dumps(body))
+    body = {
+        "alert_id": 7,
+        "alert_level": "high",
+        "alert_type": "outbreak_risk",
+        "title": "t",
+        "message": "m",
+        "location": {"region": "KE"},
+        "colour": "red",
+    }
+    out = tocsin(
+        "publish",
+        "--json",
+        "-",
+        env=clean_env(TOCSIN_JWT_SECRET=SECRET),
+        cwd=tmp_path,
+        stdin=json.dumps(body),
+    )
     assert out.returncode == 2 and "colour" in out.stderr
 
 
@@ -155,12 +188,21 @@ def test_publish_to_nothing_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_format_frame_prints_alerts_on_one_line() -> None:
-    frame = {"type": "alert", "seq": 4, "redelivered": True,
-             "alert": {"alert_id": 9, "alert_level": "high", "alert_type": "outbreak_risk",
-                       "title": "Rising", "message": "m", "location": {"region": "KE-30"}}}
+    frame = {
+        "type": "alert",
+        "seq": 4,
+        "redelivered": True,
+        "alert": {
+            "alert_id": 9,
+            "alert_level": "high",
+            "alert_type": "outbreak_risk",
+            "title": "Rising",
+            "message": "m",
+            "location": {"region": "KE-30"},
+        },
+    }
     assert format_frame(frame) == (
-        'alert seq=4 level=high region=KE-30 type=outbreak_risk id=9 title="Rising" '
-        "(redelivered)"
+        'alert seq=4 level=high region=KE-30 type=outbreak_risk id=9 title="Rising" (redelivered)'
     )
     assert json.loads(format_frame({"type": "ping", "ts": 1.5})) == {"type": "ping", "ts": 1.5}
 
@@ -223,11 +265,20 @@ def test_run_end_to_end_tail_publish_and_clean_stop(
     env, data, http_port = run_env
     run_log = tmp_path / "run.log"
     with open(run_log, "wb") as out:
-        run = subprocess.Popen([sys.executable, "-m", "tocsin", "run"], env=env, cwd=tmp_path,
-                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        run = subprocess.Popen(
+            [sys.executable, "-m", "tocsin", "run"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        wait_until(lambda: run.poll() is not None or _readyz(http_port) == 200,
-                   "GET /readyz = 200", timeout=60)
+        wait_until(
+            lambda: run.poll() is not None or _readyz(http_port) == 200,
+            "GET /readyz = 200",
+            timeout=60,
+        )
         assert run.poll() is None, run_log.read_text()
         wait_until(lambda: "Ctrl-C stops everything" in run_log.read_text(), "the banner")
         banner = run_log.read_text()
@@ -243,26 +294,62 @@ def test_run_end_to_end_tail_publish_and_clean_stop(
         tail_log = tmp_path / "tail.log"
         with open(tail_log, "wb") as out:
             tail = subprocess.Popen(
-                [sys.executable, "-m", "tocsin", "tail", "--user", "alice", "--regions", "KE",
-                 "--count", "2"],
-                env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "tocsin",
+                    "tail",
+                    "--user",
+                    "alice",
+                    "--regions",
+                    "KE",
+                    "--count",
+                    "2",
+                ],
+                env=env,
+                cwd=tmp_path,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         try:
-            wait_until(lambda: tail.poll() is not None
-                       or "connection_established" in tail_log.read_text(), "tail connected")
+            wait_until(
+                lambda: tail.poll() is not None or "connection_established" in tail_log.read_text(),
+                "tail connected",
+            )
             assert tail.poll() is None, tail_log.read_text()
 
-            sent = tocsin("publish", "--region", "KE-30", "--level", "high",
-                          "--title", "Malaria outbreak risk rising",
-                          "--message", "Risk model predicts a rise in cases",
-                          env=env, cwd=tmp_path)
+            sent = tocsin(
+                "publish",
+                "--region",
+                "KE-30",
+                "--level",
+                "high",
+                "--title",
+                "Malaria outbreak risk rising",
+                "--message",
+                "Risk model predicts a rise in cases",
+                env=env,
+                cwd=tmp_path,
+            )
             assert sent.returncode == 0, sent.stderr
             first = json.loads(sent.stdout)
             assert first["seq"] >= 1
 
-            sent = tocsin("publish", "--via", "nats", "--region", "KE", "--level", "critical",
-                          "--title", "Cholera cases reported", "--message", "m",
-                          env=env, cwd=tmp_path)
+            sent = tocsin(
+                "publish",
+                "--via",
+                "nats",
+                "--region",
+                "KE",
+                "--level",
+                "critical",
+                "--title",
+                "Cholera cases reported",
+                "--message",
+                "m",
+                env=env,
+                cwd=tmp_path,
+            )
             assert sent.returncode == 0, sent.stderr
             second = json.loads(sent.stdout)
             assert second["stream"] == "INGEST"
@@ -272,8 +359,7 @@ def test_run_end_to_end_tail_publish_and_clean_stop(
             if tail.poll() is None:
                 tail.kill()
                 tail.wait()
-        printed = [line for line in tail_log.read_text().splitlines()
-                   if line.startswith("alert ")]
+        printed = [line for line in tail_log.read_text().splitlines() if line.startswith("alert ")]
         assert len(printed) == 2, tail_log.read_text()
         assert f"seq={first['seq']} " in printed[0]
         assert f"id={first['alert_id']} " in printed[0]
@@ -288,8 +374,7 @@ def test_run_end_to_end_tail_publish_and_clean_stop(
         # Ctrl-C: everything stops, nats-server included.
         run.send_signal(signal.SIGINT)
         assert run.wait(DEADLINE) == 0, run_log.read_text()
-        wait_until(lambda: not _processes_marked([str(data)]),
-                   "no nats-server/ingest/gateway left")
+        wait_until(lambda: not _processes_marked([str(data)]), "no nats-server/ingest/gateway left")
         assert "tocsin: stopped" in run_log.read_text()
     finally:
         if run.poll() is None:

@@ -61,8 +61,9 @@ async def test_expired_alerts_are_never_sent(
     await client.close()
     soon = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
     short = await append(js, names, alert(expiry_time=soon))
-    keeps = await append(js, names, alert(
-        expiry_time=(datetime.now(UTC) + timedelta(hours=1)).isoformat()))
+    keeps = await append(
+        js, names, alert(expiry_time=(datetime.now(UTC) + timedelta(hours=1)).isoformat())
+    )
 
     async def expired() -> bool:
         return datetime.now(UTC).isoformat() > soon

@@ -31,8 +31,10 @@ async def handshake(url: str, **params: str) -> tuple[int, dict[str, object]]:
         (token("x", ttl=-10), "token_expired"),
         (token("x", secret="another-secret-another-secret-0123"), "invalid_signature"),
         (jwt.encode({"sub": "x"}, SECRET, algorithm="HS256"), "invalid_claims"),
-        (jwt.encode({"sub": "x", "exp": 9e9, "regions": ["Kenya"]}, SECRET, algorithm="HS256"),
-         "invalid_claims"),
+        (
+            jwt.encode({"sub": "x", "exp": 9e9, "regions": ["Kenya"]}, SECRET, algorithm="HS256"),
+            "invalid_claims",
+        ),
         (jwt.encode({"sub": "x", "exp": 9e9}, "", algorithm="none"), "invalid_signature"),
     ],
 )
@@ -45,9 +47,10 @@ async def test_bad_tokens_get_401_with_json_body(
 
 
 async def test_bearer_header_is_accepted(gateway: RunningGateway) -> None:
-    async with aiohttp.ClientSession() as http, http.ws_connect(
-        gateway.ws_url, headers={"Authorization": f"Bearer {token()}"}
-    ) as ws:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(gateway.ws_url, headers={"Authorization": f"Bearer {token()}"}) as ws,
+    ):
         hello = await ws.receive_json(timeout=10)
         assert hello["type"] == "connection_established"
 
@@ -75,8 +78,9 @@ async def test_token_without_regions_is_refused(gateway: RunningGateway) -> None
 async def test_admin_receives_every_region(
     gateway: RunningGateway, js: JetStreamContext, names: Names
 ) -> None:
-    client = await Client.connect(gateway.ws_url, token("root", (), roles=("admin",)),
-                                  ack_mode="auto")
+    client = await Client.connect(
+        gateway.ws_url, token("root", (), roles=("admin",)), ack_mode="auto"
+    )
     await client.next("connection_established")
     seqs = [(await append(js, names, alert(r))).seq for r in ("KE-30", "UG", "FJ-C")]
     assert [f["seq"] for f in await client.alerts(3)] == seqs

@@ -14,7 +14,9 @@ from ..support import Client, GatewayProcess, alert, append, start_gateway, toke
 
 
 async def test_two_gateway_processes_serve_one_users_two_devices(
-    settings: Settings, js: JetStreamContext, names: Names,
+    settings: Settings,
+    js: JetStreamContext,
+    names: Names,
     gateway_process: Callable[[Settings], GatewayProcess],
 ) -> None:
     one, two = gateway_process(settings), gateway_process(settings)
@@ -61,7 +63,9 @@ async def test_same_device_connecting_elsewhere_replaces_the_old_connection(
 
 
 async def test_sigterm_closes_sockets_with_1001_and_keeps_unacked_alerts(
-    settings: Settings, js: JetStreamContext, names: Names,
+    settings: Settings,
+    js: JetStreamContext,
+    names: Names,
     gateway_process: Callable[[Settings], GatewayProcess],
 ) -> None:
     proc = gateway_process(settings)
@@ -85,7 +89,9 @@ async def test_sigterm_closes_sockets_with_1001_and_keeps_unacked_alerts(
 
 
 async def test_gateway_killed_mid_stream_loses_nothing(
-    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names,
+    make_settings: Callable[..., Settings],
+    js: JetStreamContext,
+    names: Names,
     gateway_process: Callable[[Settings], GatewayProcess],
 ) -> None:
     settings = make_settings(checkpoint_seconds=0.2)

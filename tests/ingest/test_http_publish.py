@@ -33,16 +33,22 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def post_json(http: aiohttp.ClientSession, gateway: RunningGateway, body: Any,
-                    tok: str | None = None) -> tuple[int, dict[str, Any]]:
+async def post_json(
+    http: aiohttp.ClientSession, gateway: RunningGateway, body: Any, tok: str | None = None
+) -> tuple[int, dict[str, Any]]:
     headers = bearer(tok) if tok else {}
     async with http.post(f"{gateway.http}/api/v1/alerts", json=body, headers=headers) as resp:
         assert resp.content_type == "application/json", await resp.text()
         return resp.status, await resp.json()
 
 
-async def post_raw(http: aiohttp.ClientSession, gateway: RunningGateway, data: Any,
-                   content_type: str, tok: str | None = None) -> tuple[int, dict[str, Any]]:
+async def post_raw(
+    http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    data: Any,
+    content_type: str,
+    tok: str | None = None,
+) -> tuple[int, dict[str, Any]]:
     headers = {"Content-Type": content_type, **(bearer(tok) if tok else {})}
     async with http.post(f"{gateway.http}/api/v1/alerts", data=data, headers=headers) as resp:
         assert resp.content_type == "application/json", await resp.text()
@@ -102,8 +108,9 @@ async def test_json_with_charset_parameter_is_accepted(
     gateway: RunningGateway, js: JetStreamContext, names: Names, http: aiohttp.ClientSession
 ) -> None:
     body = alert()
-    status, reply = await post_raw(http, gateway, orjson.dumps(body),
-                                   "application/json; charset=utf-8", publisher())
+    status, reply = await post_raw(
+        http, gateway, orjson.dumps(body), "application/json; charset=utf-8", publisher()
+    )
     assert status == 202 and reply["alert_id"] == body["alert_id"], reply
     assert await count(js, names.alerts_stream) == 1
 
@@ -127,8 +134,7 @@ BAD_BODIES: dict[str, tuple[dict[str, Any], str, str]] = {
     "bad-region": (alert(location={"region": "Kenya"}), "invalid_alert", "location.region"),
     "risk-over-one": (alert(risk_score=1.5), "invalid_alert", "risk_score"),
     "unknown-field": (alert(severity=3), "invalid_alert", "severity"),
-    "missing-title": ({k: v for k, v in alert().items() if k != "title"}, "invalid_alert",
-                      "title"),
+    "missing-title": ({k: v for k, v in alert().items() if k != "title"}, "invalid_alert", "title"),
     "unknown-type": (alert(alert_type="earthquake"), "unknown_type", "alert_type"),
     "expired": (alert(expiry_time="2020-01-01T00:00:00Z"), "expired", "expiry_time"),
 }
@@ -136,7 +142,10 @@ BAD_BODIES: dict[str, tuple[dict[str, Any], str, str]] = {
 
 @pytest.mark.parametrize("case", list(BAD_BODIES))
 async def test_bad_alert_is_422_naming_the_field_and_nothing_is_appended(
-    gateway: RunningGateway, js: JetStreamContext, names: Names, http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    js: JetStreamContext,
+    names: Names,
+    http: aiohttp.ClientSession,
     case: str,
 ) -> None:
     body, error, field = BAD_BODIES[case]
@@ -150,7 +159,10 @@ async def test_bad_alert_is_422_naming_the_field_and_nothing_is_appended(
 
 @pytest.mark.parametrize("raw", [b"{not json", b"[]", b""], ids=["broken", "array", "empty"])
 async def test_body_that_is_not_a_json_object_is_422(
-    gateway: RunningGateway, js: JetStreamContext, names: Names, http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    js: JetStreamContext,
+    names: Names,
+    http: aiohttp.ClientSession,
     raw: bytes,
 ) -> None:
     status, reply = await post_raw(http, gateway, raw, "application/json", publisher())
@@ -163,15 +175,22 @@ async def test_body_that_is_not_a_json_object_is_422(
 AUTH_FAILURES = {
     "no-token": (None, "missing_token"),
     "expired": (token("engine", ("KE",), roles=("publisher",), ttl=-60), "token_expired"),
-    "bad-signature": (token("engine", ("KE",), roles=("publisher",),
-                            secret="another-secret-0123456789abcdef-01234"), "invalid_signature"),
+    "bad-signature": (
+        token(
+            "engine", ("KE",), roles=("publisher",), secret="another-secret-0123456789abcdef-01234"
+        ),
+        "invalid_signature",
+    ),
     "malformed": ("not.a.jwt", "malformed_token"),
 }
 
 
 @pytest.mark.parametrize("case", list(AUTH_FAILURES))
 async def test_without_a_proper_token_it_is_401_json(
-    gateway: RunningGateway, js: JetStreamContext, names: Names, http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    js: JetStreamContext,
+    names: Names,
+    http: aiohttp.ClientSession,
     case: str,
 ) -> None:
     tok, error = AUTH_FAILURES[case]
@@ -184,7 +203,10 @@ async def test_without_a_proper_token_it_is_401_json(
 
 @pytest.mark.parametrize("roles", [("health_worker",), ("viewer", "analyst")])
 async def test_token_without_publisher_role_is_403(
-    gateway: RunningGateway, js: JetStreamContext, names: Names, http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    js: JetStreamContext,
+    names: Names,
+    http: aiohttp.ClientSession,
     roles: tuple[str, ...],
 ) -> None:
     tok = token("alice", ("KE",), roles=roles)
@@ -198,21 +220,27 @@ async def test_token_in_query_parameter_is_accepted(
     gateway: RunningGateway, js: JetStreamContext, names: Names, http: aiohttp.ClientSession
 ) -> None:
     body = alert()
-    async with http.post(f"{gateway.http}/api/v1/alerts", json=body,
-                         params={"auth_token": publisher()}) as resp:
+    async with http.post(
+        f"{gateway.http}/api/v1/alerts", json=body, params={"auth_token": publisher()}
+    ) as resp:
         assert resp.status == 202, await resp.text()
         assert (await resp.json())["alert_id"] == body["alert_id"]
 
 
 # --- 415 / 413: what the body is and how big ------------------------------------------------
-@pytest.mark.parametrize("content_type", ["application/xml", "text/plain",
-                                          "application/x-www-form-urlencoded"])
+@pytest.mark.parametrize(
+    "content_type", ["application/xml", "text/plain", "application/x-www-form-urlencoded"]
+)
 async def test_non_json_content_type_is_415(
-    gateway: RunningGateway, js: JetStreamContext, names: Names, http: aiohttp.ClientSession,
+    gateway: RunningGateway,
+    js: JetStreamContext,
+    names: Names,
+    http: aiohttp.ClientSession,
     content_type: str,
 ) -> None:
-    data = (b"<alert><alert_id>1</alert_id></alert>" if "xml" in content_type
-            else orjson.dumps(alert()))
+    data = (
+        b"<alert><alert_id>1</alert_id></alert>" if "xml" in content_type else orjson.dumps(alert())
+    )
     status, reply = await post_raw(http, gateway, data, content_type, publisher())
     assert status == 415, reply
     assert reply["error"] == "unsupported_media_type" and reply["detail"], reply
@@ -248,8 +276,9 @@ async def test_body_of_exactly_64_kib_is_accepted(
     gateway: RunningGateway, js: JetStreamContext, names: Names, http: aiohttp.ClientSession
 ) -> None:
     body = alert()
-    status, reply = await post_raw(http, gateway, padded(body, LIMIT), "application/json",
-                                   publisher())
+    status, reply = await post_raw(
+        http, gateway, padded(body, LIMIT), "application/json", publisher()
+    )
     assert status == 202, reply
     assert reply["alert_id"] == body["alert_id"]
     assert await count(js, names.alerts_stream) == 1

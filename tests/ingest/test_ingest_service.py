@@ -103,8 +103,9 @@ async def wait_drained(js: JetStreamContext, names: Names, captured: int) -> Non
     await eventually(drained, DEADLINE, f"INGEST to capture {captured} and drain")
 
 
-async def publish_event(nc: NatsClient, names: Names, raw: bytes,
-                        headers: dict[str, str] | None = None) -> None:
+async def publish_event(
+    nc: NatsClient, names: Names, raw: bytes, headers: dict[str, str] | None = None
+) -> None:
     """As the engine does: core NATS, no JetStream ack (capture is JetStream's job)."""
     await nc.publish(names.ingest_subject, raw, headers=headers)
     await nc.flush()
@@ -229,8 +230,7 @@ INVALID = {
     "not-object": (lambda: b"[1, 2, 3]", "invalid_json", ""),
     "unknown-field": (lambda: _pretty(alert(severity="bad")), "invalid_alert", "severity"),
     "missing-region": (_missing_region, "invalid_alert", "location.region"),
-    "unknown-type": (lambda: _pretty(alert(alert_type="earthquake")), "unknown_type",
-                     "alert_type"),
+    "unknown-type": (lambda: _pretty(alert(alert_type="earthquake")), "unknown_type", "alert_type"),
     "expired": (_expired, "expired", "expiry_time"),
     "too-large": (_too_large, "too_large", ""),
 }
@@ -276,8 +276,9 @@ async def test_mixed_batch_only_valid_events_reach_alerts(
     await wait_drained(js, names, len(events))
     ids = {orjson.loads(m.data)["alert_id"] for m in await stored(js, names.alerts_stream)}
     assert ids == {b["alert_id"] for b in valid}
-    reasons = sorted(m.headers["Tocsin-Reason"] for m in await stored(js, names.dlq_stream)
-                     if m.headers)
+    reasons = sorted(
+        m.headers["Tocsin-Reason"] for m in await stored(js, names.dlq_stream) if m.headers
+    )
     assert reasons == sorted(r for _, r, _ in INVALID.values())
 
 
@@ -347,7 +348,10 @@ async def test_event_over_ingest_message_limit_is_not_silently_dropped(
 
 # --- 4. one alert_id, one stored alert --------------------------------------------------
 async def test_same_alert_id_twice_over_nats_and_once_over_http_is_stored_once(
-    ingest: Ingest, gateway: RunningGateway, nc: NatsClient, js: JetStreamContext,
+    ingest: Ingest,
+    gateway: RunningGateway,
+    nc: NatsClient,
+    js: JetStreamContext,
     names: Names,
 ) -> None:
     body = alert("KE-30")
@@ -361,17 +365,21 @@ async def test_same_alert_id_twice_over_nats_and_once_over_http_is_stored_once(
 
     tok = token("engine", ("KE",), roles=("publisher",))
     async with aiohttp.ClientSession() as http:
-        resp = await http.post(f"{gateway.http}/api/v1/alerts", json=body,
-                               headers={"Authorization": f"Bearer {tok}"})
+        resp = await http.post(
+            f"{gateway.http}/api/v1/alerts", json=body, headers={"Authorization": f"Bearer {tok}"}
+        )
         assert resp.status == 202, await resp.text()
         assert await resp.json() == {
-            "alert_id": body["alert_id"], "seq": msg.seq, "duplicate": True,
+            "alert_id": body["alert_id"],
+            "seq": msg.seq,
+            "duplicate": True,
         }
 
         # The other order: HTTP first, then the engine repeats it twice.
         other = alert("KE-31")
-        resp = await http.post(f"{gateway.http}/api/v1/alerts", json=other,
-                               headers={"Authorization": f"Bearer {tok}"})
+        resp = await http.post(
+            f"{gateway.http}/api/v1/alerts", json=other, headers={"Authorization": f"Bearer {tok}"}
+        )
         assert resp.status == 202, await resp.text()
         first = await resp.json()
         assert first["duplicate"] is False
@@ -381,9 +389,7 @@ async def test_same_alert_id_twice_over_nats_and_once_over_http_is_stored_once(
     await wait_drained(js, names, 4)
 
     msgs = await stored(js, names.alerts_stream)
-    assert [orjson.loads(m.data)["alert_id"] for m in msgs] == [
-        body["alert_id"], other["alert_id"]
-    ]
+    assert [orjson.loads(m.data)["alert_id"] for m in msgs] == [body["alert_id"], other["alert_id"]]
     assert msgs[1].seq == first["seq"]
     assert await count(js, names.dlq_stream) == 0
 

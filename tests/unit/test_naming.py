@@ -55,20 +55,20 @@ def test_default_names() -> None:
 
 
 def test_namespaced_names() -> None:
-    names = Names("t-1a")
-    assert names.ingest_stream == "T_1A_INGEST"
-    assert names.alerts_stream == "T_1A_ALERTS"
-    assert names.dlq_stream == "T_1A_INGEST_DLQ"
-    assert names.ingest_subject == "t-1a.ingest.alerts"
-    assert names.alerts_all == "t-1a.alerts.>"
-    assert names.dlq_all == "t-1a.ingest.dlq.>"
-    assert names.dlq_subject("too_large") == "t-1a.ingest.dlq.too_large"
+    names = Names("t1a")
+    assert names.ingest_stream == "T1A_INGEST"
+    assert names.alerts_stream == "T1A_ALERTS"
+    assert names.dlq_stream == "T1A_INGEST_DLQ"
+    assert names.ingest_subject == "t1a.ingest.alerts"
+    assert names.alerts_all == "t1a.alerts.>"
+    assert names.dlq_all == "t1a.ingest.dlq.>"
+    assert names.dlq_subject("too_large") == "t1a.ingest.dlq.too_large"
     assert names.alert_subject("KE-30", "high", "outbreak_risk") == (
-        "t-1a.alerts.KE.KE-30.high.outbreak_risk"
+        "t1a.alerts.KE.KE-30.high.outbreak_risk"
     )
-    assert names.region_filters(["KE"]) == ["t-1a.alerts.KE.>"]
-    assert names.region_filters(None) == ["t-1a.alerts.>"]
-    assert names.takeover_subject("dev__a__b") == "t-1a.tocsin.device.dev__a__b.takeover"
+    assert names.region_filters(["KE"]) == ["t1a.alerts.KE.>"]
+    assert names.region_filters(None) == ["t1a.alerts.>"]
+    assert names.takeover_subject("dev__a__b") == "t1a.tocsin.device.dev__a__b.takeover"
 
 
 def test_namespaces_do_not_share_names() -> None:
@@ -225,14 +225,20 @@ def test_parse_device_consumer_refuses_other_names(name: str) -> None:
 def test_device_consumer_round_trips(user: str, client: str) -> None:
     name = NAMES.device_consumer(user, client)
     _assert_valid_consumer_name(name)
-    assert Names.parse_device_consumer(name) == (user, client)
+    if name.startswith("devh__"):  # over NATS's length limit: hashed, named by metadata
+        assert Names.parse_device_consumer(name) is None
+    else:
+        assert Names.parse_device_consumer(name) == (user, client)
 
 
 @given(TRICKY, TRICKY)
 def test_device_consumer_round_trips_tricky(user: str, client: str) -> None:
     name = NAMES.device_consumer(user, client)
     _assert_valid_consumer_name(name)
-    assert Names.parse_device_consumer(name) == (user, client)
+    if name.startswith("devh__"):  # over NATS's length limit: hashed, named by metadata
+        assert Names.parse_device_consumer(name) is None
+    else:
+        assert Names.parse_device_consumer(name) == (user, client)
 
 
 @given(st.tuples(TRICKY, TRICKY), st.tuples(TRICKY, TRICKY))
@@ -258,12 +264,6 @@ def test_device_consumer_names_fit_nats_limit(user: str, client: str) -> None:
     """Any token sub (1-128 characters) and handshake client_id gives a name NATS accepts."""
     name = NAMES.device_consumer(user, client)
     assert len(name) <= NATS_MAX_NAME_LEN, f"{len(name)} characters: NATS refuses the consumer"
-
-
-def test_feed_consumer_is_valid_name() -> None:
-    name = NAMES.feed_consumer("gw-1.host.example")
-    _assert_valid_consumer_name(name)
-    assert name.startswith("feed__")
 
 
 # ------------------------------------------------------------------------ matches()

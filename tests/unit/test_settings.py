@@ -134,15 +134,35 @@ def test_short_jwt_secret_is_refused_without_echo(monkeypatch: pytest.MonkeyPatc
 def test_secret_never_appears_in_other_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     secret = "a-valid-secret-of-forty-characters-xyzw"
     monkeypatch.setenv("TOCSIN_JWT_SECRET", secret)
-    monkeypatch.setenv("TOCSIN_JWT_PUBLIC_KEY", "-----BEGIN PUBLIC KEY-----private-ish")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    body = pem.splitlines()[1]
+    monkeypatch.setenv("TOCSIN_JWT_PUBLIC_KEY", pem)
     monkeypatch.setenv("TOCSIN_HTTP_PORT", "abc")
     with pytest.raises(SettingsError) as info:
         load_settings()
     assert secret not in str(info.value)
-    assert "private-ish" not in str(info.value)
+    assert body not in str(info.value)
     s = load_settings(http_port=1)
     assert secret not in repr(s) and secret not in str(s)
-    assert "private-ish" not in repr(s)
+    assert body not in repr(s)
+
+
+def test_a_bad_public_key_stops_start_up_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TOCSIN_JWT_PUBLIC_KEY", "-----BEGIN PUBLIC KEY-----private-ish")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "TOCSIN_JWT_PUBLIC_KEY" in str(info.value)
+    assert "private-ish" not in str(info.value)
 
 
 def test_settings_error_is_a_clean_exit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,3 +189,13 @@ def test_overrides_win_over_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("TOCSIN_HTTP_PORT", "9000")
     assert load_settings(http_port=9100).http_port == 9100
     assert isinstance(load_settings(), Settings)
+
+
+@pytest.mark.parametrize("value", ["alerts", "ingest", "tocsin", "a-b", "a_b", "A", "1abc"])
+def test_namespaces_that_could_collide_are_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("TOCSIN_NAMESPACE", value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "TOCSIN_NAMESPACE" in str(info.value)
