@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from nats.js import JetStreamContext
 
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 
-from ..support import Client, RunningGateway, alert, append, start_gateway, token
+from ..support import Client, RunningGateway, alert, append, eventually, start_gateway, token
 
 
 async def test_offline_cap_keeps_newest_and_says_how_many_were_dropped(
@@ -155,5 +157,27 @@ async def test_auto_ack_backlog_longer_than_the_window_drains_and_is_saved(
         again = await Client.connect(running.ws_url, tok, ack_mode="auto")
         assert (await again.next("connection_established"))["pending"] == 0
         await again.close()
+    finally:
+        await running.stop()
+
+
+@pytest.mark.slow
+async def test_a_live_device_keeps_its_queue_past_the_inactivity_threshold(
+    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+) -> None:
+    """JetStream reaps consumers idle for inactive_threshold (= retention); a device that
+    stays connected and live must keep its queue, so that a later disconnect loses nothing."""
+    running = await start_gateway(make_settings(retention_hours=0.0005))  # 1.8 s
+    try:
+        tok = token("uma")
+        client = await Client.connect(running.ws_url, tok)
+        await client.next("connection_established")
+        consumer = names.device_consumer("uma", "phone")
+        begun = time.monotonic()
+        await eventually(lambda: time.monotonic() - begun > 3 * 1.8, timeout=10,
+                         what="three inactivity thresholds to pass")
+        info = await js.consumer_info(names.alerts_stream, consumer)  # raises if reaped
+        assert info.config.inactive_threshold == pytest.approx(1.8)
+        await client.close()
     finally:
         await running.stop()
