@@ -65,7 +65,11 @@ class Settings(BaseSettings):
     )
     max_deliver: int = Field(default=50, ge=2, description="JetStream max_deliver of device queues")
     checkpoint_seconds: float = Field(
-        default=1.0, gt=0, le=60, description="how often acked positions are saved to JetStream"
+        default=5.0,
+        gt=0,
+        le=300,
+        description="how often a live device's acked position is saved to JetStream; after "
+        "a gateway crash a device may get again what it acked in this last interval",
     )
     alert_types: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="alert types accepted besides the built-in ones"

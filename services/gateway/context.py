@@ -65,19 +65,24 @@ class Gateway:
         await self.feed.stop()
 
     async def _tick_loop(self) -> None:
-        next_checkpoint = time.monotonic()
         checkpointing: asyncio.Task[None] | None = None
+        interval = self.settings.checkpoint_seconds
         while True:
             await asyncio.sleep(TICK_SECONDS)
             now_mono, now = time.monotonic(), time.time()
+            dirty = []
             for session in list(self.sessions):
                 session.tick(now_mono, now)
+                if session.needs_checkpoint() and now_mono >= session.next_checkpoint:
+                    dirty.append(session)
             busy = checkpointing is not None and not checkpointing.done()
-            if now_mono >= next_checkpoint and not busy:
-                next_checkpoint = now_mono + self.settings.checkpoint_seconds
-                dirty = [s for s in self.sessions if s.needs_checkpoint()]
-                if dirty:  # in the background: a slow NATS must not delay pings or resends
-                    checkpointing = self.spawn(self._checkpoint(dirty))
+            if dirty and not busy:
+                # Each session saves at most once per interval, at its own phase, so the
+                # resets spread over the interval instead of arriving as one burst; in the
+                # background, so that a slow NATS never delays pings or resends.
+                for session in dirty:
+                    session.next_checkpoint = now_mono + interval
+                checkpointing = self.spawn(self._checkpoint(dirty))
 
     async def _checkpoint(self, sessions: list[Session]) -> None:
         gate = asyncio.Semaphore(CHECKPOINT_CONCURRENCY)

@@ -140,7 +140,7 @@ async def serve(gw: Gateway, session: Session) -> None:
         session.catchup_needed.set()
         tasks = [
             asyncio.create_task(session.sender()),
-            asyncio.create_task(session.catchup(first_reset_done=True)),
+            asyncio.create_task(session.catchup(opened.pending)),
         ]
         receiver = asyncio.create_task(receive(session))
         done, _ = await asyncio.wait([receiver, *tasks], return_when=asyncio.FIRST_COMPLETED)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import random
 import time
 import uuid
 from collections import deque
@@ -81,6 +82,8 @@ class Session:
         self.next_ping = now + gw.settings.heartbeat_seconds
         self.last_pong = now
         self.latency_ms: float | None = None
+        # staggered: sessions that connected together do not all save at the same tick
+        self.next_checkpoint = now + random.uniform(0, gw.settings.checkpoint_seconds)
         self.sent = self.redelivered = self.acks = 0
 
     # ------------------------------------------------------------ called by the feed
@@ -163,9 +166,11 @@ class Session:
             self.saved_floor = max(self.saved_floor, newest[0])
 
     # ------------------------------------------------------------ backlog
-    async def catchup(self, first_reset_done: bool) -> None:
+    async def catchup(self, pending: int | None) -> None:
+        """The backlog task: reads the queue whenever the session is in catchup mode.
+        ``pending`` is the backlog found when the connection opened (None: unknown)."""
         reader = None
-        reset_needed = not first_reset_done
+        reset_needed = pending is None
         try:
             while True:
                 try:
@@ -175,12 +180,12 @@ class Session:
                     await self._touch(reader)
                     continue
                 if reset_needed:
-                    await self.gw.queues.reset(self.consumer, self.window.floor + 1)
+                    pending = await self.gw.queues.reset(self.consumer, self.window.floor + 1)
                     self.saved_floor = self.window.floor
                 reset_needed = True
                 if reader is None:
                     reader = await self.gw.queues.reader(self.consumer)
-                await self._drain(reader)
+                await self._drain(reader, pending)
         finally:
             if reader is not None:
                 with contextlib.suppress(Exception):
@@ -200,26 +205,30 @@ class Session:
         for msg in msgs:  # an alert already sent, or the next one in order
             await self._from_backlog(msg, msg.metadata.sequence.stream)
 
-    async def _drain(self, reader: Any) -> None:
+    async def _drain(self, reader: Any, pending: int | None) -> None:
+        """Read the queue until it is empty, then go live. ``pending`` is what JetStream last
+        said is left (None: unknown); asking for no more than that keeps a fetch from waiting
+        out its timeout for alerts that do not exist."""
         while self.mode is Mode.CATCHUP:
+            if pending == 0:
+                self._try_go_live()
+                pending = None  # still catching up (buffer overflow): ask JetStream again
+                continue
             room = self._room()
             if room <= 0:
                 self.room_ready.clear()
                 await self.room_ready.wait()
                 continue
             try:
-                msgs = await reader.fetch(room, timeout=2.0)
+                msgs = await reader.fetch(min(room, pending or room), timeout=2.0)
             except (TimeoutError, NatsTimeout):
                 msgs = []
-            remaining = None
             for msg in msgs:
                 meta = msg.metadata
-                remaining = meta.num_pending
+                pending = meta.num_pending
                 await self._from_backlog(msg, meta.sequence.stream)
-            if remaining is None and await self.gw.queues.pending(self.consumer) > 0:
-                continue  # a slow answer, not an empty queue
-            if remaining in (None, 0):
-                self._try_go_live()
+            if not msgs:
+                pending = await self.gw.queues.pending(self.consumer)
 
     async def _from_backlog(self, msg: Any, seq: int) -> None:
         if seq <= self.window.floor:
