@@ -282,7 +282,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"tocsin: starting nats-server (JetStream data in {nats.store_dir})", flush=True)
             try:
                 nats.start()
-            except (TimeoutError, FileNotFoundError) as exc:
+            except (TimeoutError, FileNotFoundError, RuntimeError) as exc:
                 raise Fail(f"nats-server did not start: {exc} (see {nats.log_file})") from None
             nats_url = nats.url
             nats_note = (

@@ -102,18 +102,31 @@ async def _take_over(gw: Gateway, session: Session) -> None:
 
 
 async def serve(gw: Gateway, session: Session) -> None:
-    await _take_over(gw, session)
     waiting: list[str] = []
 
-    async def on_takeover(msg: Any) -> None:
-        if msg.data.decode() != session.id:
-            waiting.append(msg.reply)
-            session.close(Close.REPLACED, "the same device connected again")
+    finished = False
 
-    control = await gw.nc.subscribe(gw.names.takeover_subject(session.consumer), cb=on_takeover)
-    gw.feed.register(session)  # before the queue is opened: live alerts buffer from now on
+    async def on_takeover(msg: Any) -> None:
+        if msg.data.decode() == session.id:
+            return
+        if finished:  # the position is saved already: let the newcomer in at once
+            await gw.nc.publish(msg.reply, b"released")
+            return
+        waiting.append(msg.reply)
+        session.close(Close.REPLACED, "the same device connected again")
+
+    control = None
+    opened = None
     tasks: list[asyncio.Task[Any]] = []
     try:
+        if not gw.nc.is_connected:
+            # Fail fast: a subscription made while reconnecting is sent to the server even if
+            # it is removed before the reconnect (nats-py), leaving interest nobody answers.
+            raise NatsError("not connected to NATS")
+        await _take_over(gw, session)
+        subject = gw.names.takeover_subject(session.consumer)
+        control = await gw.nc.subscribe(subject, cb=on_takeover)
+        gw.feed.register(session)  # before the queue is opened: live alerts buffer from now on
         opened = await gw.queues.open(
             session.device.user_id,
             session.device.client_id,
@@ -161,12 +174,16 @@ async def serve(gw: Gateway, session: Session) -> None:
         gw.feed.unregister(session)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await _leave(gw, session)
-        with contextlib.suppress(Exception):
-            await control.unsubscribe()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=gw.settings.shutdown_grace_seconds)
+            if stuck:
+                log.error("session %s: %d tasks ignored cancellation", session.id, len(stuck))
+        if opened is not None:  # only a session that knows its position may save it
+            await _leave(gw, session)
+        finished = True
+        if control is not None:
+            with contextlib.suppress(Exception):
+                await control.unsubscribe()
         gw.sessions.discard(session)
         for reply in waiting:
             with contextlib.suppress(Exception):

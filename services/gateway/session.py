@@ -147,7 +147,10 @@ class Session:
             self.out_ready.clear()
             while self.out:
                 seq, frame = self.out.popleft()
-                await self.ws.send_frame(frame, WSMsgType.TEXT)
+                try:
+                    await self.ws.send_frame(frame, WSMsgType.TEXT)
+                except ConnectionError:
+                    return  # the client went away: the receiver ends the session
                 if seq:
                     self.sent += 1
                     if not self.track:  # ack_mode=auto: written to the socket = delivered
@@ -173,8 +176,9 @@ class Session:
         reset_needed = pending is None
         try:
             while True:
-                try:
-                    await asyncio.wait_for(self.catchup_needed.wait(), self.touch_seconds)
+                try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
+                    async with asyncio.timeout(self.touch_seconds):
+                        await self.catchup_needed.wait()
                 except TimeoutError:
                     reader = reader or await self.gw.queues.reader(self.consumer)
                     await self._touch(reader)

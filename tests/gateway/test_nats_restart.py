@@ -48,3 +48,50 @@ async def test_gateway_survives_nats_restart_without_losing_alerts(
         await nc.close()
         await running.stop()
         server.stop()
+
+
+@pytest.mark.slow
+async def test_handshake_while_nats_is_down_closes_with_4503_and_keeps_the_position(
+    make_settings: Callable[..., Settings], tmp_path: Path, names: Names
+) -> None:
+    server = NatsServer(store_dir=tmp_path / "own-nats").start()
+    settings = make_settings(nats_url=[server.url])
+    running = await start_gateway(settings)
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    js = nc.jetstream()
+    try:
+        tok = token("rosa")
+        client = await Client.connect(running.ws_url, tok)
+        await client.next("connection_established")
+        acked = await append(js, names, alert())
+        await client.alerts(1, ack=True)
+        await client.close()
+        server.stop()
+        refused = await Client.connect(running.ws_url, tok)
+        assert await refused.wait_closed(timeout=30) == 4503
+        await refused.close()
+        server.start()
+        await eventually(lambda: nc.is_connected, timeout=20, what="the test's reconnect")
+        later = await append(js, names, alert())
+
+        async def back_in() -> bool:
+            probe = await Client.connect(running.ws_url, tok)
+            try:
+                hello = await probe.next(timeout=5)
+            except (AssertionError, TimeoutError):
+                return False
+            finally:
+                await probe.close()
+            return hello["type"] == "connection_established"
+
+        await eventually(back_in, timeout=20, what="the gateway to serve again")
+        again = await Client.connect(running.ws_url, tok)
+        hello = await again.next("connection_established")
+        frames = await again.alerts(hello["pending"], ack=True)
+        assert [f["seq"] for f in frames] == [later.seq]  # nothing rewound, nothing lost
+        assert acked.seq < later.seq
+        await again.close()
+    finally:
+        await nc.close()
+        await running.stop()
+        server.stop()
