@@ -15,28 +15,15 @@ from tocsin.core.topology import MAX_ALERT_BYTES
 from tocsin.ingest.pipeline import Reason, Rejection, encode_alert, validate_event
 from tocsin.schemas import DEFAULT_ALERT_TYPES, Alert
 
+from ..schemas import CONTRACT_ALERT_JSON
+
 ACCEPTED = frozenset(DEFAULT_ALERT_TYPES)
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC).timestamp()
 
 
 def event(**changes: Any) -> dict[str, Any]:
     """The CONTRACT §4 example; ``None`` removes a field."""
-    body: dict[str, Any] = {
-        "alert_id": 1042,
-        "alert_level": "high",
-        "alert_type": "outbreak_risk",
-        "title": "Malaria outbreak risk rising",
-        "message": "Risk model predicts ...",
-        "priority": "urgent",
-        "location": {"region": "KE-30", "lat": -0.09, "lon": 34.77},
-        "risk_score": 0.82,
-        "confidence_score": 0.9,
-        "affected_population": 120000,
-        "action_required": True,
-        "action_url": "https://example.org/a/1042",
-        "created_at": "2026-11-25T10:00:00Z",
-        "expiry_time": "2026-11-26T10:00:00Z",
-    }
+    body: dict[str, Any] = json.loads(CONTRACT_ALERT_JSON)
     for key, value in changes.items():
         if value is None:
             body.pop(key, None)
