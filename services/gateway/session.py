@@ -71,14 +71,14 @@ class Session:
         self.buffer: list[LiveAlert] = []
         self.buffer_overflow = False
         self.saved_floor = 0  # the floor JetStream knows
+        self.high_water = 0  # highest seq sent to this device, by any of its connections
         self.out: deque[tuple[int, bytes]] = deque()
         self.written_js: deque[tuple[int, Any]] = deque()  # ack_mode=auto, see _ack_written
         self.out_ready = asyncio.Event()
         self.room_ready = asyncio.Event()
         self.catchup_needed = asyncio.Event()
         self.closing: tuple[int, str] | None = None
-        self.started = time.monotonic()
-        now = time.monotonic()
+        now = self.started = time.monotonic()
         self.next_ping = now + gw.settings.heartbeat_seconds
         self.last_pong = now
         self.latency_ms: float | None = None
@@ -124,8 +124,6 @@ class Session:
         self._enqueue(
             seq, frame if frame and not redelivered else alert_frame(seq, data, redelivered)
         )
-
-    high_water = 0  # highest seq ever sent to this device by this session
 
     def _enqueue(self, seq: int, frame: bytes) -> None:
         self.out.append((seq, frame))
@@ -278,10 +276,10 @@ class Session:
         self.acks += 1
         done = self.window.ack(seq)
         self.room_ready.set()
-        held = [i.js_msg for i in done if i.js_msg is not None]
+        held = [i for i in done if i.js_msg is not None]
         if held and self.mode is Mode.CATCHUP:
-            await held[-1].ack()  # AckAll: JetStream's floor follows the device's
-            self.saved_floor = max(self.saved_floor, done[-1].seq)
+            await held[-1].js_msg.ack()  # AckAll: JetStream's floor follows the device's
+            self.saved_floor = max(self.saved_floor, held[-1].seq)
 
     def tick(self, now_mono: float, now: float) -> None:
         """Called by the gateway's ticker: redeliveries, heartbeats, token expiry."""
@@ -336,7 +334,3 @@ class Session:
         if self.closing is None:
             self.closing = (code, reason)
             self.gw.spawn(self.ws.close(code=code, message=reason.encode()))
-
-    async def _run_quietly(self, coro: Any) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await coro
