@@ -148,6 +148,11 @@ class Names:
             return None
         return _unescape(parts[1]), _unescape(parts[2])
 
+    @staticmethod
+    def consumer_reset_api(stream: str, consumer: str) -> str:
+        """JetStream's consumer reset API (nats-server 2.14+; nats-py has no call for it)."""
+        return f"$JS.API.CONSUMER.RESET.{stream}.{consumer}"
+
     # --- core NATS control subjects -------------------------------------------------
     def takeover_subject(self, consumer: str) -> str:
         """A session listens here; a newer connection of the same device asks it to leave."""

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 SENT_KEY = "tocsin.sent"
 
 
+def _own_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    """Consumer metadata without the keys the server adds (``_nats.*``)."""
+    return {k: v for k, v in (metadata or {}).items() if not k.startswith("_nats")}
+
+
 class QueueError(Exception):
     """JetStream refused an operation on a device queue."""
 
@@ -55,7 +60,13 @@ class DeviceQueues:
         self._stream = names.alerts_stream
 
     def _config(
-        self, name: str, user: str, client_id: str, filters: list[str], start_seq: int
+        self,
+        name: str,
+        user: str,
+        client_id: str,
+        filters: list[str],
+        start_seq: int,
+        metadata: dict[str, str] | None = None,
     ) -> ConsumerConfig:
         s = self._settings
         one = len(filters) == 1
@@ -73,7 +84,7 @@ class DeviceQueues:
             filter_subjects=None if one else filters,
             inactive_threshold=s.retention_seconds,
             num_replicas=s.device_replicas,
-            metadata={"tocsin.user": user, "tocsin.client_id": client_id},
+            metadata={**(metadata or {}), "tocsin.user": user, "tocsin.client_id": client_id},
         )
 
     async def open(self, user: str, client_id: str, regions: tuple[str, ...] | None) -> Opened:
@@ -98,8 +109,9 @@ class DeviceQueues:
         if sorted(current) != sorted(filters):
             # Same durable, new filters: JetStream updates in place and keeps the ack state.
             start = info.config.opt_start_seq or 1
+            kept = _own_metadata(info.config.metadata)
             await self._js.add_consumer(
-                self._stream, self._config(name, user, client_id, filters, start)
+                self._stream, self._config(name, user, client_id, filters, start, kept)
             )
         start_seq = info.config.opt_start_seq or 1
         floor = max(info.ack_floor.stream_seq if info.ack_floor else 0, start_seq - 1)
@@ -122,7 +134,7 @@ class DeviceQueues:
         """Save the highest seq sent, so the next connection flags repeats ``redelivered``."""
         info = await self._js.consumer_info(self._stream, consumer)
         config = info.config
-        metadata = {k: v for k, v in (config.metadata or {}).items() if not k.startswith("_nats")}
+        metadata = _own_metadata(config.metadata)
         if metadata.get(SENT_KEY) == str(sent_high):
             return
         metadata[SENT_KEY] = str(sent_high)
@@ -132,7 +144,7 @@ class DeviceQueues:
     async def reset(self, consumer: str, seq: int) -> int:
         """Point ``consumer`` at stream sequence ``seq`` (everything before counts as acked);
         return how many alerts are then pending."""
-        subject = f"$JS.API.CONSUMER.RESET.{self._stream}.{consumer}"
+        subject = self._names.consumer_reset_api(self._stream, consumer)
         reply = await self._nc.request(subject, orjson.dumps({"seq": seq}), timeout=5)
         body = orjson.loads(reply.data)
         if "error" in body:

@@ -143,3 +143,29 @@ async def test_ack_of_unsent_seq_is_an_error_and_changes_nothing(
     [frame] = await client.alerts(1)
     assert frame["seq"] == sent.seq
     await client.close()
+
+
+async def test_new_token_regions_update_the_queue_in_place(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    """A token with other regions changes the durable's filters, not its position."""
+    client = await Client.connect(gateway.ws_url, token("vera", ("KE",)))
+    await client.next("connection_established")
+    first = await append(js, names, alert("KE-30"))
+    second = await append(js, names, alert("KE-01"))
+    frames = await client.alerts(2)
+    await client.send({"type": "ack", "seq": first.seq})  # the second stays unacked
+    await client.send({"type": "get_stats"})
+    await client.next("connection_stats")
+    await client.close()
+    uganda = await append(js, names, alert("UG-102"))
+    wider = await Client.connect(gateway.ws_url, token("vera", ("KE", "UG-102")))
+    hello = await wider.next("connection_established")
+    assert hello["pending"] == 2 and hello["regions"] == ["KE", "UG-102"]
+    again = await wider.alerts(2, ack=True)
+    assert [f["seq"] for f in again] == [second.seq, uganda.seq]
+    assert again[0]["redelivered"] is True and again[1]["redelivered"] is False
+    assert frames[1]["seq"] == second.seq
+    info = await js.consumer_info(names.alerts_stream, names.device_consumer("vera", "phone"))
+    assert sorted(info.config.filter_subjects or []) == names.region_filters(["KE", "UG-102"])
+    await wider.close()
