@@ -1,0 +1,136 @@
+"""The ``tocsin`` command: the whole pipeline on one machine, each service, and dev clients.
+
+    tocsin run        embedded nats-server (unless TOCSIN_NATS_URL) + ingest + one gateway
+    tocsin gateway    the HTTP/WebSocket gateway (needs TOCSIN_NATS_URL)
+    tocsin ingest     the ingest service (needs TOCSIN_NATS_URL)
+    tocsin publish    send one alert over HTTP (default) or NATS
+    tocsin token      print an HS256 token
+    tocsin tail       print the alerts one device receives
+
+Every subcommand reads the same ``TOCSIN_*`` settings (docs/settings.md). The JWT secret
+is ``TOCSIN_JWT_SECRET`` or, for development, the one ``tocsin run`` generated and saved
+in ``<TOCSIN_DATA_DIR>/dev-secret``.
+
+This module only wires argparse to the commands: one module per command (``run``,
+``services`` for gateway and ingest, ``publish``, ``token``, ``tail``), what they share in
+``common``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import Fail, dev_secret_path, ensure_dev_secret, resolve_secret
+from .publish import build_alert, cmd_publish, validate_alert
+from .run import cmd_run
+from .services import cmd_gateway, cmd_ingest
+from .tail import cmd_tail, format_frame
+from .token import cmd_token
+
+__all__ = [
+    "Fail",
+    "build_alert",
+    "build_parser",
+    "dev_secret_path",
+    "ensure_dev_secret",
+    "format_frame",
+    "main",
+    "resolve_secret",
+    "validate_alert",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tocsin",
+        description="Durable real-time alert delivery: NATS JetStream in, WebSockets out. "
+        "Settings come from TOCSIN_* environment variables (docs/settings.md).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run",
+        help="embedded nats-server (unless TOCSIN_NATS_URL), the "
+        "ingest service and one gateway; Ctrl-C stops everything",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("gateway", help="the HTTP/WebSocket gateway (needs TOCSIN_NATS_URL)")
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser(
+        "ingest", help="the ingest service: ingest.alerts -> ALERTS (needs TOCSIN_NATS_URL)"
+    )
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("publish", help="send one alert (HTTP POST by default, or NATS)")
+    p.add_argument("--json", metavar="FILE|-", help="a whole alert object from FILE or stdin")
+    p.add_argument("--region", help="location.region, e.g. KE-30 (required without --json)")
+    p.add_argument("--level", default="high", help="alert_level (default: high)")
+    p.add_argument("--type", default="outbreak_risk", help="alert_type (default: outbreak_risk)")
+    p.add_argument("--title", help="default: 'Test <level> alert'")
+    p.add_argument("--message", help="default: 'Sent with tocsin publish for <region>'")
+    p.add_argument("--priority", help="low | normal | high | urgent | emergency")
+    p.add_argument("--risk-score", type=float, help="0.0 - 1.0")
+    p.add_argument("--lat", type=float)
+    p.add_argument("--lon", type=float)
+    p.add_argument("--alert-id", help="idempotency key (default: a fresh integer)")
+    p.add_argument("--expires-in", type=float, metavar="SECONDS", help="sets expiry_time")
+    p.add_argument(
+        "--via",
+        choices=("http", "nats"),
+        default="http",
+        help="http: POST /api/v1/alerts with a publisher token (default); "
+        "nats: JetStream publish to ingest.alerts",
+    )
+    p.add_argument(
+        "--url", help="gateway base URL (default: http://TOCSIN_HTTP_HOST:TOCSIN_HTTP_PORT)"
+    )
+    p.add_argument("--token", help="publisher token (default: minted from the secret)")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("token", help="print an HS256 token minted with the JWT secret")
+    p.add_argument("--user", required=True, help="the sub claim")
+    p.add_argument(
+        "--roles", default="health_worker", help="comma-separated (default: health_worker)"
+    )
+    p.add_argument("--regions", default="", help="comma-separated region prefixes, e.g. KE,UG-102")
+    p.add_argument(
+        "--ttl", type=float, default=3600, metavar="SECONDS", help="lifetime (default: 3600)"
+    )
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("tail", help="connect as one device and print every frame")
+    p.add_argument("--user", help="the token's sub (with --regions; not needed with --token)")
+    p.add_argument("--regions", help="comma-separated region prefixes, e.g. KE")
+    p.add_argument(
+        "--roles", default="health_worker", help="comma-separated (default: health_worker)"
+    )
+    p.add_argument("--client-id", default="tail", help="device id (default: tail)")
+    p.add_argument(
+        "--ack-mode",
+        choices=("client", "auto"),
+        default="client",
+        help="client: ack each alert after printing it (default)",
+    )
+    p.add_argument(
+        "--url",
+        help="WebSocket URL (default: ws://TOCSIN_HTTP_HOST:TOCSIN_HTTP_PORT/api/v1/alerts/ws)",
+    )
+    p.add_argument("--token", help="use this token instead of minting one")
+    p.add_argument("--count", type=int, help="exit after N alerts")
+    p.set_defaults(func=cmd_tail)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except Fail as exc:
+        for line in exc.message.splitlines():
+            print(f"tocsin {args.command}: {line}", file=sys.stderr, flush=True)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,80 @@
+"""``tocsin gateway`` and ``tocsin ingest``: one service each, in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from tocsin.core.settings import Settings, exit_on_bad_settings
+
+from .common import Fail
+
+# Not __name__: the log lines have always said "tocsin.cli".
+log = logging.getLogger("tocsin.cli")
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _require_nats(settings: Settings, what: str) -> None:
+    if not settings.nats_url:
+        raise Fail(
+            f"TOCSIN_NATS_URL is not set: `tocsin {what}` needs a NATS server "
+            "(e.g. nats://127.0.0.1:4222); `tocsin run` sets it for its children",
+            2,
+        )
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    settings = exit_on_bad_settings()
+    _require_nats(settings, "gateway")
+    if not (settings.jwt_secret or settings.jwt_public_key):
+        raise Fail(
+            "TOCSIN_JWT_SECRET (or TOCSIN_JWT_PUBLIC_KEY) is not set: the gateway "
+            "cannot verify tokens without a key",
+            2,
+        )
+    _setup_logging(settings)
+    from tocsin.gateway.app import create_app
+
+    app = create_app(settings)
+    log.info(
+        "gateway listening on http://%s:%s (NATS %s)",
+        settings.http_host,
+        settings.http_port,
+        ",".join(settings.nats_url),
+    )
+    # run_app turns SIGINT/SIGTERM into a graceful stop: on_shutdown closes the sockets
+    # (1001), cleanup saves positions and drains NATS.
+    web.run_app(
+        app,
+        host=settings.http_host,
+        port=settings.http_port,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+        print=None,
+        access_log=log if settings.log_level == "DEBUG" else None,
+        handle_signals=True,
+    )
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    settings = exit_on_bad_settings()
+    _require_nats(settings, "ingest")
+    _setup_logging(settings)
+    from tocsin.ingest.app import create_app
+
+    app = create_app(settings, list(settings.nats_url))
+    log.info("ingest consuming from NATS %s", ",".join(settings.nats_url))
+    # FastStream.run installs SIGINT/SIGTERM handlers that stop the app cleanly.
+    asyncio.run(app.run(log_level=logging.getLevelName(settings.log_level)))
+    return 0
