@@ -187,6 +187,15 @@ def test_publish_to_nothing_fails_clearly(tmp_path: Path) -> None:
     assert f"127.0.0.1:{port}" in line
 
 
+def test_publish_via_nats_to_nothing_fails_clearly(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(TOCSIN_NATS_URL=f"nats://127.0.0.1:{port}")
+    out = tocsin("publish", "--via", "nats", "--region", "KE", env=env, cwd=tmp_path)
+    assert out.returncode == 1  # it used to retry the first connect forever
+    [line] = lines(out.stderr)
+    assert "cannot connect to NATS" in line and f"127.0.0.1:{port}" in line
+
+
 def test_format_frame_prints_alerts_on_one_line() -> None:
     frame = {
         "type": "alert",

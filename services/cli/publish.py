@@ -136,8 +136,17 @@ async def _publish_nats(settings: Settings, payload: bytes, alert_id: object) ->
         return None
 
     try:
-        nc = await nats.connect(
-            urls, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0, error_cb=quiet
+        # max_reconnect_attempts=0 makes nats-py retry the first connect forever: use 1,
+        # and bound the whole attempt besides.
+        nc = await asyncio.wait_for(
+            nats.connect(
+                urls,
+                connect_timeout=5,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                error_cb=quiet,
+            ),
+            timeout=15,
         )
     except (NoServersError, OSError, TimeoutError) as exc:
         raise Fail(f"cannot connect to NATS {','.join(urls)}: {exc}") from None
