@@ -196,6 +196,17 @@ def test_publish_via_nats_to_nothing_fails_clearly(tmp_path: Path) -> None:
     assert "cannot connect to NATS" in line and f"127.0.0.1:{port}" in line
 
 
+def test_run_refuses_one_port_for_nats_and_http(tmp_path: Path) -> None:
+    port = free_port()
+    env = clean_env(
+        TOCSIN_HTTP_PORT=str(port), TOCSIN_NATS_PORT=str(port), TOCSIN_DATA_DIR=str(tmp_path)
+    )
+    out = tocsin("run", env=env, cwd=tmp_path)
+    assert out.returncode == 2
+    [line] = lines(out.stderr)
+    assert "TOCSIN_NATS_PORT" in line and "TOCSIN_HTTP_PORT" in line
+
+
 def test_format_frame_prints_alerts_on_one_line() -> None:
     frame = {
         "type": "alert",

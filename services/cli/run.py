@@ -117,6 +117,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             nats_url = ",".join(settings.nats_url)
             nats_note = "external, from TOCSIN_NATS_URL"
         else:
+            if settings.nats_port == http_port:
+                raise Fail(
+                    f"TOCSIN_NATS_PORT and TOCSIN_HTTP_PORT are both {http_port}; "
+                    "the embedded nats-server and the gateway need ports of their own",
+                    2,
+                )
             if settings.nats_port and _port_in_use("127.0.0.1", settings.nats_port):
                 raise Fail(
                     f"TOCSIN_NATS_PORT {settings.nats_port} is already in use (another "
