@@ -248,6 +248,13 @@ class Client:
             return
         raise AssertionError(f"unexpected alert: {frame}")
 
+    @classmethod
+    async def introduce(cls, url: str, tok: str, **kw: str) -> None:
+        """Connect once and leave: the device's queue exists and starts at the live edge."""
+        client = await cls.connect(url, tok, **kw)
+        await client.next("connection_established")
+        await client.close()
+
     async def close(self) -> None:
         await self.ws.close()
         if self.reader:

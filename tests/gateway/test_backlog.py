@@ -22,9 +22,7 @@ async def test_offline_cap_keeps_newest_and_says_how_many_were_dropped(
     running = await start_gateway(make_settings(offline_queue_max=5))
     try:
         tok = token("hana")
-        first = await Client.connect(running.ws_url, tok)
-        await first.next("connection_established")
-        await first.close()
+        await Client.introduce(running.ws_url, tok)
         seqs = [(await append(js, names, alert())).seq for _ in range(12)]
         await append(js, names, alert("UG-102"))  # not hana's: must not count
         back = await Client.connect(running.ws_url, tok)
@@ -85,9 +83,7 @@ async def test_handover_from_backlog_to_live_has_no_gap_and_no_reorder(
 ) -> None:
     """Publish continuously while a device reconnects: every alert exactly once, in order."""
     tok = token("kim")
-    first = await Client.connect(gateway.ws_url, tok)
-    await first.next("connection_established")
-    await first.close()
+    await Client.introduce(gateway.ws_url, tok)
     published: list[int] = []
     stop = asyncio.Event()
 
@@ -146,9 +142,7 @@ async def test_auto_ack_backlog_longer_than_the_window_drains_and_is_saved(
     running = await start_gateway(make_settings(max_inflight=8))
     try:
         tok = token("auto")
-        first = await Client.connect(running.ws_url, tok, ack_mode="auto")
-        await first.next("connection_established")
-        await first.close()
+        await Client.introduce(running.ws_url, tok, ack_mode="auto")
         seqs = [(await append(js, names, alert())).seq for _ in range(30)]
         back = await Client.connect(running.ws_url, tok, ack_mode="auto")
         assert (await back.next("connection_established"))["pending"] == 30
@@ -174,8 +168,11 @@ async def test_a_live_device_keeps_its_queue_past_the_inactivity_threshold(
         await client.next("connection_established")
         consumer = names.device_consumer("uma", "phone")
         begun = time.monotonic()
-        await eventually(lambda: time.monotonic() - begun > 3 * 1.8, timeout=10,
-                         what="three inactivity thresholds to pass")
+        await eventually(
+            lambda: time.monotonic() - begun > 3 * 1.8,
+            timeout=10,
+            what="three inactivity thresholds to pass",
+        )
         info = await js.consumer_info(names.alerts_stream, consumer)  # raises if reaped
         assert info.config.inactive_threshold == pytest.approx(1.8)
         await client.close()

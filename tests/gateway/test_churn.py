@@ -45,9 +45,7 @@ async def test_random_disconnects_lose_nothing_and_keep_order(
     outsiders: list[str] = []
     try:
         for user, (regions, mode) in DEVICES.items():  # first contact: queues start here
-            first = await Client.connect(running.ws_url, token(user, regions), ack_mode=mode)
-            await first.next("connection_established")
-            await first.close()
+            await Client.introduce(running.ws_url, token(user, regions), ack_mode=mode)
 
         async def publisher() -> None:
             for _ in range(300):
@@ -62,6 +60,7 @@ async def test_random_disconnects_lose_nothing_and_keep_order(
 
         async def device(user: str) -> None:
             regions, mode = DEVICES[user]
+
             def done() -> bool:
                 if mode == "auto":  # written = delivered: it converges on the last alert
                     mine = expected(user)
@@ -69,8 +68,7 @@ async def test_random_disconnects_lose_nothing_and_keep_order(
                 return seen[user] == expected(user)
 
             while not (pub.done() and done()):
-                client = await Client.connect(running.ws_url, token(user, regions),
-                                              ack_mode=mode)
+                client = await Client.connect(running.ws_url, token(user, regions), ack_mode=mode)
                 await client.next("connection_established")
                 for _ in range(rng.randint(1, 40)):
                     try:
@@ -91,14 +89,14 @@ async def test_random_disconnects_lose_nothing_and_keep_order(
 
         pub = asyncio.create_task(publisher())
         try:
-            await asyncio.wait_for(
-                asyncio.gather(pub, *(device(u) for u in DEVICES)), timeout=60
-            )
+            await asyncio.wait_for(asyncio.gather(pub, *(device(u) for u in DEVICES)), timeout=60)
         except TimeoutError:
             report = {
-                u: (f"missing {sorted(set(expected(u)) - set(seen[u]))[:10]}, "
+                u: (
+                    f"missing {sorted(set(expected(u)) - set(seen[u]))[:10]}, "
                     f"extra {sorted(set(seen[u]) - set(expected(u)))[:10]}, "
-                    f"in order {seen[u] == sorted(seen[u])}")
+                    f"in order {seen[u] == sorted(seen[u])}"
+                )
                 for u in DEVICES
             }
             raise AssertionError(f"seed {seed}: did not converge: {report}") from None

@@ -55,9 +55,7 @@ async def test_catch_up_after_disconnect_in_order_before_live(
     gateway: RunningGateway, js: JetStreamContext, names: Names
 ) -> None:
     tok = token("carol", ("KE",))
-    first = await Client.connect(gateway.ws_url, tok)
-    await first.next("connection_established")
-    await first.close()
+    await Client.introduce(gateway.ws_url, tok)
     missed = [await append(js, names, alert("KE-30")) for _ in range(3)]
     again = await Client.connect(gateway.ws_url, tok)
     hello = await again.next("connection_established")

@@ -2,96 +2,112 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import nats
 import pytest
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
 
 from tocsin.core.embedded import NatsServer
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 
-from ..support import Client, alert, append, eventually, start_gateway, token
+from ..support import (
+    Client,
+    RunningGateway,
+    alert,
+    append,
+    eventually,
+    start_gateway,
+    token,
+)
+
+
+@dataclass
+class OwnNats:
+    """A nats-server of this test's own (so it can be restarted), a gateway and a client."""
+
+    server: NatsServer
+    gateway: RunningGateway
+    nc: NatsClient
+    js: JetStreamContext
+
+
+@pytest.fixture
+async def own(make_settings: Callable[..., Settings], tmp_path: Path) -> AsyncIterator[OwnNats]:
+    server = NatsServer(store_dir=tmp_path / "own-nats").start()
+    running = await start_gateway(make_settings(nats_url=[server.url]))
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    try:
+        yield OwnNats(server, running, nc, nc.jetstream())
+    finally:
+        await nc.close()
+        await running.stop()
+        server.stop()
 
 
 @pytest.mark.slow
 async def test_gateway_survives_nats_restart_without_losing_alerts(
-    make_settings: Callable[..., Settings], tmp_path: Path, names: Names
+    own: OwnNats, names: Names
 ) -> None:
-    server = NatsServer(store_dir=tmp_path / "own-nats").start()
-    settings = make_settings(nats_url=[server.url])
-    running = await start_gateway(settings)
-    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-    js = nc.jetstream()
-    try:
-        client = await Client.connect(running.ws_url, token("quinn"))
-        await client.next("connection_established")
-        before = await append(js, names, alert())
-        assert (await client.alerts(1, ack=True))[0]["seq"] == before.seq
+    server, running, nc, js = own.server, own.gateway, own.nc, own.js
+    client = await Client.connect(running.ws_url, token("quinn"))
+    await client.next("connection_established")
+    before = await append(js, names, alert())
+    assert (await client.alerts(1, ack=True))[0]["seq"] == before.seq
 
-        server.stop()
-        server.start()
+    server.stop()
+    server.start()
 
-        async def ready() -> bool:
-            async with aiohttp.ClientSession() as http, http.get(f"{running.http}/readyz") as r:
-                return r.status == 200
+    async def ready() -> bool:
+        async with aiohttp.ClientSession() as http, http.get(f"{running.http}/readyz") as r:
+            return r.status == 200
 
-        await eventually(ready, timeout=20, what="the gateway to reconnect")
-        await eventually(lambda: nc.is_connected, timeout=20, what="the test's reconnect")
-        after = [(await append(js, names, alert())).seq for _ in range(3)]
-        frames = await client.alerts(3, ack=True, timeout=20)
-        assert [f["seq"] for f in frames] == after
-        await client.close()
-    finally:
-        await nc.close()
-        await running.stop()
-        server.stop()
+    await eventually(ready, timeout=20, what="the gateway to reconnect")
+    await eventually(lambda: nc.is_connected, timeout=20, what="the test's reconnect")
+    after = [(await append(js, names, alert())).seq for _ in range(3)]
+    frames = await client.alerts(3, ack=True, timeout=20)
+    assert [f["seq"] for f in frames] == after
+    await client.close()
 
 
 @pytest.mark.slow
 async def test_handshake_while_nats_is_down_closes_with_4503_and_keeps_the_position(
-    make_settings: Callable[..., Settings], tmp_path: Path, names: Names
+    own: OwnNats, names: Names
 ) -> None:
-    server = NatsServer(store_dir=tmp_path / "own-nats").start()
-    settings = make_settings(nats_url=[server.url])
-    running = await start_gateway(settings)
-    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-    js = nc.jetstream()
-    try:
-        tok = token("rosa")
-        client = await Client.connect(running.ws_url, tok)
-        await client.next("connection_established")
-        acked = await append(js, names, alert())
-        await client.alerts(1, ack=True)
-        await client.close()
-        server.stop()
-        refused = await Client.connect(running.ws_url, tok)
-        assert await refused.wait_closed(timeout=30) == 4503
-        await refused.close()
-        server.start()
-        await eventually(lambda: nc.is_connected, timeout=20, what="the test's reconnect")
-        later = await append(js, names, alert())
+    server, running, nc, js = own.server, own.gateway, own.nc, own.js
+    tok = token("rosa")
+    client = await Client.connect(running.ws_url, tok)
+    await client.next("connection_established")
+    acked = await append(js, names, alert())
+    await client.alerts(1, ack=True)
+    await client.close()
+    server.stop()
+    refused = await Client.connect(running.ws_url, tok)
+    assert await refused.wait_closed(timeout=30) == 4503
+    await refused.close()
+    server.start()
+    await eventually(lambda: nc.is_connected, timeout=20, what="the test's reconnect")
+    later = await append(js, names, alert())
 
-        async def back_in() -> bool:
-            probe = await Client.connect(running.ws_url, tok)
-            try:
-                hello = await probe.next(timeout=5)
-            except (AssertionError, TimeoutError):
-                return False
-            finally:
-                await probe.close()
-            return hello["type"] == "connection_established"
+    async def back_in() -> bool:
+        probe = await Client.connect(running.ws_url, tok)
+        try:
+            hello = await probe.next(timeout=5)
+        except (AssertionError, TimeoutError):
+            return False
+        finally:
+            await probe.close()
+        return hello["type"] == "connection_established"
 
-        await eventually(back_in, timeout=20, what="the gateway to serve again")
-        again = await Client.connect(running.ws_url, tok)
-        hello = await again.next("connection_established")
-        frames = await again.alerts(hello["pending"], ack=True)
-        assert [f["seq"] for f in frames] == [later.seq]  # nothing rewound, nothing lost
-        assert acked.seq < later.seq
-        await again.close()
-    finally:
-        await nc.close()
-        await running.stop()
-        server.stop()
+    await eventually(back_in, timeout=20, what="the gateway to serve again")
+    again = await Client.connect(running.ws_url, tok)
+    hello = await again.next("connection_established")
+    frames = await again.alerts(hello["pending"], ack=True)
+    assert [f["seq"] for f in frames] == [later.seq]  # nothing rewound, nothing lost
+    assert acked.seq < later.seq
+    await again.close()
