@@ -143,14 +143,14 @@ async def test_subscribe_is_answered_until_groups_exist(gateway: RunningGateway)
 async def test_missing_pongs_close_the_socket(make_settings, js: JetStreamContext) -> None:  # type: ignore[no-untyped-def]
     from ..support import start_gateway
 
-    running = await start_gateway(make_settings(heartbeat_seconds=0.3))
+    running = await start_gateway(make_settings(heartbeat_seconds=1.0))
     try:
         quiet = await Client.connect(running.ws_url, token("mute"))
         quiet.answer_pings = False
         lively = await Client.connect(running.ws_url, token("chatty"))
         await quiet.next("connection_established")
         await lively.next("connection_established")
-        assert await quiet.wait_closed(timeout=5) == 4000
+        assert await quiet.wait_closed(timeout=10) == 4000
         await lively.send({"type": "get_stats"})
         stats = await lively.next("connection_stats")
         assert stats["latency_ms"] is not None  # it answered pings and is still here
