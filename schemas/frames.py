@@ -33,6 +33,12 @@ class ConnectionEstablished(_Frame):
     heartbeat_interval: float = Field(description="seconds between server pings")
     pending: int = Field(ge=0, description="alerts in this device's backlog, to be sent next")
     regions: list[str] = Field(description="region prefixes this connection receives ([] = all)")
+    groups: list[str] = Field(
+        default=[], description="the device's subscribed groups, kept across connections"
+    )
+    filters: dict[str, Any] = Field(
+        default={}, description="the device's filters (set keys only), kept across connections"
+    )
 
 
 class AlertFrame(_Frame):
@@ -49,10 +55,12 @@ class BacklogTruncated(_Frame):
 
 class SubscriptionResponse(_Frame):
     type: Literal["subscription_response"] = "subscription_response"
-    action: str
-    groups: list[str] = []
+    action: Literal["subscribe", "unsubscribe", "update_filters"]
+    groups: list[str] = Field(default=[], description="the groups of the request")
     status: Literal["ok", "denied", "invalid"]
     detail: str = ""
+    subscribed: list[str] = Field(default=[], description="the device's groups after the action")
+    filters: dict[str, Any] = Field(default={}, description="the device's filters after it")
 
 
 class Ping(_Frame):

@@ -60,6 +60,9 @@ from .alert import ALERT_TYPE_PATTERN, Alert, AlertLevel, Priority, is_region, r
 EARTH_RADIUS_KM = 6371.0088
 GROUP_KINDS = ("region", "level", "priority", "type")
 FILTER_KEYS = ("location_filter", "risk_threshold", "alert_types")
+#: Bounds that keep a subscription small enough for consumer metadata and subject filters.
+MAX_GROUPS = 64
+MAX_LIST = 64
 _TYPE_RE = re.compile(ALERT_TYPE_PATTERN)
 _CONFIG = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -181,6 +184,8 @@ class LocationFilter(BaseModel):
     def _regions(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         if value is not None and not value:
             raise ValueError("list at least one region")
+        if value is not None and len(value) > MAX_LIST:
+            raise ValueError(f"list at most {MAX_LIST} regions")
         for code in value or ():
             if not is_region(code):
                 raise ValueError(f"{code!r} is not a region code like KE or KE-30")
@@ -266,6 +271,8 @@ class Filters(BaseModel):
         names = {i.strip() for i in items} - {""}
         if not names:
             raise ValueError("name at least one type, or leave the filter out")
+        if len(names) > MAX_LIST:
+            raise ValueError(f"name at most {MAX_LIST} types")
         for name in names:
             if _TYPE_RE.fullmatch(name) is None:
                 raise ValueError(f"{name!r} is not an alert type ({ALERT_TYPE_PATTERN})")
@@ -318,6 +325,11 @@ class Subscription(BaseModel):
     groups: frozenset[Group] = frozenset()
     filters: Filters = Filters()
 
+    @property
+    def everything(self) -> bool:
+        """No groups and no filters: the token alone decides."""
+        return not self.groups and self.filters == Filters()
+
     def matches(self, alert: Alert, claims_regions: tuple[str, ...] | None) -> bool:
         region = alert.location.region
         if claims_regions is not None and not any(
@@ -334,12 +346,15 @@ class Subscription(BaseModel):
     def unsubscribe(self, groups: Iterable[Group]) -> Subscription:
         return Subscription(groups=self.groups - frozenset(groups), filters=self.filters)
 
-    def to_json(self) -> str:
-        doc = {
+    def as_dict(self) -> dict[str, Any]:
+        """``{"groups": [sorted names], "filters": {set keys only}}``, as frames show it."""
+        return {
             "groups": sorted(str(g) for g in self.groups),
             "filters": self.filters.model_dump(mode="json", exclude_none=True),
         }
-        return json.dumps(doc, sort_keys=True, separators=(",", ":"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Subscription:

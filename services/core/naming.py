@@ -121,6 +121,24 @@ class Names:
             filters.append(f"{self._subject_prefix}alerts.{region[:2]}.{tail}")
         return filters
 
+    def alert_filter(self, region: str | None, level: str | None, alert_type: str | None) -> str:
+        """The filter for alerts within ``region`` of ``level`` and ``alert_type`` (None: any),
+        spelled as an operator would: ``alerts.KE.>``, ``alerts.*.*.emergency.*``."""
+        if region is not None and not is_region(region):
+            raise ValueError(f"not a region code: {region!r}")
+        parts = ["*", "*"] if region is None else [region[:2], "*" if len(region) == 2 else region]
+        parts += [level or "*", alert_type or "*"]
+        while parts and parts[-1] == "*":  # trailing wildcards read better as one ">"
+            parts.pop()
+        spelled = ".".join(parts) if len(parts) == 4 else ".".join([*parts, ">"])
+        return f"{self._subject_prefix}alerts.{spelled}"
+
+    @property
+    def no_alerts(self) -> str:
+        """A filter no alert subject matches (alert subjects have five tokens): for a
+        subscription that can match nothing, since a consumer without filters gets all."""
+        return f"{self._subject_prefix}alerts.NONE"
+
     def parse_alert_subject(self, subject: str) -> tuple[str, str, str]:
         """(region, level, alert_type) of an ``ALERTS`` subject."""
         parts = subject[len(self._subject_prefix) :].split(".")

@@ -27,22 +27,21 @@ from tocsin.schemas import (
     GetStats,
     Pong,
     Subscribe,
-    SubscriptionResponse,
     Unsubscribe,
     UpdateFilters,
     client_frame_adapter,
 )
+from tocsin.schemas.subscription import FILTER_KEYS, FilterError, Filters
 
 from .context import Gateway
 from .queue import QueueError
 from .session import Device, Session
+from .subscriptions import decide, response
 
 log = logging.getLogger(__name__)
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
-#: Filters that arrive with the subscription model (CONTRACT §6, issue 3).
-NOT_YET = ("location_filter", "risk_threshold", "alert_types")
 #: Frames above this are refused by aiohttp itself (close 1009); up to it, an error frame.
 HARD_FRAME_LIMIT = 1024 * 1024
 
@@ -67,10 +66,13 @@ def parse_device(request: web.Request, gw: Gateway) -> Device | web.Response:
     ack_mode = request.query.get("ack_mode", "client")
     if ack_mode not in ("client", "auto"):
         return json_error(400, "invalid_parameter", "ack_mode: must be 'client' or 'auto'")
-    for name in NOT_YET:
-        if name in request.query:
-            return json_error(400, "not_supported", f"{name}: filters are not supported yet")
-    return Device(claims, client_id, ack_mode)  # type: ignore[arg-type]
+    filters = None  # none given: the device keeps the filters it has
+    if any(request.query.get(key, "").strip() for key in FILTER_KEYS):
+        try:
+            filters = Filters.from_query(request.query)
+        except FilterError as exc:
+            return json_error(400, "invalid_parameter", str(exc))
+    return Device(claims, client_id, ack_mode, filters)  # type: ignore[arg-type]
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -131,7 +133,9 @@ async def serve(gw: Gateway, session: Session) -> None:
             session.device.user_id,
             session.device.client_id,
             session.device.claims.receivable_regions(),
+            session.device.filters,
         )
+        session.subscription = opened.subscription
         w = session.window
         w.floor = session.saved_floor = opened.floor
         w.next_seq = opened.floor + 1
@@ -145,6 +149,7 @@ async def serve(gw: Gateway, session: Session) -> None:
                 heartbeat_interval=gw.settings.heartbeat_seconds,
                 pending=opened.pending,
                 regions=list(session.device.claims.receivable_regions() or []),
+                **opened.subscription.as_dict(),
             )
         )
         if opened.dropped:
@@ -261,16 +266,18 @@ async def on_text(session: Session, text: str) -> None:
             session.on_pong(ts)
         case GetStats():
             session.send_control(session.stats())
-        case Subscribe() | Unsubscribe():
-            session.send_control(
-                SubscriptionResponse(
-                    action=frame.type,
-                    groups=frame.groups,
-                    status="invalid",
-                    detail="groups are not supported yet; this connection gets its token's regions",
-                )
-            )
-        case UpdateFilters():
-            session.send_control(
-                Error(code=ErrorCode.NOT_SUPPORTED, detail="filters: not supported yet")
-            )
+        case Subscribe() | Unsubscribe() | UpdateFilters():
+            await on_subscription(session, frame)
+
+
+async def on_subscription(session: Session, frame: Subscribe | Unsubscribe | UpdateFilters) -> None:
+    decision = decide(session.subscription, frame, session.claims_regions)
+    if decision.subscription != session.subscription:
+        try:
+            await session.resubscribe(decision.subscription)
+        except (TimeoutError, NatsError, QueueError) as exc:
+            # Not applied, not stored: the client learns its subscription on reconnecting.
+            log.warning("%s: subscription change failed: %s", session.consumer, exc)
+            session.close(Close.BACKEND_UNAVAILABLE, "alert store unavailable; reconnect later")
+            return
+    session.send_control(response(frame, decision))

@@ -20,6 +20,7 @@ from nats.js.api import DeliverPolicy
 
 from tocsin.core.naming import Names
 from tocsin.ingest.pipeline import EXPIRES_HEADER
+from tocsin.schemas import Alert
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,16 @@ class LiveAlert:
     data: bytes
     expires: float | None
     frame: bytes = field(default=b"")
+    _alert: Alert | None = None
 
     def __post_init__(self) -> None:
         self.frame = alert_frame(self.seq, self.data, False)
+
+    def parsed(self) -> Alert:
+        """The alert as a model, parsed once per gateway when a subscription needs it."""
+        if self._alert is None:
+            self._alert = Alert.model_validate_json(self.data)
+        return self._alert
 
     def expired(self, now: float) -> bool:
         return self.expires is not None and self.expires <= now

@@ -9,7 +9,7 @@ JetStream's own ack (``AckAll``) while reading the backlog, and with the consume
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from nats.aio.client import Client
@@ -17,8 +17,10 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy
 from nats.js.errors import NotFoundError
 
+from tocsin.core.coarse import coarse_filters
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
+from tocsin.schemas.subscription import Filters, Subscription
 
 from .recovery import truncation_target
 
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 
 SENT_KEY = "tocsin.sent"
+#: The device's subscription (groups and filters) as compact JSON: the fine filter's source.
+SUBSCRIPTION_KEY = "tocsin.subscription"
 
 
 def _own_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
@@ -47,6 +51,23 @@ class Opened:
     dropped: int  # alerts skipped because the backlog was over the cap
     created: bool  # first time this device was seen: it starts at the live edge
     sent_high: int = 0  # highest seq an earlier connection sent (as saved at its close)
+    subscription: Subscription = field(default_factory=Subscription)
+
+
+def _filters_of(config: ConsumerConfig) -> list[str]:
+    one = [config.filter_subject] if config.filter_subject else []
+    return list(config.filter_subjects or one)
+
+
+def _stored_subscription(name: str, metadata: dict[str, str] | None) -> Subscription:
+    text = (metadata or {}).get(SUBSCRIPTION_KEY)
+    if not text:
+        return Subscription()
+    try:
+        return Subscription.from_json(text)
+    except ValueError as exc:  # written by hand or by another version: fail open, loudly
+        log.warning("%s: unreadable %s (%s); no groups or filters", name, SUBSCRIPTION_KEY, exc)
+        return Subscription()
 
 
 class DeviceQueues:
@@ -64,12 +85,10 @@ class DeviceQueues:
         name: str,
         user: str,
         client_id: str,
-        filters: list[str],
         start_seq: int,
         metadata: dict[str, str] | None = None,
     ) -> ConsumerConfig:
         s = self._settings
-        one = len(filters) == 1
         return ConsumerConfig(
             durable_name=name,
             description=f"tocsin device queue of {user!r} / {client_id!r}",
@@ -80,39 +99,51 @@ class DeviceQueues:
             max_deliver=s.max_deliver,
             max_ack_pending=s.max_inflight,
             replay_policy=ReplayPolicy.INSTANT,
-            filter_subject=filters[0] if one else None,
-            filter_subjects=None if one else filters,
             inactive_threshold=s.retention_seconds,
             num_replicas=s.device_replicas,
             metadata={**(metadata or {}), "tocsin.user": user, "tocsin.client_id": client_id},
         )
 
-    async def open(self, user: str, client_id: str, regions: tuple[str, ...] | None) -> Opened:
-        """Find or create the device's queue, bring its filters up to date, rewind it to its
-        acknowledged position and cut its backlog to ``TOCSIN_OFFLINE_QUEUE_MAX`` (newest kept).
+    @staticmethod
+    def _with_filters(config: ConsumerConfig, filters: list[str]) -> ConsumerConfig:
+        """One filter goes in ``filter_subject`` (as ``nats consumer info`` shows it best)."""
+        one = len(filters) == 1
+        config.filter_subject = filters[0] if one else None
+        config.filter_subjects = None if one else sorted(filters)
+        return config
+
+    async def open(
+        self,
+        user: str,
+        client_id: str,
+        regions: tuple[str, ...] | None,
+        filters: Filters | None = None,
+    ) -> Opened:
+        """Find or create the device's queue, bring its subscription and subject filters up to
+        date, rewind it to its acknowledged position and cut its backlog to
+        ``TOCSIN_OFFLINE_QUEUE_MAX`` (newest kept). ``filters`` (from the connect's query)
+        replace the stored ones; None keeps them.
         """
         name = self._names.device_consumer(user, client_id)
-        filters = self._names.region_filters(regions)
         try:
             info = await self._js.consumer_info(self._stream, name)
         except NotFoundError:
+            subscription = Subscription(filters=filters or Filters())
             stream = await self._js.stream_info(self._stream)
             last = stream.state.last_seq
-            await self._js.add_consumer(
-                self._stream, self._config(name, user, client_id, filters, last + 1)
+            config = self._config(
+                name, user, client_id, last + 1, {SUBSCRIPTION_KEY: subscription.to_json()}
             )
-            return Opened(name, floor=last, pending=0, dropped=0, created=True)
+            subjects = coarse_filters(self._names, subscription, regions)
+            await self._js.add_consumer(self._stream, self._with_filters(config, subjects))
+            return Opened(
+                name, floor=last, pending=0, dropped=0, created=True, subscription=subscription
+            )
 
-        current = info.config.filter_subjects or (
-            [info.config.filter_subject] if info.config.filter_subject else []
-        )
-        if sorted(current) != sorted(filters):
-            # Same durable, new filters: JetStream updates in place and keeps the ack state.
-            start = info.config.opt_start_seq or 1
-            kept = _own_metadata(info.config.metadata)
-            await self._js.add_consumer(
-                self._stream, self._config(name, user, client_id, filters, start, kept)
-            )
+        subscription = _stored_subscription(name, info.config.metadata)
+        if filters is not None:
+            subscription = Subscription(groups=subscription.groups, filters=filters)
+        await self._apply(info.config, subscription, regions)
         start_seq = info.config.opt_start_seq or 1
         floor = max(info.ack_floor.stream_seq if info.ack_floor else 0, start_seq - 1)
         pending = await self.reset(name, floor + 1)
@@ -128,7 +159,31 @@ class DeviceQueues:
             dropped, pending = before - after, after
             floor = target - 1
         sent_high = int((info.config.metadata or {}).get(SENT_KEY, "0") or 0)
-        return Opened(name, floor, pending, dropped, created=False, sent_high=sent_high)
+        return Opened(
+            name, floor, pending, dropped, False, sent_high=sent_high, subscription=subscription
+        )
+
+    async def _apply(
+        self, config: ConsumerConfig, subscription: Subscription, regions: tuple[str, ...] | None
+    ) -> None:
+        """Store ``subscription`` and its subject filters on the consumer, in place (JetStream
+        keeps the delivery and ack state); nothing is sent when both are current."""
+        subjects = coarse_filters(self._names, subscription, regions)
+        metadata = _own_metadata(config.metadata)
+        stored = metadata.get(SUBSCRIPTION_KEY)
+        if sorted(_filters_of(config)) == subjects and stored == subscription.to_json():
+            return
+        metadata[SUBSCRIPTION_KEY] = subscription.to_json()
+        config.metadata = metadata
+        await self._js.add_consumer(self._stream, self._with_filters(config, subjects))
+
+    async def subscribe(
+        self, consumer: str, subscription: Subscription, regions: tuple[str, ...] | None
+    ) -> None:
+        """A connected device changed its subscription: persist it and narrow or widen the
+        queue's subject filters to match."""
+        info = await self._js.consumer_info(self._stream, consumer)
+        await self._apply(info.config, subscription, regions)
 
     async def remember_sent(self, consumer: str, sent_high: int) -> None:
         """Save the highest seq sent, so the next connection flags repeats ``redelivered``."""

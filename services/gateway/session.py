@@ -25,7 +25,8 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from tocsin.core.auth import Claims
 from tocsin.core.naming import matches
-from tocsin.schemas import Close, ConnectionStats, Error, ErrorCode, Ping
+from tocsin.schemas import Alert, Close, ConnectionStats, Error, ErrorCode, Ping
+from tocsin.schemas.subscription import Filters, Subscription
 
 from .live import LiveAlert, alert_frame, expires_of
 from .window import InFlight, Window
@@ -49,6 +50,7 @@ class Device:
     claims: Claims
     client_id: str
     ack_mode: Literal["client", "auto"]
+    filters: Filters | None = None  # from the connect's query: replace the stored filters
 
     @property
     def user_id(self) -> str:
@@ -61,8 +63,11 @@ class Session:
         self.ws = ws
         self.device = device
         self.id = uuid.uuid4().hex
-        regions = device.claims.receivable_regions()
-        self.filters = gw.names.region_filters(regions)
+        regions = self.claims_regions = device.claims.receivable_regions()
+        self.filters = gw.names.region_filters(regions)  # the token's bound, for the live feed
+        self.subscription = Subscription()  # the device's, once its queue is opened
+        self.queue_lock = asyncio.Lock()  # a subscription change waits for a backlog read
+        self.rewind = False  # the queue's filters changed while reading it: read it again
         self.countries = None if regions is None else frozenset(r[:2] for r in regions)
         self.consumer = gw.names.device_consumer(device.user_id, device.client_id)
         self.track = device.ack_mode == "client"
@@ -100,10 +105,42 @@ class Session:
             return
         if not self.window.is_new(alert.seq):
             return
+        if not self._judge(alert.seq, alert.data, alert.expires, alert):
+            return
         if self._room() <= 0:
             self._fall_behind(alert)
             return
         self._send_new(alert.seq, alert.data, alert.expires, alert.frame)
+
+    def _judge(
+        self, seq: int, data: bytes, expires: float | None, live: LiveAlert | None = None
+    ) -> bool:
+        """Decide once whether an alert not yet judged for this device is to be sent; if not,
+        pass over it."""
+        if (expires is not None and expires <= time.time()) or not self._wanted(data, live):
+            self._pass_over(seq)
+            return False
+        return True
+
+    def _wanted(self, data: bytes, live: LiveAlert | None = None) -> bool:
+        """The fine filter: the subscription judges every alert before it is sent."""
+        if self.subscription.everything:
+            return True  # the token's regions were checked on the subject already
+        try:
+            parsed = live.parsed() if live is not None else Alert.model_validate_json(data)
+        except ValueError:
+            log.warning("%s: stored alert does not parse; delivered unfiltered", self.consumer)
+            return True
+        return self.subscription.matches(parsed, self.claims_regions)
+
+    def _pass_over(self, seq: int) -> None:
+        """Never send ``seq`` to this device (expired or not subscribed); it settles like an
+        ack. With ack_mode=auto only once the sender has written what came before it."""
+        if self.track:
+            self.window.skip(seq)
+        else:
+            self.window.skip(seq, settle=False)
+            self._enqueue(seq, b"")
 
     # ------------------------------------------------------------ sending
     def _room(self) -> int:
@@ -113,9 +150,6 @@ class Session:
     def _send_new(
         self, seq: int, data: bytes, expires: float | None, frame: bytes | None, js_msg: Any = None
     ) -> None:
-        if expires is not None and expires <= time.time():
-            self.window.skip(seq)
-            return
         item = InFlight(seq, data, expires, time.monotonic(), 1, js_msg)
         self.window.take(item, self.track)
         redelivered = seq <= self.high_water
@@ -145,12 +179,13 @@ class Session:
             self.out_ready.clear()
             while self.out:
                 seq, frame = self.out.popleft()
-                try:
-                    await self.ws.send_frame(frame, WSMsgType.TEXT)
-                except ConnectionError:
-                    return  # the client went away: the receiver ends the session
+                if frame:  # empty: a passed-over seq (ack_mode=auto), settled in turn
+                    try:
+                        await self.ws.send_frame(frame, WSMsgType.TEXT)
+                    except ConnectionError:
+                        return  # the client went away: the receiver ends the session
                 if seq:
-                    self.sent += 1
+                    self.sent += bool(frame)
                     if not self.track:  # ack_mode=auto: written to the socket = delivered
                         self.window.ack(seq)
                         self.room_ready.set()
@@ -212,6 +247,11 @@ class Session:
         said is left (None: unknown); asking for no more than that keeps a fetch from waiting
         out its timeout for alerts that do not exist."""
         while self.mode is Mode.CATCHUP:
+            if self.rewind:  # the subscription changed: read on under the new filters
+                async with self.queue_lock:
+                    self.rewind = False
+                    pending = await self.gw.queues.reset(self.consumer, self.window.floor + 1)
+                    self.saved_floor = self.window.floor
             if pending == 0:
                 self._try_go_live()
                 pending = None  # still catching up (buffer overflow): ask JetStream again
@@ -221,16 +261,19 @@ class Session:
                 self.room_ready.clear()
                 await self.room_ready.wait()
                 continue
-            try:
-                msgs = await reader.fetch(min(room, pending or room), timeout=2.0)
-            except (TimeoutError, NatsTimeout):
-                msgs = []
-            for msg in msgs:
-                meta = msg.metadata
-                pending = meta.num_pending
-                await self._from_backlog(msg, meta.sequence.stream)
-            if not msgs:
-                pending = await self.gw.queues.pending(self.consumer)
+            async with self.queue_lock:  # judged under the filters the queue was read with
+                if self.rewind:
+                    continue
+                try:
+                    msgs = await reader.fetch(min(room, pending or room), timeout=2.0)
+                except (TimeoutError, NatsTimeout):
+                    msgs = []
+                for msg in msgs:
+                    meta = msg.metadata
+                    pending = meta.num_pending
+                    await self._from_backlog(msg, meta.sequence.stream)
+                if not msgs:
+                    pending = await self.gw.queues.pending(self.consumer)
 
     async def _from_backlog(self, msg: Any, seq: int) -> None:
         if seq <= self.window.floor:
@@ -243,9 +286,15 @@ class Session:
             elif not self.track:
                 self.written_js.append((seq, msg))  # queued, not yet written: ack after
         else:
-            self._send_new(seq, msg.data, expires_of(msg.headers), None, msg)
+            expires = expires_of(msg.headers)
+            sent = self._judge(seq, msg.data, expires)
+            if sent:
+                self._send_new(seq, msg.data, expires, None, msg)
             if not self.track:
-                self.written_js.append((seq, msg))
+                self.written_js.append((seq, msg))  # acked once written (or passed over)
+            elif not sent and self.window.floor >= seq:
+                await msg.ack()  # passed over with nothing unacked before it: settled
+                self.saved_floor = max(self.saved_floor, seq)
 
     def _try_go_live(self) -> None:
         if self.buffer_overflow:
@@ -258,7 +307,8 @@ class Session:
             return
         self.buffer.clear()
         for alert in fresh:
-            self._send_new(alert.seq, alert.data, alert.expires, alert.frame)
+            if self._judge(alert.seq, alert.data, alert.expires, alert):
+                self._send_new(alert.seq, alert.data, alert.expires, alert.frame)
         self.mode = Mode.LIVE
         self.catchup_needed.clear()
 
@@ -307,6 +357,15 @@ class Session:
         self.last_pong = time.monotonic()
         if ts is not None:
             self.latency_ms = max(0.0, (time.time() - ts) * 1000)
+
+    async def resubscribe(self, subscription: Subscription) -> None:
+        """Make ``subscription`` the device's: persisted with its queue's subject filters, then
+        judging every alert from here on, live or from the backlog."""
+        async with self.queue_lock:
+            await self.gw.queues.subscribe(self.consumer, subscription, self.claims_regions)
+            self.subscription = subscription
+            if self.mode is Mode.CATCHUP:
+                self.rewind = True
 
     def needs_checkpoint(self) -> bool:
         return self.mode is Mode.LIVE and self.window.floor > self.saved_floor

@@ -32,6 +32,12 @@ class Window:
     floor: int = 0
     next_seq: int = 1
     items: OrderedDict[int, InFlight] = field(default_factory=OrderedDict)
+    skipped: int = 0  # highest seq passed over without sending
+
+    def _settle(self) -> None:
+        """A passed-over seq counts as acknowledged once nothing sent before it is unacked."""
+        if self.skipped > self.floor and (not self.items or next(iter(self.items)) > self.skipped):
+            self.floor = self.skipped
 
     @property
     def room(self) -> int:
@@ -46,9 +52,14 @@ class Window:
         if track:
             self.items[item.seq] = item
 
-    def skip(self, seq: int) -> None:
-        """``seq`` will never be sent (it expired); later acks cover it."""
+    def skip(self, seq: int, settle: bool = True) -> None:
+        """``seq`` will never be sent (it expired, or the subscription excludes it): it is
+        settled, as if acknowledged, once everything sent before it is; ``settle=False``
+        leaves that to a later :meth:`ack` (ack_mode=auto, where the sender is behind)."""
         self.next_seq = max(self.next_seq, seq + 1)
+        if settle:
+            self.skipped = max(self.skipped, seq)
+            self._settle()
 
     def ack(self, seq: int) -> list[InFlight]:
         """Cumulative ack: remove and return everything at or below ``seq``."""
@@ -61,6 +72,7 @@ class Window:
             if first > seq:
                 break
             done.append(self.items.pop(first))
+        self._settle()
         return done
 
     def due(self, now: float, schedule: list[float]) -> list[InFlight]:
