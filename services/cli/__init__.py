@@ -19,6 +19,7 @@ This module only wires argparse to the commands: one module per command (``run``
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from .common import Fail, dev_secret_path, ensure_dev_secret, resolve_secret
@@ -119,7 +120,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="WebSocket URL (default: ws://TOCSIN_HTTP_HOST:TOCSIN_HTTP_PORT/api/v1/alerts/ws)",
     )
     p.add_argument("--token", help="use this token instead of minting one")
-    p.add_argument("--count", type=int, help="exit after N alerts")
+    p.add_argument(
+        "--count", type=int, help="exit after N alerts (counted once --group etc. are answered)"
+    )
+    # Filters go in the connect URL, so they replace the device's stored filters.
+    p.add_argument(
+        "--group",
+        action="append",
+        metavar="KIND:VALUE",
+        help="subscribe after connecting, e.g. region:KE-30, level:high, priority:urgent, "
+        "type:outbreak_risk (repeatable; a device's groups are kept across connections)",
+    )
+    p.add_argument(
+        "--location-regions", metavar="R,R", help="location_filter regions, e.g. KE,UG-102"
+    )
+    p.add_argument(
+        "--bbox",
+        metavar="MIN_LON,MIN_LAT,MAX_LON,MAX_LAT",
+        help="location_filter bbox; min_lon > max_lon wraps the antimeridian, e.g. "
+        "--bbox=177,-19,-178,-16",
+    )
+    p.add_argument(
+        "--near", metavar="LAT,LON,RADIUS_KM", help="location_filter near, e.g. -1.29,36.82,50"
+    )
+    p.add_argument(
+        "--location-filter",
+        metavar="JSON",
+        help="the whole location_filter as JSON (instead of the three flags above)",
+    )
+    p.add_argument("--risk-threshold", metavar="X", help="0.0 - 1.0 (emergency alerts pass)")
+    p.add_argument("--alert-types", metavar="A,B", help="e.g. outbreak_risk,case_cluster")
+    p.add_argument(
+        "--clear-filters",
+        action="store_true",
+        help="drop the device's stored filters after connecting",
+    )
+    # A value like -1.3,36.8,50 is a value, not an unknown option (no flag looks like a number).
+    p._negative_number_matcher = re.compile(r"^-\.?\d")
     p.set_defaults(func=cmd_tail)
     return parser
 

@@ -1,11 +1,21 @@
-"""``tocsin tail``: connect as one device and print every frame it receives."""
+"""``tocsin tail``: connect as one device and print every frame it receives.
+
+Filter flags (``--location-regions``, ``--bbox``, ``--near``, ``--location-filter``,
+``--risk-threshold``, ``--alert-types``) become connect query parameters, so they replace
+the device's stored filters; ``--group`` and ``--clear-filters`` become frames sent after
+``connection_established``. All are checked locally with the gateway's own model
+(``tocsin.schemas.subscription``) first, so a bad flag is one line and exit 2, not a refused
+handshake.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import math
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from tocsin.core.settings import Settings, exit_on_bad_settings
@@ -14,6 +24,146 @@ from .common import NOT_RUNNING_HINT, Fail, mint, roles_and_regions, ws_url
 
 #: Lifetime of the token ``tocsin tail`` mints for itself (an expired token closes the socket).
 TAIL_TOKEN_TTL = 24 * 3600
+
+#: The flag behind each filter field, for errors (``location_filter.near.lat`` → ``--near``).
+_FLAG_OF_FIELD = {
+    "location_filter.regions": "--location-regions",
+    "location_filter.bbox": "--bbox",
+    "location_filter.near": "--near",
+    "location_filter": "--location-filter",
+    "risk_threshold": "--risk-threshold",
+    "alert_types": "--alert-types",
+}
+_LOCATION_FLAGS = {"regions": "--location-regions", "bbox": "--bbox", "near": "--near"}
+
+
+@dataclass(frozen=True)
+class Subscribing:
+    """What the filter flags ask of the gateway."""
+
+    #: Connect query parameters (replace the device's stored filters when non-empty).
+    params: dict[str, str]
+    #: Groups for one ``subscribe`` frame after ``connection_established``.
+    groups: tuple[str, ...] = ()
+    #: Send ``update_filters`` with ``{}`` after ``connection_established``.
+    clear: bool = False
+
+    def frames(self) -> list[dict[str, Any]]:
+        """The frames to send after connecting, in order; each waits for its answer."""
+        out: list[dict[str, Any]] = []
+        if self.clear:
+            out.append({"type": "update_filters", "filters": {}})
+        if self.groups:
+            out.append({"type": "subscribe", "groups": list(self.groups)})
+        return out
+
+
+def _numbers(flag: str, text: str, names: tuple[str, ...]) -> list[float]:
+    parts = text.split(",")
+    usage = f"{flag}: expected {','.join(names)} ({len(names)} numbers), got {text!r}"
+    if len(parts) != len(names):
+        raise Fail(usage, 2)
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        raise Fail(usage, 2) from None
+    if not all(math.isfinite(n) for n in numbers):
+        raise Fail(f"{flag}: numbers must be finite, got {text!r}", 2)
+    return numbers
+
+
+def _flag_error(field: str, detail: str, raw_location: bool) -> Fail:
+    """A FilterError as one line naming the flag (and the part of it that is wrong)."""
+    if raw_location and field.startswith("location_filter"):
+        key = "location_filter"
+    else:
+        keys = [k for k in _FLAG_OF_FIELD if field == k or field.startswith(k + ".")]
+        key = max(keys, key=len) if keys else ""
+    flag = _FLAG_OF_FIELD.get(key, field)
+    if flag == "--location-filter" and not raw_location:  # a rule about the whole object
+        flag = "/".join(_LOCATION_FLAGS.values())
+    rest = field.removeprefix(key).lstrip(".") if key else ""
+    return Fail(f"{flag}: {rest + ': ' if rest else ''}{detail}", 2)
+
+
+def subscribing(
+    args: argparse.Namespace, token_regions: tuple[str, ...] | None = None
+) -> Subscribing:
+    """Translate and check the filter flags (pure; ``Fail`` with code 2 names the flag).
+
+    ``token_regions``: the regions of a token ``tail`` mints itself, so a ``region:`` group
+    outside them is refused here rather than ``denied`` by the gateway; ``None`` = not known
+    (``--token``) or all (admin).
+    """
+    from tocsin.schemas.subscription import (
+        MAX_GROUPS,
+        FilterError,
+        Filters,
+        authorize,
+        parse_group,
+    )
+
+    for flag, value in (
+        ("--location-regions", args.location_regions),
+        ("--bbox", args.bbox),
+        ("--near", args.near),
+        ("--location-filter", args.location_filter),
+        ("--risk-threshold", args.risk_threshold),
+        ("--alert-types", args.alert_types),
+    ):
+        if value is not None and not value.strip():
+            raise Fail(f"{flag}: empty; leave the flag out instead", 2)
+
+    location: dict[str, Any] = {}
+    if args.location_regions is not None:
+        location["regions"] = [r.strip() for r in args.location_regions.split(",") if r.strip()]
+    if args.bbox is not None:
+        location["bbox"] = _numbers(
+            "--bbox", args.bbox, ("MIN_LON", "MIN_LAT", "MAX_LON", "MAX_LAT")
+        )
+    if args.near is not None:
+        lat, lon, radius = _numbers("--near", args.near, ("LAT", "LON", "RADIUS_KM"))
+        location["near"] = {"lat": lat, "lon": lon, "radius_km": radius}
+    if args.bbox is not None and args.near is not None:
+        raise Fail("--bbox, --near: give one of them, not both", 2)
+    if args.location_filter is not None and location:
+        used = ", ".join(_LOCATION_FLAGS[k] for k in location)
+        raise Fail(f"--location-filter: give it or {used}, not both", 2)
+
+    params: dict[str, str] = {}
+    if args.location_filter is not None:
+        params["location_filter"] = args.location_filter.strip()
+    elif location:
+        params["location_filter"] = json.dumps(location, separators=(",", ":"))
+    if args.risk_threshold is not None:
+        params["risk_threshold"] = args.risk_threshold.strip()
+    if args.alert_types is not None:
+        params["alert_types"] = args.alert_types.strip()
+    try:
+        Filters.from_query(params)
+    except FilterError as exc:
+        raise _flag_error(exc.field, exc.detail, args.location_filter is not None) from None
+
+    if args.clear_filters and params:
+        raise Fail("--clear-filters: leave it out with filter flags (they replace the stored)", 2)
+
+    groups: list[str] = []
+    for text in args.group or ():
+        try:
+            group = parse_group(text.strip())
+        except ValueError as exc:
+            raise Fail(f"--group: {exc}", 2) from None
+        if str(group) not in groups:
+            groups.append(str(group))
+    if len(groups) > MAX_GROUPS:
+        raise Fail(f"--group: at most {MAX_GROUPS} groups, got {len(groups)}", 2)
+    if token_regions is not None:
+        _, denied = authorize((parse_group(g) for g in groups), token_regions)
+        if denied:
+            outside = ", ".join(str(g) for g in denied)
+            within = ",".join(token_regions)
+            raise Fail(f"--group: {outside}: not within the token's regions ({within})", 2)
+    return Subscribing(params=params, groups=tuple(groups), clear=bool(args.clear_filters))
 
 
 def format_frame(frame: dict[str, Any]) -> str:
@@ -29,18 +179,29 @@ def format_frame(frame: dict[str, Any]) -> str:
     return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
 
 
+def _stderr(line: str) -> None:
+    print(f"tocsin: {line}", file=sys.stderr, flush=True)
+
+
 async def _tail(settings: Settings, args: argparse.Namespace) -> int:
     import aiohttp
 
     if args.token:
         token = args.token
+        wanted = subscribing(args)
     else:
         if not args.user or not args.regions:
             raise Fail("--user and --regions are needed to mint a token (or pass --token)", 2)
         roles, regions = roles_and_regions(args)
+        # Check the flags before minting: a bad flag must not wait on a missing secret.
+        wanted = subscribing(args, None if "admin" in roles else tuple(regions))
         token = mint(settings, args.user, roles, regions, TAIL_TOKEN_TTL)
     url = args.url or ws_url(settings)
     params = {"auth_token": token, "client_id": args.client_id, "ack_mode": args.ack_mode}
+    params |= wanted.params
+    # Frames still to send after connecting; each waits for its subscription_response.
+    # Alerts before the last answer were judged by the old subscription: printed, not counted.
+    setup = wanted.frames()
     seen = 0
     async with aiohttp.ClientSession() as session:
         try:
@@ -57,11 +218,7 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
                 pass
             if body:
                 print(body, flush=True)
-            print(
-                f"tocsin: {url} refused the WebSocket with HTTP {exc.status}",
-                file=sys.stderr,
-                flush=True,
-            )
+            _stderr(f"{url} refused the WebSocket with HTTP {exc.status}")
             return 1
         except (aiohttp.ClientError, OSError) as exc:
             raise Fail(f"cannot connect to {url}: {exc} {NOT_RUNNING_HINT}") from None
@@ -78,16 +235,35 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
                 kind = frame.get("type")
                 if kind == "ping":
                     await ws.send_str(json.dumps({"type": "pong", "ts": frame.get("ts")}))
+                elif kind == "connection_established" and setup:
+                    await ws.send_str(json.dumps(setup[0]))
+                elif kind == "subscription_response" and setup:
+                    if frame.get("action") != setup[0]["type"]:
+                        continue
+                    if frame.get("status") != "ok":
+                        _stderr(f"{setup[0]['type']} {frame.get('status')}: {frame.get('detail')}")
+                        await ws.close()
+                        return 1
+                    setup.pop(0)
+                    if setup:
+                        await ws.send_str(json.dumps(setup[0]))
+                elif kind == "error" and setup:
+                    # An answer to our frame from a gateway that cannot do it (e.g. too old).
+                    _stderr(f"{setup[0]['type']} refused: {frame.get('detail')}")
+                    await ws.close()
+                    return 1
                 elif kind == "alert":
                     if args.ack_mode == "client" and isinstance(frame.get("seq"), int):
                         await ws.send_str(json.dumps({"type": "ack", "seq": frame["seq"]}))
+                    if setup:
+                        continue
                     seen += 1
                     if args.count and seen >= args.count:
                         await ws.close()
                         return 0
             code = ws.close_code
-    print(f"tocsin: connection closed by the server (code {code})", file=sys.stderr, flush=True)
-    return 0 if code == 1000 and not args.count else 1
+    _stderr(f"connection closed by the server (code {code})")
+    return 0 if code == 1000 and not args.count and not setup else 1
 
 
 def cmd_tail(args: argparse.Namespace) -> int:
