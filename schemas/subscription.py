@@ -64,6 +64,8 @@ FILTER_KEYS = ("location_filter", "risk_threshold", "alert_types")
 MAX_GROUPS = 64
 MAX_LIST = 64
 _TYPE_RE = re.compile(ALERT_TYPE_PATTERN)
+_LEVEL_RANK: dict[str, int] = {level: level.rank for level in AlertLevel}
+_PRIORITY_RANK: dict[str, int] = {p: p.rank for p in Priority}
 _CONFIG = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
@@ -119,12 +121,13 @@ class Group(BaseModel):
         return f"{self.kind}:{self.value}"
 
     def matches(self, alert: Alert) -> bool:
-        if self.kind == "region":
+        kind = self.kind
+        if kind == "region":
             return region_contains(self.value, alert.location.region)
-        if self.kind == "level":
-            return alert.alert_level.rank >= AlertLevel(self.value).rank
-        if self.kind == "priority":
-            return alert.priority.rank >= Priority(self.value).rank
+        if kind == "level":  # StrEnum members hash as their value: one dict serves both
+            return _LEVEL_RANK[alert.alert_level] >= _LEVEL_RANK[self.value]
+        if kind == "priority":
+            return _PRIORITY_RANK[alert.priority] >= _PRIORITY_RANK[self.value]
         return alert.alert_type == self.value
 
 
