@@ -43,6 +43,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import (
@@ -328,9 +329,9 @@ class Subscription(BaseModel):
     groups: frozenset[Group] = frozenset()
     filters: Filters = Filters()
 
-    @property
+    @cached_property
     def everything(self) -> bool:
-        """No groups and no filters: the token alone decides."""
+        """No groups and no filters: the token alone decides (asked per alert: cached)."""
         return not self.groups and self.filters == Filters()
 
     def matches(self, alert: Alert, claims_regions: tuple[str, ...] | None) -> bool:

@@ -405,3 +405,27 @@ async def test_changes_racing_with_deliveries(
                 checked += 1
     assert checked >= 60  # the exact windows held enough alerts to mean something
     await client.close()
+
+
+async def test_filters_that_can_match_nothing_leave_the_queue_empty_not_open(
+    gateway: RunningGateway, js: JetStream, names: Names
+) -> None:
+    """A consumer without filter subjects would take every alert: a subscription that can
+    match nothing gets a filter no alert subject matches, and clearing it restores delivery."""
+    client = await Client.connect(gateway.ws_url, token("cat", regions=("KE",)))
+    await client.next("connection_established")
+    nothing = await ask(
+        client, {"type": "update_filters", "filters": {"location_filter": {"regions": ["UG"]}}}
+    )
+    assert nothing["status"] == "ok"
+    info = await js.consumer_info(names.alerts_stream, names.device_consumer("cat", "phone"))
+    assert info.config.filter_subject == f"{names.alerts_all[:-1]}NONE"
+    await client.close()
+    await append(js, names, alert("KE-30"))
+    back = await Client.connect(gateway.ws_url, token("cat", regions=("KE",)))
+    assert (await back.next("connection_established"))["pending"] == 0
+    await ask(back, {"type": "update_filters", "filters": {}})
+    body = alert("KE-30")
+    await append(js, names, body)
+    assert await first_alert_id(back) == body["alert_id"]
+    await back.close()
