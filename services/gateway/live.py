@@ -3,7 +3,7 @@
 Every alert is read from JetStream once per gateway, its frame encoded once, and offered
 to each local session whose filters match. Sessions that are still reading their backlog
 buffer what they are offered, so that the hand-over to live delivery has no gap
-(docs/architecture.md, "Backlog to live").
+(docs/architecture.md, "Session state machine").
 """
 
 from __future__ import annotations

@@ -163,18 +163,29 @@ class DeviceQueues:
             name, floor, pending, dropped, False, sent_high=sent_high, subscription=subscription
         )
 
+    #: Fields that follow the settings; the rest are fixed at creation (replicas included).
+    _TUNED = ("backoff", "max_deliver", "max_ack_pending", "inactive_threshold")
+
     async def _apply(
         self, config: ConsumerConfig, subscription: Subscription, regions: tuple[str, ...] | None
     ) -> None:
-        """Store ``subscription`` and its subject filters on the consumer, in place (JetStream
-        keeps the delivery and ack state); nothing is sent when both are current."""
+        """Store ``subscription``, its subject filters and the current queue settings on the
+        consumer, in place (JetStream keeps the delivery and ack state); nothing is sent when
+        all are current."""
         subjects = coarse_filters(self._names, subscription, regions)
         metadata = _own_metadata(config.metadata)
-        stored = metadata.get(SUBSCRIPTION_KEY)
-        if sorted(_filters_of(config)) == subjects and stored == subscription.to_json():
+        tuned = self._config("", "", "", 1)
+        current = (
+            sorted(_filters_of(config)) == subjects
+            and metadata.get(SUBSCRIPTION_KEY) == subscription.to_json()
+            and all(getattr(config, f) == getattr(tuned, f) for f in self._TUNED)
+        )
+        if current:
             return
         metadata[SUBSCRIPTION_KEY] = subscription.to_json()
         config.metadata = metadata
+        for f in self._TUNED:
+            setattr(config, f, getattr(tuned, f))
         await self._js.add_consumer(self._stream, self._with_filters(config, subjects))
 
     async def subscribe(

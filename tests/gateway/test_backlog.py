@@ -178,3 +178,32 @@ async def test_a_live_device_keeps_its_queue_past_the_inactivity_threshold(
         await client.close()
     finally:
         await running.stop()
+
+
+async def test_queue_settings_follow_the_gateway_at_the_next_connect(
+    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+) -> None:
+    """An operator changes TOCSIN_MAX_INFLIGHT, TOCSIN_MAX_DELIVER or the backoff: existing
+    device queues take them when the device next connects, keeping their position."""
+    tok = token("lou")
+    consumer = names.device_consumer("lou", "phone")
+    old = await start_gateway(make_settings(max_inflight=8, max_deliver=10))
+    try:
+        await Client.introduce(old.ws_url, tok)
+    finally:
+        await old.stop()
+    body = alert()
+    seq = (await append(js, names, body)).seq
+    new = await start_gateway(
+        make_settings(max_inflight=16, max_deliver=20, redelivery_backoff=[2, 4])
+    )
+    try:
+        back = await Client.connect(new.ws_url, tok)
+        assert (await back.next("connection_established"))["pending"] == 1
+        assert [f["seq"] for f in await back.alerts(1, ack=True)] == [seq]
+        info = await js.consumer_info(names.alerts_stream, consumer)
+        assert info.config.max_ack_pending == 16 and info.config.max_deliver == 20
+        assert info.config.backoff == [2.0, 4.0]
+        await back.close()
+    finally:
+        await new.stop()
