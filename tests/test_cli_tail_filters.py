@@ -69,6 +69,16 @@ def test_clear_filters_sends_an_empty_update_before_subscribing() -> None:
     ]
 
 
+def test_ungroup_sends_unsubscribe_before_subscribe() -> None:
+    wanted = translate("--group", "level:high", "--ungroup", "region:KE-30", "--clear-filters")
+    assert wanted.frames() == [
+        {"type": "update_filters", "filters": {}},
+        {"type": "unsubscribe", "groups": ["region:KE-30"]},
+        {"type": "subscribe", "groups": ["level:high"]},
+    ]
+    assert "--ungroup:" in refused("--ungroup", "region:Kenya")
+
+
 def test_threshold_and_types_go_in_the_connect_url() -> None:
     wanted = translate("--risk-threshold", "0.5", "--alert-types", "outbreak_risk,case_cluster")
     assert wanted.params == {"risk_threshold": "0.5", "alert_types": "outbreak_risk,case_cluster"}

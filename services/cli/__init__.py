@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         "type:outbreak_risk (repeatable; a device's groups are kept across connections)",
     )
     p.add_argument(
+        "--ungroup",
+        action="append",
+        metavar="KIND:VALUE",
+        help="unsubscribe from a stored group after connecting, before --group (repeatable)",
+    )
+    p.add_argument(
         "--location-regions", metavar="R,R", help="location_filter regions, e.g. KE,UG-102"
     )
     p.add_argument(

@@ -2,8 +2,8 @@
 
 Filter flags (``--location-regions``, ``--bbox``, ``--near``, ``--location-filter``,
 ``--risk-threshold``, ``--alert-types``) become connect query parameters, so they replace
-the device's stored filters; ``--group`` and ``--clear-filters`` become frames sent after
-``connection_established``. All are checked locally with the gateway's own model
+the device's stored filters; ``--group``, ``--ungroup`` and ``--clear-filters`` become frames
+sent after ``connection_established``. All are checked locally with the gateway's own model
 (``tocsin.schemas.subscription``) first, so a bad flag is one line and exit 2, not a refused
 handshake.
 """
@@ -47,12 +47,16 @@ class Subscribing:
     groups: tuple[str, ...] = ()
     #: Send ``update_filters`` with ``{}`` after ``connection_established``.
     clear: bool = False
+    #: Groups for one ``unsubscribe`` frame, sent before ``subscribe``.
+    ungroups: tuple[str, ...] = ()
 
     def frames(self) -> list[dict[str, Any]]:
         """The frames to send after connecting, in order; each waits for its answer."""
         out: list[dict[str, Any]] = []
         if self.clear:
             out.append({"type": "update_filters", "filters": {}})
+        if self.ungroups:
+            out.append({"type": "unsubscribe", "groups": list(self.ungroups)})
         if self.groups:
             out.append({"type": "subscribe", "groups": list(self.groups)})
         return out
@@ -147,23 +151,33 @@ def subscribing(
     if args.clear_filters and params:
         raise Fail("--clear-filters: leave it out with filter flags (they replace the stored)", 2)
 
-    groups: list[str] = []
-    for text in args.group or ():
-        try:
-            group = parse_group(text.strip())
-        except ValueError as exc:
-            raise Fail(f"--group: {exc}", 2) from None
-        if str(group) not in groups:
-            groups.append(str(group))
-    if len(groups) > MAX_GROUPS:
-        raise Fail(f"--group: at most {MAX_GROUPS} groups, got {len(groups)}", 2)
+    def parsed(flag: str, texts: list[str] | None) -> list[str]:
+        out: list[str] = []
+        for text in texts or ():
+            try:
+                group = parse_group(text.strip())
+            except ValueError as exc:
+                raise Fail(f"{flag}: {exc}", 2) from None
+            if str(group) not in out:
+                out.append(str(group))
+        if len(out) > MAX_GROUPS:
+            raise Fail(f"{flag}: at most {MAX_GROUPS} groups, got {len(out)}", 2)
+        return out
+
+    groups = parsed("--group", args.group)
+    ungroups = parsed("--ungroup", args.ungroup)
     if token_regions is not None:
         _, denied = authorize((parse_group(g) for g in groups), token_regions)
         if denied:
             outside = ", ".join(str(g) for g in denied)
             within = ",".join(token_regions)
             raise Fail(f"--group: {outside}: not within the token's regions ({within})", 2)
-    return Subscribing(params=params, groups=tuple(groups), clear=bool(args.clear_filters))
+    return Subscribing(
+        params=params,
+        groups=tuple(groups),
+        clear=bool(args.clear_filters),
+        ungroups=tuple(ungroups),
+    )
 
 
 def format_frame(frame: dict[str, Any]) -> str:
