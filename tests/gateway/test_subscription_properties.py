@@ -56,12 +56,14 @@ POLL_SECONDS = 0.02
 
 #: Shrinking reruns a failing example hundreds of times (minutes over sockets, past the test
 #: timeout); by default a failure is reported as drawn, with notes naming the device and the
-#: extra and missing alerts. TOCSIN_SHRINK=1 shrinks it.
+#: extra and missing alerts. TOCSIN_TEST_SHRINK=1 shrinks it.
 PHASES = [
-    p for p in Phase if os.environ.get("TOCSIN_SHRINK") or p not in (Phase.shrink, Phase.explain)
+    p
+    for p in Phase
+    if os.environ.get("TOCSIN_TEST_SHRINK") or p not in (Phase.shrink, Phase.explain)
 ]
 PROPERTY_SETTINGS = settings(
-    max_examples=int(os.environ.get("TOCSIN_EXAMPLES", "25")),  # more for a soak run
+    max_examples=int(os.environ.get("TOCSIN_TEST_EXAMPLES", "25")),  # more for a soak run
     deadline=None,
     phases=PHASES,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
