@@ -1,0 +1,1 @@
+"""``tocsin bench``: load generator, ceiling broadcaster and scenarios (docs/benchmarks.md)."""
