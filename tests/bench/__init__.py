@@ -1,0 +1,1 @@
+"""Tests of ``tocsin bench``: the load generator and the ceiling broadcaster."""

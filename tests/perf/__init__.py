@@ -1,0 +1,1 @@
+"""Micro-benchmarks of the hot paths (pytest-benchmark); see test_hot_paths.py."""
