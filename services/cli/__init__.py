@@ -6,6 +6,7 @@
     tocsin publish    send one alert over HTTP (default) or NATS
     tocsin token      print an HS256 token
     tocsin tail       print the alerts one device receives
+    tocsin bench      the performance table, beside a bare broadcaster (docs/benchmarks.md)
 
 Every subcommand reads the same ``TOCSIN_*`` settings (docs/settings.md). The JWT secret
 is ``TOCSIN_JWT_SECRET`` or, for development, the one ``tocsin run`` generated and saved
@@ -164,7 +165,29 @@ def build_parser() -> argparse.ArgumentParser:
     # A value like -1.3,36.8,50 is a value, not an unknown option (no flag looks like a number).
     p._negative_number_matcher = re.compile(r"^-\.?\d")
     p.set_defaults(func=cmd_tail)
+    p = sub.add_parser(
+        "bench",
+        help="measure connections, broadcast, throughput, targeting, catch-up, memory",
+        description="Starts its own nats-server, gateway and ceiling broadcaster on loopback "
+        "and drives them from load generator processes; prints the table and writes it as "
+        "Markdown, JSON and PNG plots.",
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
+    size.add_argument("--full", action="store_true", help="the sizes of the targets (minutes)")
+    p.add_argument("--connections", type=int, help="override the number of held connections")
+    p.add_argument("--devices", type=int, help="override the broadcast audience per side")
+    p.add_argument(
+        "--out", default="benchmarks/results", help="where results go (default: %(default)s)"
+    )
+    p.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from tocsin.bench.run import cmd_bench  # matplotlib and the load generator load lazily
+
+    return cmd_bench(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,678 @@
+"""``tocsin bench``: every row of the performance table in one run, beside its ceiling.
+
+One run starts its own nats-server, one gateway and the ceiling broadcaster (a bare aiohttp
+fan-out that keeps nothing), each its own process, and drives them with the load
+generator's worker processes (:mod:`tocsin.bench.loadgen`). Phases, in order:
+
+1. **connections** – N devices connect, each with its own durable consumer, and are held
+   with heartbeats; connect rate, drops, gateway RSS per connection, nats-server memory
+   per durable.
+2. **targeted** – with all N online, alerts for a region only one device holds:
+   publish→receive latency.
+3. **broadcast** – D devices on tocsin and D on the ceiling, the same client code; K
+   broadcasts alternate between the two so neither gains from going second.
+4. **sustained** – the same D devices, client acks on: a burst of M alerts, deliveries/s
+   until the last device has the last alert, alternating again.
+5. **catch-up** – a device with 100 queued alerts reconnects: handshake to last alert.
+
+Latency is measured on one clock (``CLOCK_MONOTONIC`` is system-wide): the publisher stamps
+just before it publishes, each client when its frame is parsed. The load generator reports
+its own CPU: on 2 cores it competes with what it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import orjson
+
+from tocsin.core.auth import mint_token
+from tocsin.core.embedded import server_binary
+from tocsin.core.naming import Names
+from tocsin.ingest.pipeline import append_alert
+from tocsin.schemas import Alert
+
+from .loadgen import ClientSpec, LoadGen
+from .procs import Stack, Usage, usage
+
+WS_PATH = "/api/v1/alerts/ws"
+
+
+@dataclass(frozen=True)
+class Plan:
+    connections: int  # phase 1: devices held online, each with its own durable
+    hold_seconds: float
+    targeted: int  # alerts for the one device of its region
+    devices: int  # phases 3-4: broadcast audience, on each side
+    broadcasts: int  # per side
+    burst: int  # phase 4: alerts per burst
+    bursts: int  # per side
+    catchup_runs: int
+    heartbeat: float
+    processes: int = 2  # load generator worker processes
+
+
+PLANS = {
+    "quick": Plan(
+        connections=1000,
+        hold_seconds=8,
+        targeted=20,
+        devices=500,
+        broadcasts=8,
+        burst=40,
+        bursts=2,
+        catchup_runs=5,
+        heartbeat=4,
+    ),
+    "full": Plan(
+        connections=10_000,
+        hold_seconds=60,
+        targeted=50,
+        devices=2000,
+        broadcasts=20,
+        burst=100,
+        bursts=3,
+        catchup_runs=10,
+        heartbeat=15,
+    ),
+}
+
+#: Targets of issue 4; ``ratio`` rows compare with the ceiling of the same run.
+TARGETS = {
+    "connections": "10,000 held 60 s",
+    "broadcast_p99_ratio": "≤ 1.5× ceiling",
+    "sustained": "≥ 20,000/s and ≥ 0.7× ceiling",
+    "targeted_p99_ms": "< 10 ms",
+    "catchup_ms": "< 100 ms",
+    "gateway_kib_per_connection": "< 30 KiB",
+}
+
+
+# ---------------------------------------------------------------------- small helpers
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "median": statistics.median(values) if values else float("nan"),
+        "p50": pct(values, 50),
+        "p90": pct(values, 90),
+        "p99": pct(values, 99),
+        "max": max(values) if values else float("nan"),
+    }
+
+
+class Progress:
+    """One status line on stderr, rewritten in place on a terminal."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self._last = 0.0
+
+    def __call__(self, label: str, done: float, total: float, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < (0.2 if self.tty else 5.0):
+            return
+        self._last = now
+        width = 30
+        filled = int(width * min(1.0, done / total)) if total else width
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{now - self.started:6.1f}s] {label:<28} [{bar}] {done:,.0f}/{total:,.0f}"
+        if self.tty:
+            sys.stderr.write("\r" + line + "\x1b[K")
+            if force:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float, poll: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(poll)
+    return True
+
+
+_next_id = [int(time.time() * 1000) * 1000]
+
+
+def make_alert(region: str, **extra: Any) -> Alert:
+    _next_id[0] += 1
+    body = {
+        "alert_id": _next_id[0],
+        "alert_level": "high",
+        "alert_type": "outbreak_risk",
+        "title": "Malaria outbreak risk rising",
+        "message": "Risk model predicts a rise in cases over the next two weeks",
+        "priority": "urgent",
+        "location": {"region": region, "lat": -0.09, "lon": 34.77},
+        "risk_score": 0.82,
+    }
+    body.update(extra)
+    return Alert.model_validate(body)
+
+
+# ---------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    plan: Plan
+    stack: Stack
+    gen: LoadGen
+    progress: Progress
+    results: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
+    series: dict[str, Any] = field(default_factory=dict)  # raw data for the plots
+
+    def token(self, user: str, region: str) -> str:
+        return mint_token(self.stack.secret, user, ["health_worker"], [region], 24 * 3600)
+
+    def spec(self, user: str, region: str, client_id: str, ack: bool = True) -> ClientSpec:
+        mode = "client" if ack else "auto"
+        query = f"auth_token={self.token(user, region)}&client_id={client_id}&ack_mode={mode}"
+        return ClientSpec(f"{WS_PATH}?{query}", ack=ack)
+
+    # ------------------------------------------------------------------ accounting
+    async def snapshot(self) -> dict[str, Usage]:
+        out = dict(self.stack.usage())
+        for i, u in enumerate(await self.gen.usage()):
+            out[f"loadgen-{i}"] = Usage(u.cpu_seconds, u.rss_bytes)
+        out["orchestrator"] = usage(os.getpid())
+        return out
+
+    async def phase(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        before = await self.snapshot()
+        t0 = time.monotonic()
+        await body()
+        seconds = time.monotonic() - t0
+        after = await self.snapshot()
+        self.cpu[name] = {"seconds": round(seconds, 2)} | {
+            proc: round(100 * (after[proc].cpu_seconds - before[proc].cpu_seconds) / seconds, 1)
+            for proc in after
+            if proc in before and seconds > 0
+        }
+
+    # ------------------------------------------------------------------ publishing
+    async def publish_tocsin(self, js: Any, names: Names, alerts: list[Alert]) -> dict[int, int]:
+        sent = {}
+        for a in alerts:
+            sent[int(a.alert_id)] = time.monotonic_ns()
+            await append_alert(js, names, a)
+        return sent
+
+    async def publish_ceiling(
+        self, http: aiohttp.ClientSession, alerts: list[Alert]
+    ) -> dict[int, int]:
+        sent = {int(a.alert_id): time.monotonic_ns() for a in alerts}
+        body = b"[" + b",".join(a.model_dump_json().encode() for a in alerts) + b"]"
+        url = f"{self.stack.ceiling_http}/broadcast" + (
+            f"?count={len(alerts)}" if len(alerts) > 1 else ""
+        )
+        payload = body if len(alerts) > 1 else alerts[0].model_dump_json().encode()
+        async with http.post(url, data=payload, headers={"Content-Type": "application/json"}) as r:
+            r.raise_for_status()
+            await r.read()
+        return sent
+
+    async def wait_received(self, target: int, timeout: float, label: str) -> bool:
+        async def done() -> bool:
+            got = await self.gen.received()
+            self.progress(label, got, target)
+            return got >= target
+
+        ok = await until(done, timeout, poll=0.01)
+        self.progress(label, await self.gen.received(), target, force=True)
+        return ok
+
+
+async def run_bench(plan: Plan, name: str, out_dir: Path) -> dict[str, Any]:
+    progress = Progress()
+    stack = Stack(
+        heartbeat=plan.heartbeat,
+        max_devices=plan.connections + plan.devices + plan.catchup_runs + 1000,
+        max_inflight=64,
+    )
+    progress("starting nats, gateway, ceiling", 0, 1, force=True)
+    stack.start()
+    gen = LoadGen("127.0.0.1", stack.gateway_port, processes=plan.processes)
+    ceiling_gen = LoadGen("127.0.0.1", stack.ceiling_port, processes=plan.processes)
+    await gen.start()
+    await ceiling_gen.start()
+    run = Run(plan, stack, gen, progress)
+    names = Names(stack.namespace)
+    nc = await nats.connect(stack.nats.url if stack.nats else "", max_reconnect_attempts=2)
+    js = nc.jetstream()
+    http = aiohttp.ClientSession()
+    try:
+        await _connections(run)
+        await _targeted(run, js, names)
+        await _broadcast_and_sustained(run, ceiling_gen, js, names, http)
+        await _catchup(run, js, names)
+    finally:
+        await http.close()
+        await nc.close()
+        for g in (gen, ceiling_gen):
+            await g.stop()
+        stack.stop()
+    report = {
+        "name": name,
+        "plan": asdict(plan),
+        "machine": machine(),
+        "results": run.results,
+        "cpu_percent_of_one_core": run.cpu,
+        "targets": TARGETS,
+    }
+    write_report(report, run.series, out_dir)
+    return report
+
+
+async def _connections(run: Run) -> None:
+    plan, gen = run.plan, run.gen
+    base = run.stack.usage()
+    specs = [run.spec(f"u{i}", "KE", f"d{i}") for i in range(plan.connections - 1)]
+    specs.append(run.spec("target", "TZ", "d-target"))
+    result: dict[str, Any] = {}
+
+    async def connect() -> None:
+        t0 = time.monotonic()
+        res = await gen.connect(specs, concurrency=256, timeout=600)
+        result.update(
+            ok=res.ok,
+            failed=res.failed,
+            failures=res.failures,
+            connect_seconds=round(time.monotonic() - t0, 2),
+            connects_per_second=round(res.ok / max(1e-9, res.seconds), 1),
+            handshake_ms=summary(res.established_ms),
+        )
+        run.progress("connect", res.ok, len(specs), force=True)
+
+    await run.phase("connect", connect)
+    held = run.stack.usage()
+
+    async def hold() -> None:
+        t0 = time.monotonic()
+        while (elapsed := time.monotonic() - t0) < plan.hold_seconds:
+            run.progress("hold with heartbeats", elapsed, plan.hold_seconds)
+            await asyncio.sleep(0.5)
+        run.progress("hold with heartbeats", plan.hold_seconds, plan.hold_seconds, force=True)
+
+    await run.phase("hold", hold)
+    status = await gen.status()
+    after = run.stack.usage()
+    ok = result["ok"]
+    result.update(
+        open_after_hold=status.open,
+        closed_during_hold=sum(status.closed.values()),
+        close_codes=status.closed,
+        pings_answered=status.pings_answered,
+        gateway_rss_mib=round(after["gateway"].rss_bytes / 2**20, 1),
+        gateway_kib_per_connection=round(
+            (held["gateway"].rss_bytes - base["gateway"].rss_bytes) / 1024 / max(1, ok), 1
+        ),
+        nats_kib_per_durable=round(
+            (held["nats-server"].rss_bytes - base["nats-server"].rss_bytes) / 1024 / max(1, ok), 1
+        ),
+        nats_rss_mib=round(after["nats-server"].rss_bytes / 2**20, 1),
+    )
+    run.results["connections"] = result
+
+
+async def _targeted(run: Run, js: Any, names: Names) -> None:
+    plan = run.plan
+    lat: list[float] = []
+
+    async def body() -> None:
+        await run.gen.collect()
+        for i in range(plan.targeted):
+            start = await run.gen.received()
+            sent = await run.publish_tocsin(js, names, [make_alert("TZ-1")])
+            await until(lambda s=start: _more(run.gen, s, 1), 10, poll=0.002)
+            got, _ = await _lat(run.gen, sent)
+            lat.extend(got)
+            run.progress("targeted", i + 1, plan.targeted)
+        run.progress("targeted", plan.targeted, plan.targeted, force=True)
+
+    await run.phase("targeted", body)
+    run.results["targeted"] = {
+        "online": run.results["connections"]["ok"],
+        "latency_ms": summary(lat),
+    }
+    run.series["targeted"] = lat
+
+
+async def _more(gen: LoadGen, start: int, n: int) -> bool:
+    return await gen.received() >= start + n
+
+
+async def _broadcast_and_sustained(
+    run: Run, ceiling_gen: LoadGen, js: Any, names: Names, http: aiohttp.ClientSession
+) -> None:
+    plan = run.plan
+    # Only the broadcast audience stays: idle devices would cost tocsin heartbeats the
+    # ceiling does not have.
+    await run.gen.close_all()
+    d = plan.devices
+    tocsin_specs = [run.spec(f"b{i}", "UG", "bench") for i in range(d)]
+    ceiling_specs = [run.spec(f"c{i}", "UG", "bench") for i in range(d)]
+    res_t = await run.gen.connect(tocsin_specs, concurrency=256, timeout=300)
+    res_c = await ceiling_gen.connect(ceiling_specs, concurrency=256, timeout=300)
+    run.progress("audience connected", res_t.ok + res_c.ok, 2 * d, force=True)
+    sides = {"tocsin": (run.gen, res_t.ok), "ceiling": (ceiling_gen, res_c.ok)}
+    bcast: dict[str, list[float]] = {"tocsin": [], "ceiling": []}
+    last_device: dict[str, list[float]] = {"tocsin": [], "ceiling": []}
+
+    async def one(side: str) -> None:
+        gen, online = sides[side]
+        await gen.collect()
+        start = await gen.received()
+        a = [make_alert("UG-102")]
+        sent = (
+            await run.publish_tocsin(js, names, a)
+            if side == "tocsin"
+            else await run.publish_ceiling(http, a)
+        )
+        await until(lambda: _more(gen, start, online), 30, poll=0.005)
+        got, _ = await _lat(gen, sent)
+        bcast[side].extend(got)
+        if got:
+            last_device[side].append(max(got))
+
+    async def broadcasts() -> None:
+        for warm in ("tocsin", "ceiling"):
+            await one(warm)
+        for kept in (*bcast.values(), *last_device.values()):
+            kept.clear()  # the warm-up broadcasts do not count
+        order = ["tocsin", "ceiling", "ceiling", "tocsin"]
+        for i in range(2 * plan.broadcasts):
+            await one(order[i % 4])
+            run.progress("broadcast (alternating)", i + 1, 2 * plan.broadcasts)
+        run.progress("broadcast (alternating)", 2 * plan.broadcasts, 2 * plan.broadcasts, True)
+
+    await run.phase("broadcast", broadcasts)
+    run.results["broadcast"] = {
+        side: {
+            "devices": sides[side][1],
+            "latency_ms": summary(bcast[side]),
+            "last_device_ms": summary(last_device[side]),
+        }
+        for side in sides
+    }
+    p99_t = run.results["broadcast"]["tocsin"]["latency_ms"]["p99"]
+    p99_c = run.results["broadcast"]["ceiling"]["latency_ms"]["p99"]
+    run.results["broadcast"]["p99_ratio"] = round(p99_t / p99_c, 2) if p99_c else None
+    run.series["broadcast"] = bcast
+
+    rates: dict[str, list[float]] = {"tocsin": [], "ceiling": []}
+    timelines: dict[str, list[float]] = {}
+
+    async def burst(side: str) -> None:
+        gen, online = sides[side]
+        await gen.collect()
+        start = await gen.received()
+        alerts = [make_alert("UG-102") for _ in range(plan.burst)]
+        target = online * plan.burst
+        t0 = time.monotonic_ns()
+        if side == "tocsin":
+            sent = await run.publish_tocsin(js, names, alerts)
+        else:
+            sent = await run.publish_ceiling(http, alerts)
+        await until(lambda: _more(gen, start, target), 120, poll=0.02)
+        receipts = await gen.collect()
+        recv = [r for a, r in zip(receipts.alert_ids, receipts.recv_ns, strict=True) if a in sent]
+        if recv:
+            seconds = (max(recv) - t0) / 1e9
+            rates[side].append(len(recv) / seconds)
+            timelines[side] = [(r - t0) / 1e9 for r in recv]
+
+    async def sustained() -> None:
+        order = ["tocsin", "ceiling", "ceiling", "tocsin"]
+        total = 2 * plan.bursts
+        for i in range(total):
+            await burst(order[i % 4])
+            run.progress("sustained bursts, acks on", i + 1, total)
+        run.progress("sustained bursts, acks on", total, total, force=True)
+
+    await run.phase("sustained", sustained)
+    best = {side: max(v) if v else 0.0 for side, v in rates.items()}
+    run.results["sustained"] = {
+        "alerts_per_burst": plan.burst,
+        "deliveries_per_second": {s: [round(x) for x in v] for s, v in rates.items()},
+        "best": {s: round(v) for s, v in best.items()},
+        "ratio": round(best["tocsin"] / best["ceiling"], 2) if best["ceiling"] else None,
+    }
+    run.series["sustained"] = timelines
+    await run.gen.close_all()
+    await ceiling_gen.close_all()
+
+
+async def _lat(gen: LoadGen, sent: dict[int, int]) -> tuple[list[float], int]:
+    receipts = await gen.collect()
+    out, stray = [], 0
+    for alert_id, recv in zip(receipts.alert_ids, receipts.recv_ns, strict=True):
+        t0 = sent.get(alert_id)
+        if t0 is None:
+            stray += 1
+        else:
+            out.append((recv - t0) / 1e6)
+    return out, stray
+
+
+async def _catchup(run: Run, js: Any, names: Names) -> None:
+    """In the orchestrator: one device, so the load generator's batching is not in the way."""
+    plan = run.plan
+    url = f"ws://127.0.0.1:{run.stack.gateway_port}{WS_PATH}"
+    first, every = [], []
+
+    async def body() -> None:
+        async with aiohttp.ClientSession() as http:
+            for i in range(plan.catchup_runs):
+                params = {
+                    "auth_token": run.token(f"away{i}", "RW"),
+                    "client_id": "phone",
+                    "ack_mode": "client",
+                }
+                async with http.ws_connect(url, params=params) as ws:
+                    await ws.receive()  # connection_established: the queue exists now
+                for _ in range(100):
+                    await append_alert(js, names, make_alert("RW-1"))
+                t0 = time.perf_counter()
+                got = 0
+                async with http.ws_connect(url, params=params) as ws:
+                    async for msg in ws:
+                        frame = orjson.loads(msg.data)
+                        if frame["type"] != "alert":
+                            continue
+                        got += 1
+                        if got == 1:
+                            first.append((time.perf_counter() - t0) * 1000)
+                        await ws.send_str(f'{{"type":"ack","seq":{frame["seq"]}}}')
+                        if got == 100:
+                            every.append((time.perf_counter() - t0) * 1000)
+                            break
+                run.progress("catch-up of 100", i + 1, plan.catchup_runs)
+        run.progress("catch-up of 100", plan.catchup_runs, plan.catchup_runs, force=True)
+
+    await run.phase("catchup", body)
+    run.results["catchup"] = {"first_ms": summary(first), "all_100_ms": summary(every)}
+
+
+# ---------------------------------------------------------------------- report
+def machine() -> dict[str, Any]:
+    try:
+        version = subprocess.run(
+            [server_binary(), "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        version = "?"
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "nats_server": version,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _fmt(summary_: dict[str, float]) -> str:
+    return " / ".join(f"{summary_[k]:.1f}" for k in ("p50", "p90", "p99", "max") if k in summary_)
+
+
+def table(report: dict[str, Any]) -> str:
+    r = report["results"]
+    c, t, b, s, k = (r[x] for x in ("connections", "targeted", "broadcast", "sustained", "catchup"))
+    hold = report["plan"]["hold_seconds"]
+    d = b["tocsin"]["devices"]
+    held = (
+        f"{c['ok']:,} connected, {c['open_after_hold']:,} open after {hold:.0f} s "
+        f"({c['failed']} failed, {c['closed_during_hold']} dropped)"
+    )
+    bcast = (
+        f"tocsin {_fmt(b['tocsin']['latency_ms'])}; ceiling {_fmt(b['ceiling']['latency_ms'])};"
+        f" p99 ratio {b['p99_ratio']}"
+    )
+    best = s["best"]
+    rate = f"tocsin {best['tocsin']:,}/s; ceiling {best['ceiling']:,}/s; ratio {s['ratio']}"
+    rows = [
+        ("connections, own durable each, held with heartbeats", TARGETS["connections"], held),
+        (f"broadcast to {d:,}: p50 / p90 / p99 / max ms", TARGETS["broadcast_p99_ratio"], bcast),
+        (f"sustained deliveries/s to {d:,}, acks on", TARGETS["sustained"], rate),
+        (
+            f"targeted alert among {t['online']:,} online: p50 / p90 / p99 / max ms",
+            TARGETS["targeted_p99_ms"],
+            _fmt(t["latency_ms"]),
+        ),
+        (
+            "reconnect catch-up of 100, all received: p50 / p90 / p99 / max ms",
+            TARGETS["catchup_ms"],
+            _fmt(k["all_100_ms"]),
+        ),
+        (
+            "gateway RSS per connection",
+            TARGETS["gateway_kib_per_connection"],
+            f"{c['gateway_kib_per_connection']} KiB",
+        ),
+        ("nats-server memory per durable consumer", "measured", f"{c['nats_kib_per_durable']} KiB"),
+    ]
+    lines = ["| scenario | target | measured |", "|---|---|---|"]
+    lines += [f"| {a} | {b_} | {m} |" for a, b_, m in rows]
+    cpu = report["cpu_percent_of_one_core"]
+    procs = sorted({p for row in cpu.values() for p in row} - {"seconds"})
+    lines += ["", "CPU per phase, % of one core:", ""]
+    lines.append("| phase | seconds | " + " | ".join(procs) + " |")
+    lines.append("|---|---|" + "---|" * len(procs))
+    for phase, row in cpu.items():
+        cells = " | ".join(str(row.get(p, "")) for p in procs)
+        lines.append(f"| {phase} | {row['seconds']} | {cells} |")
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], series: dict[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / report["name"]
+    report["table"] = table(report)
+    report["plots"] = plots(series, stem)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    m = report["machine"]
+    head = (
+        f"# tocsin bench — {report['name']}\n\n"
+        f"{m['date']} · {m['cpus']} CPUs ({m['cpu_model']}) · Python {m['python']} · "
+        f"{m['nats_server']}\n\n"
+    )
+    pics = "".join(f"\n![{Path(p).stem}]({Path(p).name})\n" for p in report["plots"])
+    stem.with_suffix(".md").write_text(head + report["table"] + "\n" + pics)
+
+
+def plots(series: dict[str, Any], stem: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, values in (
+        ("tocsin broadcast", series.get("broadcast", {}).get("tocsin", [])),
+        ("ceiling broadcast", series.get("broadcast", {}).get("ceiling", [])),
+        ("tocsin targeted", series.get("targeted", [])),
+    ):
+        if values:
+            xs = sorted(values)
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("publish → receive (ms, log)")
+    ax.set_ylabel("fraction of deliveries")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    path = stem.parent / f"{stem.name}-latency-cdf.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out.append(str(path))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for side, times in series.get("sustained", {}).items():
+        if not times:
+            continue
+        step = 0.05
+        end = max(times)
+        bins = [0] * (int(end / step) + 1)
+        for x in times:
+            bins[int(x / step)] += 1
+        ax.plot([i * step for i in range(len(bins))], [b / step for b in bins], label=side)
+    ax.set_xlabel("seconds since the first publish of a burst")
+    ax.set_ylabel("deliveries/s (50 ms bins)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    path = stem.parent / f"{stem.name}-throughput.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    out.append(str(path))
+    return out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    plan_name = "full" if args.full else "quick"
+    plan = PLANS[plan_name]
+    if args.connections:
+        plan = Plan(**(asdict(plan) | {"connections": args.connections}))
+    if args.devices:
+        plan = Plan(**(asdict(plan) | {"devices": args.devices}))
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d-%H%M")
+    name = f"bench-{plan_name}-{stamp}"
+    report = asyncio.run(run_bench(plan, name, Path(args.out)))
+    print(report["table"])
+    print(f"\nwritten: {Path(args.out) / name}.md, .json, plots: {', '.join(report['plots'])}")
+    return 0
