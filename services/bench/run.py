@@ -188,7 +188,7 @@ class Run:
     series: dict[str, Any] = field(default_factory=dict)  # raw data for the plots
 
     def token(self, user: str, region: str) -> str:
-        return mint_token(self.stack.secret, user, ["health_worker"], [region], 24 * 3600)
+        return mint_token(self.stack.secret, user, regions=[region], ttl_seconds=24 * 3600)
 
     def spec(self, user: str, region: str, client_id: str, ack: bool = True) -> ClientSpec:
         mode = "client" if ack else "auto"
@@ -367,6 +367,23 @@ async def _more(gen: LoadGen, start: int, n: int) -> bool:
     return await gen.received() >= start + n
 
 
+async def settle(gen: LoadGen, target: int, limit: float, stall: float = 10.0) -> int:
+    """Wait until ``gen`` has ``target`` alert frames in all, or nothing new came for
+    ``stall`` seconds (lost, or clients closed: reported, never waited out), or ``limit``."""
+    last, since = -1, time.monotonic()
+    deadline = since + limit
+    while True:
+        got = await gen.received()
+        now = time.monotonic()
+        if got >= target or now > deadline:
+            return got
+        if got != last:
+            last, since = got, now
+        elif now - since > stall:
+            return got
+        await asyncio.sleep(0.02)
+
+
 async def _broadcast_and_sustained(
     run: Run, ceiling_gen: LoadGen, js: Any, names: Names, http: aiohttp.ClientSession
 ) -> None:
@@ -382,6 +399,7 @@ async def _broadcast_and_sustained(
     run.progress("audience connected", res_t.ok + res_c.ok, 2 * d, force=True)
     sides = {"tocsin": (run.gen, res_t.ok), "ceiling": (ceiling_gen, res_c.ok)}
     bcast: dict[str, list[float]] = {"tocsin": [], "ceiling": []}
+    missing = {"tocsin": 0, "ceiling": 0}
     last_device: dict[str, list[float]] = {"tocsin": [], "ceiling": []}
 
     async def one(side: str) -> None:
@@ -394,7 +412,7 @@ async def _broadcast_and_sustained(
             if side == "tocsin"
             else await run.publish_ceiling(http, a)
         )
-        await until(lambda: _more(gen, start, online), 30, poll=0.005)
+        missing[side] += max(0, start + online - await settle(gen, start + online, 30))
         got, _ = await _lat(gen, sent)
         bcast[side].extend(got)
         if got:
@@ -415,6 +433,7 @@ async def _broadcast_and_sustained(
     run.results["broadcast"] = {
         side: {
             "devices": sides[side][1],
+            "missing": missing[side],
             "latency_ms": summary(bcast[side]),
             "last_device_ms": summary(last_device[side]),
         }
@@ -426,6 +445,7 @@ async def _broadcast_and_sustained(
     run.series["broadcast"] = bcast
 
     rates: dict[str, list[float]] = {"tocsin": [], "ceiling": []}
+    lost = {"tocsin": 0, "ceiling": 0}
     timelines: dict[str, list[float]] = {}
 
     async def burst(side: str) -> None:
@@ -439,7 +459,7 @@ async def _broadcast_and_sustained(
             sent = await run.publish_tocsin(js, names, alerts)
         else:
             sent = await run.publish_ceiling(http, alerts)
-        await until(lambda: _more(gen, start, target), 120, poll=0.02)
+        lost[side] += max(0, start + target - await settle(gen, start + target, 120))
         receipts = await gen.collect()
         recv = [r for a, r in zip(receipts.alert_ids, receipts.recv_ns, strict=True) if a in sent]
         if recv:
@@ -462,6 +482,11 @@ async def _broadcast_and_sustained(
         "deliveries_per_second": {s: [round(x) for x in v] for s, v in rates.items()},
         "best": {s: round(v) for s, v in best.items()},
         "ratio": round(best["tocsin"] / best["ceiling"], 2) if best["ceiling"] else None,
+        "missing": lost,
+        "closed": {
+            "tocsin": (await run.gen.status()).closed,
+            "ceiling": (await ceiling_gen.status()).closed,
+        },
     }
     run.series["sustained"] = timelines
     await run.gen.close_all()
@@ -560,10 +585,13 @@ def table(report: dict[str, Any]) -> str:
     )
     bcast = (
         f"tocsin {_fmt(b['tocsin']['latency_ms'])}; ceiling {_fmt(b['ceiling']['latency_ms'])};"
-        f" p99 ratio {b['p99_ratio']}"
+        f" p99 ratio {b['p99_ratio']}; missing {b['tocsin']['missing']} / {b['ceiling']['missing']}"
     )
     best = s["best"]
-    rate = f"tocsin {best['tocsin']:,}/s; ceiling {best['ceiling']:,}/s; ratio {s['ratio']}"
+    rate = (
+        f"tocsin {best['tocsin']:,}/s; ceiling {best['ceiling']:,}/s; ratio {s['ratio']};"
+        f" missing {s['missing']['tocsin']} / {s['missing']['ceiling']}"
+    )
     rows = [
         ("connections, own durable each, held with heartbeats", TARGETS["connections"], held),
         (f"broadcast to {d:,}: p50 / p90 / p99 / max ms", TARGETS["broadcast_p99_ratio"], bcast),

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 #: Live alerts a catching-up session buffers before it relies on the durable instead.
 BUFFER_LIMIT = 10_000
+#: Live alerts a live session holds while its window is full, before it falls back to
+#: reading its durable. A burst larger than the window then costs no JetStream reads (the
+#: alerts are shared objects: a pointer each); only a device this far behind re-reads.
+WAITING_LIMIT = 1_000
 
 
 class Mode(enum.StrEnum):
@@ -74,6 +78,7 @@ class Session:
         self.mode = Mode.CATCHUP
         self.window = Window(gw.settings.max_inflight)
         self.buffer: list[LiveAlert] = []
+        self.waiting: deque[LiveAlert] = deque()  # live, not yet judged: the window was full
         self.buffer_overflow = False
         self.saved_floor = 0  # the floor JetStream knows
         self.high_water = 0  # highest seq sent to this device, by any of its connections
@@ -103,14 +108,26 @@ class Session:
             elif not self.buffer_overflow:
                 self.buffer.append(alert)
             return
+        if self.waiting or not self._try_live(alert):
+            if len(self.waiting) >= WAITING_LIMIT:
+                self._fall_behind(alert)
+            else:
+                self.waiting.append(alert)  # sent in order as acks make room
+
+    def _try_live(self, alert: LiveAlert) -> bool:
+        """Judge and send a live alert; False when the window has no room for it."""
         if not self.window.is_new(alert.seq):
-            return
-        if not self._judge(alert.seq, alert.data, alert.expires, alert):
-            return
+            return True
         if self._room() <= 0:
-            self._fall_behind(alert)
-            return
-        self._send_new(alert.seq, alert.data, alert.expires, alert.frame)
+            return False
+        if self._judge(alert.seq, alert.data, alert.expires, alert):
+            self._send_new(alert.seq, alert.data, alert.expires, alert.frame)
+        return True
+
+    def _release(self) -> None:
+        """Room in the window: send the live alerts that waited for it, in order."""
+        while self.waiting and self.mode is Mode.LIVE and self._try_live(self.waiting[0]):
+            self.waiting.popleft()
 
     def _judge(
         self, seq: int, data: bytes, expires: float | None, live: LiveAlert | None = None
@@ -167,9 +184,10 @@ class Session:
         self._enqueue(0, frame.model_dump_json().encode())
 
     def _fall_behind(self, alert: LiveAlert) -> None:
-        """The window is full: stop live delivery; the durable has everything after the floor."""
+        """Too far behind: stop live delivery; the durable has everything after the floor."""
         self.mode = Mode.CATCHUP
-        self.buffer = [alert]
+        self.buffer = [*self.waiting, alert]
+        self.waiting.clear()
         self.buffer_overflow = False
         self.catchup_needed.set()
 
@@ -189,6 +207,8 @@ class Session:
                     if not self.track:  # ack_mode=auto: written to the socket = delivered
                         self.window.ack(seq)
                         self.room_ready.set()
+            if self.waiting:
+                self._release()
             if self.written_js:
                 await self._ack_written()
 
@@ -326,6 +346,8 @@ class Session:
         self.acks += 1
         done = self.window.ack(seq)
         self.room_ready.set()
+        if self.waiting:
+            self._release()
         held = [i for i in done if i.js_msg is not None]
         if held and self.mode is Mode.CATCHUP:
             await held[-1].js_msg.ack()  # AckAll: JetStream's floor follows the device's
@@ -347,6 +369,8 @@ class Session:
             self.send_control(Ping(ts=now))
         if self.window.items:
             self.window.drop_expired(now)
+            if self.waiting:
+                self._release()
             for item in self.window.due(now_mono, self.gw.settings.redelivery_backoff):
                 item.attempts += 1
                 item.sent_at = now_mono

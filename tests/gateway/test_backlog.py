@@ -113,14 +113,33 @@ async def test_handover_from_backlog_to_live_has_no_gap_and_no_reorder(
     await back.close()
 
 
-async def test_slow_reader_falls_back_to_queue_without_loss(
-    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+@pytest.mark.parametrize("waiting_limit", [1_000, 8])
+async def test_slow_reader_gets_a_burst_larger_than_its_window_in_order(
+    make_settings: Callable[..., Settings],
+    js: JetStreamContext,
+    names: Names,
+    monkeypatch: pytest.MonkeyPatch,
+    waiting_limit: int,
 ) -> None:
-    """A window of 4 and a burst of 40: the durable holds the rest; all arrive in order."""
+    """A window of 4 and a burst of 40, all arrive in order. Up to WAITING_LIMIT the live
+    alerts wait in memory for acks (no read of the durable); beyond it the session falls
+    back to its durable, which holds the rest."""
+    from tocsin.gateway import session as session_module
+
+    monkeypatch.setattr(session_module, "WAITING_LIMIT", waiting_limit)
+    drains = []
+    real_drain = session_module.Session._drain
+
+    async def counted(self: session_module.Session, reader: object, pending: int | None) -> None:
+        drains.append(self.consumer)
+        await real_drain(self, reader, pending)
+
+    monkeypatch.setattr(session_module.Session, "_drain", counted)
     running = await start_gateway(make_settings(max_inflight=4))
     try:
         client = await Client.connect(running.ws_url, token("lee"))
         await client.next("connection_established")
+        await eventually(lambda: len(drains) == 1, what="the first (empty) backlog read")
         seqs = [(await append(js, names, alert())).seq for _ in range(40)]
         got: list[int] = []
         while len(got) < 40:
@@ -130,6 +149,10 @@ async def test_slow_reader_falls_back_to_queue_without_loss(
             got.append(frame["seq"])
             await client.send({"type": "ack", "seq": frame["seq"]})
         assert got == seqs
+        if waiting_limit > 40:
+            assert len(drains) == 1  # the burst never touched the durable
+        else:
+            assert len(drains) > 1  # it fell behind and read the durable
         await client.close()
     finally:
         await running.stop()
