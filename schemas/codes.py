@@ -15,7 +15,7 @@ class Close(IntEnum):
     POLICY_VIOLATION = 1008  # banned (abuse protection)
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
-    HEARTBEAT_TIMEOUT = 4000  # no pong for two heartbeat intervals: reconnect
+    HEARTBEAT_TIMEOUT = 4000  # nothing from the client for two heartbeat intervals: reconnect
     REPLACED = 4009  # the same device connected again elsewhere: do not reconnect this one
     TOKEN_EXPIRED = 4401  # CONTRACT §3, token expired while connected: get a new token
     BACKEND_UNAVAILABLE = 4503  # the alert store is unreachable: reconnect with backoff

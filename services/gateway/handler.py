@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from typing import Any
 
 import orjson
@@ -211,6 +212,7 @@ async def _leave(gw: Gateway, session: Session) -> None:
 
 async def receive(session: Session) -> None:
     async for msg in session.ws:
+        session.last_heard = time.monotonic()
         if msg.type is WSMsgType.TEXT:
             await on_text(session, msg.data)
         elif msg.type is WSMsgType.BINARY:

@@ -25,7 +25,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from tocsin.core.auth import Claims
 from tocsin.core.naming import matches
-from tocsin.schemas import Alert, Close, ConnectionStats, Error, ErrorCode, Ping
+from tocsin.schemas import Alert, Close, ConnectionStats, Error, ErrorCode
 from tocsin.schemas.subscription import Filters, Subscription
 
 from .live import LiveAlert, alert_frame, expires_of
@@ -73,6 +73,7 @@ class Session:
         self.queue_lock = asyncio.Lock()  # a subscription change waits for a backlog read
         self.rewind = False  # the queue's filters changed while reading it: read it again
         self.countries = None if regions is None else frozenset(r[:2] for r in regions)
+        self.whole_countries = regions is None or all(len(r) == 2 for r in regions)
         self.consumer = gw.names.device_consumer(device.user_id, device.client_id)
         self.track = device.ack_mode == "client"
         self.mode = Mode.CATCHUP
@@ -90,7 +91,7 @@ class Session:
         self.closing: tuple[int, str] | None = None
         now = self.started = time.monotonic()
         self.next_ping = now + gw.settings.heartbeat_seconds
-        self.last_pong = now
+        self.last_heard = now  # any frame from the client: it is alive
         self.latency_ms: float | None = None
         # staggered: sessions that connected together do not all save at the same tick
         self.next_checkpoint = now + random.uniform(0, gw.settings.checkpoint_seconds)
@@ -98,7 +99,8 @@ class Session:
 
     # ------------------------------------------------------------ called by the feed
     def accepts(self, subject: str) -> bool:
-        return any(matches(subject, f) for f in self.filters)
+        # The feed offers alerts by country already: whole-country tokens need no more.
+        return self.whole_countries or any(matches(subject, f) for f in self.filters)
 
     def offer(self, alert: LiveAlert) -> None:
         if self.mode is Mode.CATCHUP:
@@ -361,12 +363,15 @@ class Session:
             self.close(Close.TOKEN_EXPIRED, "token expired")
             return
         hb = self.gw.settings.heartbeat_seconds
-        if now_mono - self.last_pong > 2 * hb:
-            self.close(Close.HEARTBEAT_TIMEOUT, "no pong for two heartbeat intervals")
+        if now_mono - self.last_heard > 2 * hb:
+            self.close(Close.HEARTBEAT_TIMEOUT, "nothing from the client for two heartbeats")
             return
         if now_mono >= self.next_ping:
             self.next_ping = now_mono + hb
-            self.send_control(Ping(ts=now))
+            # Ahead of queued alerts: behind a burst, a ping would arrive late and its pong
+            # later still, closing a client that is only busy.
+            self.out.appendleft((0, b'{"type":"ping","ts":%r}' % now))
+            self.out_ready.set()
         if self.window.items:
             self.window.drop_expired(now)
             if self.waiting:
@@ -378,7 +383,6 @@ class Session:
                 self._enqueue(item.seq, alert_frame(item.seq, item.data, True))
 
     def on_pong(self, ts: float | None) -> None:
-        self.last_pong = time.monotonic()
         if ts is not None:
             self.latency_ms = max(0.0, (time.time() - ts) * 1000)
 

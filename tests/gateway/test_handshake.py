@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import aiohttp
 import jwt
 import pytest
@@ -151,5 +154,37 @@ async def test_missing_pongs_close_the_socket(make_settings, js: JetStreamContex
         stats = await lively.next("connection_stats")
         assert stats["latency_ms"] is not None  # it answered pings and is still here
         await lively.close()
+    finally:
+        await running.stop()
+
+
+async def test_any_frame_from_the_client_counts_as_alive(
+    make_settings, js: JetStreamContext
+) -> None:  # type: ignore[no-untyped-def]
+    """A client busy acking a burst may answer a ping late; what it sends still shows it is
+    there. Only a client that sends nothing at all for two heartbeats is closed."""
+    from ..support import start_gateway
+
+    running = await start_gateway(make_settings(heartbeat_seconds=1.0))
+    try:
+        busy = await Client.connect(running.ws_url, token("busy"))
+        busy.answer_pings = False
+        silent = await Client.connect(running.ws_url, token("silent"))
+        silent.answer_pings = False
+        await busy.next("connection_established")
+        await silent.next("connection_established")
+        stats = 0
+        while not silent.closed.is_set():  # bounded: the silent one closes within ~2-3 s
+            await busy.send({"type": "get_stats"})
+            await busy.next("connection_stats")
+            stats += 1
+            assert stats < 400, "the silent client was never closed"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(silent.closed.wait(), 0.2)
+        assert silent.close_code == 4000
+        assert not busy.closed.is_set()
+        await busy.send({"type": "get_stats"})
+        assert (await busy.next("connection_stats"))["type"] == "connection_stats"
+        await busy.close()
     finally:
         await running.stop()
