@@ -248,7 +248,41 @@ class Run:
         return ok
 
 
-async def run_bench(plan: Plan, name: str, out_dir: Path) -> dict[str, Any]:
+def start_profiler(pid: int, path: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy, sampling ``pid`` from outside until stopped (collapsed stacks at ``path``)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    if not spy.exists():
+        print("--profile: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+        return None
+    return subprocess.Popen(
+        [
+            str(spy),
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "-o",
+            str(path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop_profiler(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(2)  # SIGINT: py-spy writes its file and exits
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def run_bench(plan: Plan, name: str, out_dir: Path, profile: bool = False) -> dict[str, Any]:
     progress = Progress()
     stack = Stack(
         heartbeat=plan.heartbeat,
@@ -257,6 +291,12 @@ async def run_bench(plan: Plan, name: str, out_dir: Path) -> dict[str, Any]:
     )
     progress("starting nats, gateway, ceiling", 0, 1, force=True)
     stack.start()
+    os.makedirs(out_dir, exist_ok=True)
+    spy = (
+        start_profiler(stack.pids()["gateway"], out_dir / f"{name}-gateway.stacks")
+        if profile
+        else None
+    )
     gen = LoadGen("127.0.0.1", stack.gateway_port, processes=plan.processes)
     ceiling_gen = LoadGen("127.0.0.1", stack.ceiling_port, processes=plan.processes)
     await gen.start()
@@ -276,6 +316,7 @@ async def run_bench(plan: Plan, name: str, out_dir: Path) -> dict[str, Any]:
         await nc.close()
         for g in (gen, ceiling_gen):
             await g.stop()
+        stop_profiler(spy)
         stack.stop()
     report = {
         "name": name,
@@ -627,7 +668,7 @@ def table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], series: dict[str, Any], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     stem = out_dir / report["name"]
     report["table"] = table(report)
     report["plots"] = plots(series, stem)
@@ -700,7 +741,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plan = Plan(**(asdict(plan) | {"devices": args.devices}))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d-%H%M")
     name = f"bench-{plan_name}-{stamp}"
-    report = asyncio.run(run_bench(plan, name, Path(args.out)))
+    report = asyncio.run(run_bench(plan, name, Path(args.out), profile=args.profile))
     print(report["table"])
     print(f"\nwritten: {Path(args.out) / name}.md, .json, plots: {', '.join(report['plots'])}")
     return 0

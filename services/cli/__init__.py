@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out", default="benchmarks/results", help="where results go (default: %(default)s)"
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the gateway with py-spy for the whole run (collapsed stacks in --out)",
+    )
     p.set_defaults(func=_cmd_bench)
     return parser
 
