@@ -82,12 +82,20 @@ class Stack:
 
     namespace = "bench"
 
-    def __init__(self, *, heartbeat: float, max_devices: int, max_inflight: int) -> None:
+    def __init__(
+        self,
+        *,
+        heartbeat: float,
+        max_devices: int,
+        max_inflight: int,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tocsin-bench-"))
         self.secret = secrets.token_urlsafe(48)
         self.heartbeat = heartbeat
         self.max_devices = max_devices
         self.max_inflight = max_inflight
+        self.extra_env = dict(extra_env or {})
         self.nats: NatsServer | None = None
         self.gateway: subprocess.Popen[bytes] | None = None
         self.ceiling: subprocess.Popen[bytes] | None = None
@@ -113,6 +121,7 @@ class Stack:
                 "TOCSIN_SHUTDOWN_GRACE_SECONDS": "30",
             }
         )
+        env.update(self.extra_env)  # --set: gateway settings to explore
         self.gateway = self._spawn([sys.executable, "-m", "tocsin", "gateway"], "gateway", env)
         wait_http(f"{self.http}/readyz", self.gateway, self.dir / "gateway.log")
         self.ceiling = self._spawn(

@@ -282,15 +282,26 @@ def stop_profiler(proc: subprocess.Popen[bytes] | None) -> None:
             proc.kill()
 
 
-async def run_bench(plan: Plan, name: str, out_dir: Path, profile: bool = False) -> dict[str, Any]:
+async def run_bench(
+    plan: Plan,
+    name: str,
+    out_dir: Path,
+    profile: bool = False,
+    gateway_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     progress = Progress()
     stack = Stack(
         heartbeat=plan.heartbeat,
         max_devices=plan.connections + plan.devices + plan.catchup_runs + 1000,
         max_inflight=64,
+        extra_env=gateway_env,
     )
     progress("starting nats, gateway, ceiling", 0, 1, force=True)
-    stack.start()
+    try:
+        stack.start()
+    except BaseException:
+        stack.stop()  # whatever did start, and the temporary directory
+        raise
     os.makedirs(out_dir, exist_ok=True)
     spy = (
         start_profiler(stack.pids()["gateway"], out_dir / f"{name}-gateway.stacks")
@@ -325,6 +336,7 @@ async def run_bench(plan: Plan, name: str, out_dir: Path, profile: bool = False)
         "results": run.results,
         "cpu_percent_of_one_core": run.cpu,
         "targets": TARGETS,
+        "gateway_settings": gateway_env or {},
     }
     write_report(report, run.series, out_dir)
     return report
@@ -741,7 +753,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plan = Plan(**(asdict(plan) | {"devices": args.devices}))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d-%H%M")
     name = f"bench-{plan_name}-{stamp}"
-    report = asyncio.run(run_bench(plan, name, Path(args.out), profile=args.profile))
+    env = {}
+    for item in args.set or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("TOCSIN_"):
+            print(f"tocsin: --set {item!r}: expected TOCSIN_NAME=value", file=sys.stderr)
+            return 2
+        env[key] = value
+    report = asyncio.run(
+        run_bench(plan, name, Path(args.out), profile=args.profile, gateway_env=env)
+    )
     print(report["table"])
     print(f"\nwritten: {Path(args.out) / name}.md, .json, plots: {', '.join(report['plots'])}")
     return 0
