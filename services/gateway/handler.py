@@ -237,7 +237,16 @@ def _frame_error(exc: ValidationError) -> Error:
     return Error(code=ErrorCode.INVALID_FRAME, detail=fields)
 
 
+#: The frame a client sends most, in the compact form every JSON encoder writes: taken
+#: without the general parse (orjson + the frame union: ~10 µs an ack). Anything else,
+#: spaces included, goes the general way and gets the same answer.
+ACK_FRAME = re.compile(r'\{"type":"ack","seq":([1-9][0-9]{0,17})\}')
+
+
 async def on_text(session: Session, text: str) -> None:
+    if (ack := ACK_FRAME.fullmatch(text)) is not None:
+        await session.on_ack(int(ack[1]))
+        return
     if len(text) > MAX_CLIENT_FRAME_BYTES // 4 and len(text.encode()) > MAX_CLIENT_FRAME_BYTES:
         session.send_control(
             Error(
