@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.25
+#: Sessions with nothing in flight are ticked once per this many ticks (once a second).
+TICKS_PER_SWEEP = 4
+#: The ticker yields to the event loop after this many sessions.
+TICK_BATCH = 500
 #: Checkpoints (consumer resets) in flight at once, so a burst of acks can't flood the server.
 CHECKPOINT_CONCURRENCY = 64
 
@@ -67,14 +71,23 @@ class Gateway:
     async def _tick_loop(self) -> None:
         checkpointing: asyncio.Task[None] | None = None
         interval = self.settings.checkpoint_seconds
+        phase = 0
         while True:
             await asyncio.sleep(TICK_SECONDS)
             now_mono, now = time.monotonic(), time.time()
             dirty = []
-            for session in list(self.sessions):
-                session.tick(now_mono, now)
-                if session.needs_checkpoint() and now_mono >= session.next_checkpoint:
-                    dirty.append(session)
+            # Sessions with alerts in flight every tick (resends); the others, whose only
+            # business is heartbeats, expiry and checkpoints, one slice per tick: each once
+            # per sweep. 10,000 idle sessions cost 26% of a core ticked every 0.25 s, and
+            # the loop stalled up to ~75 ms at a time; it also yields every TICK_BATCH.
+            phase = (phase + 1) % TICKS_PER_SWEEP
+            for i, session in enumerate(list(self.sessions)):
+                if session.window.items or i % TICKS_PER_SWEEP == phase:
+                    session.tick(now_mono, now)
+                    if session.needs_checkpoint() and now_mono >= session.next_checkpoint:
+                        dirty.append(session)
+                if i % TICK_BATCH == TICK_BATCH - 1:
+                    await asyncio.sleep(0)
             busy = checkpointing is not None and not checkpointing.done()
             if dirty and not busy:
                 # Each session saves at most once per interval, at its own phase, so the
