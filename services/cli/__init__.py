@@ -185,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sample the gateway with py-spy for the whole run (collapsed stacks in --out)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="TOCSIN_NAME=VALUE",
+        help="a gateway setting for this run, e.g. TOCSIN_CHECKPOINT_SECONDS=60 (repeatable)",
+    )
     p.set_defaults(func=_cmd_bench)
     return parser
 
