@@ -95,6 +95,7 @@ class Session:
         self.latency_ms: float | None = None
         # staggered: sessions that connected together do not all save at the same tick
         self.next_checkpoint = now + random.uniform(0, gw.settings.checkpoint_seconds)
+        self.next_sweep = now + random.random()  # the ticker's once-a-second visit (context)
         self.sent = self.redelivered = self.acks = 0
 
     # ------------------------------------------------------------ called by the feed
