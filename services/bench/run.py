@@ -487,6 +487,7 @@ async def _broadcast_and_sustained(
         side: {
             "devices": sides[side][1],
             "missing": missing[side],
+            "connect_failures": (res_t if side == "tocsin" else res_c).failures,
             "latency_ms": summary(bcast[side]),
             "last_device_ms": summary(last_device[side]),
         }
