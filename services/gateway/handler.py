@@ -191,6 +191,7 @@ async def serve(gw: Gateway, session: Session) -> None:
             with contextlib.suppress(Exception):
                 await control.unsubscribe()
         gw.sessions.discard(session)
+        gw.collector.session_closed()
         for reply in waiting:
             with contextlib.suppress(Exception):
                 await gw.nc.publish(reply, b"released")
