@@ -148,15 +148,6 @@ class Progress:
         sys.stderr.flush()
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout: float, poll: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(poll)
-    return True
-
-
 _next_id = [int(time.time() * 1000) * 1000]
 
 
@@ -236,16 +227,6 @@ class Run:
             r.raise_for_status()
             await r.read()
         return sent
-
-    async def wait_received(self, target: int, timeout: float, label: str) -> bool:
-        async def done() -> bool:
-            got = await self.gen.received()
-            self.progress(label, got, target)
-            return got >= target
-
-        ok = await until(done, timeout, poll=0.01)
-        self.progress(label, await self.gen.received(), target, force=True)
-        return ok
 
 
 def start_profiler(pid: int, path: Path) -> subprocess.Popen[bytes] | None:
@@ -402,7 +383,7 @@ async def _targeted(run: Run, js: Any, names: Names) -> None:
         for i in range(plan.targeted):
             start = await run.gen.received()
             sent = await run.publish_tocsin(js, names, [make_alert("TZ-1")])
-            await until(lambda s=start: _more(run.gen, s, 1), 10, poll=0.002)
+            await settle(run.gen, start + 1, 10)
             got, _ = await _lat(run.gen, sent)
             lat.extend(got)
             run.progress("targeted", i + 1, plan.targeted)
@@ -414,10 +395,6 @@ async def _targeted(run: Run, js: Any, names: Names) -> None:
         "latency_ms": summary(lat),
     }
     run.series["targeted"] = lat
-
-
-async def _more(gen: LoadGen, start: int, n: int) -> bool:
-    return await gen.received() >= start + n
 
 
 async def settle(gen: LoadGen, target: int, limit: float, stall: float = 10.0) -> int:
@@ -702,6 +679,17 @@ def plots(series: dict[str, Any], stem: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(kind: str, fig: Any, ax: Any, xlabel: str, ylabel: str) -> str:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        path = stem.parent / f"{stem.name}-{kind}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return str(path)
+
     out = []
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, values in (
@@ -713,15 +701,9 @@ def plots(series: dict[str, Any], stem: Path) -> list[str]:
             xs = sorted(values)
             ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=label)
     ax.set_xscale("log")
-    ax.set_xlabel("publish → receive (ms, log)")
-    ax.set_ylabel("fraction of deliveries")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    path = stem.parent / f"{stem.name}-latency-cdf.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    out.append(str(path))
+    out.append(
+        save("latency-cdf", fig, ax, "publish → receive (ms, log)", "fraction of deliveries")
+    )
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for side, times in series.get("sustained", {}).items():
@@ -733,15 +715,15 @@ def plots(series: dict[str, Any], stem: Path) -> list[str]:
         for x in times:
             bins[int(x / step)] += 1
         ax.plot([i * step for i in range(len(bins))], [b / step for b in bins], label=side)
-    ax.set_xlabel("seconds since the first publish of a burst")
-    ax.set_ylabel("deliveries/s (50 ms bins)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    path = stem.parent / f"{stem.name}-throughput.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    out.append(str(path))
+    out.append(
+        save(
+            "throughput",
+            fig,
+            ax,
+            "seconds since the first publish of a burst",
+            "deliveries/s (50 ms bins)",
+        )
+    )
     return out
 
 
