@@ -20,7 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from tocsin.core.auth import mint_token
-from tocsin.core.embedded import free_port, wait_for_port
+from tocsin.core.embedded import free_port, stop_process, wait_for_port
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 from tocsin.gateway.app import create_app
@@ -171,15 +171,8 @@ class GatewayProcess:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        return stop_process(self.proc, timeout, sig)
 
 
 @dataclass

@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -181,6 +182,21 @@ async def serve(host: str, port: int, heartbeat: float) -> None:
         await stop.wait()
     finally:
         await runner.cleanup()  # on_shutdown closes the sockets with 1001
+
+
+def command(host: str, port: int, heartbeat: float) -> list[str]:
+    """The command line that runs the ceiling as its own process."""
+    return [
+        sys.executable,
+        "-m",
+        "tocsin.bench.ceiling",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--heartbeat",
+        str(heartbeat),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

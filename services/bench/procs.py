@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tocsin.core.embedded import NatsServer, free_port, wait_for_port
+from tocsin.core.embedded import NatsServer, free_port, stop_process, wait_for_port
+
+from .ceiling import command as ceiling_command
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -65,16 +66,6 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class Stack:
@@ -125,19 +116,7 @@ class Stack:
         self.gateway = self._spawn([sys.executable, "-m", "tocsin", "gateway"], "gateway", env)
         wait_http(f"{self.http}/readyz", self.gateway, self.dir / "gateway.log")
         self.ceiling = self._spawn(
-            [
-                sys.executable,
-                "-m",
-                "tocsin.bench.ceiling",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.ceiling_port),
-                "--heartbeat",
-                str(self.heartbeat),
-            ],
-            "ceiling",
-            env,
+            ceiling_command("127.0.0.1", self.ceiling_port, self.heartbeat), "ceiling", env
         )
         wait_for_port("127.0.0.1", self.ceiling_port, 30)
         return self
@@ -149,7 +128,7 @@ class Stack:
     def stop(self) -> None:
         for proc in (self.ceiling, self.gateway):
             if proc is not None:
-                _stop(proc, 60)
+                stop_process(proc, 60)
         if self.nats is not None:
             # The store is thrown away: a graceful stop costs ~10 ms per consumer (NATS-NOTES).
             self.nats.kill()

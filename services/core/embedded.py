@@ -63,6 +63,20 @@ def wait_for_port(
             time.sleep(0.02)
 
 
+def stop_process(
+    proc: subprocess.Popen[bytes], timeout: float, sig: int = signal.SIGTERM
+) -> int | None:
+    """Send ``sig`` to ``proc`` and wait; kill it if it outlives ``timeout``. Its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 @dataclass
 class NatsServer:
     """One JetStream-enabled nats-server on loopback; ``start()``/``stop()`` or a context."""
@@ -125,15 +139,8 @@ class NatsServer:
         return self
 
     def stop(self, timeout: float = 30) -> None:
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

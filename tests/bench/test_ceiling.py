@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -19,7 +18,8 @@ import aiohttp
 import orjson
 import pytest
 
-from tocsin.core.embedded import free_port, wait_for_port
+from tocsin.bench.ceiling import command
+from tocsin.core.embedded import free_port, stop_process, wait_for_port
 from tocsin.gateway.live import alert_frame
 from tocsin.ingest.pipeline import encode_alert
 from tocsin.schemas import Alert, AlertFrame, ConnectionEstablished, Ping, server_frame_adapter
@@ -32,17 +32,7 @@ class Ceiling:
     def __init__(self, heartbeat: float = HEARTBEAT) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tocsin.bench.ceiling",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--heartbeat",
-                str(heartbeat),
-            ],
+            command("127.0.0.1", self.port, heartbeat),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -57,15 +47,8 @@ class Ceiling:
         self.http = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/api/v1/alerts/ws"
 
-    def stop(self, timeout: float = 10) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+    def stop(self, timeout: float = 10) -> int | None:
+        return stop_process(self.proc, timeout)
 
 
 @pytest.fixture
