@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from nats.aio.client import Client
@@ -80,6 +81,17 @@ class DeviceQueues:
         self._names = names
         self._stream = names.alerts_stream
 
+    def _tuned(self) -> dict[str, Any]:
+        """The consumer fields that follow the settings; the rest are fixed at creation
+        (replicas included)."""
+        s = self._settings
+        return {
+            "backoff": list(s.redelivery_backoff),
+            "max_deliver": s.max_deliver,
+            "max_ack_pending": s.max_inflight,
+            "inactive_threshold": s.retention_seconds,
+        }
+
     def _config(
         self,
         name: str,
@@ -88,20 +100,16 @@ class DeviceQueues:
         start_seq: int,
         metadata: dict[str, str] | None = None,
     ) -> ConsumerConfig:
-        s = self._settings
         return ConsumerConfig(
             durable_name=name,
             description=f"tocsin device queue of {user!r} / {client_id!r}",
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=start_seq,
             ack_policy=AckPolicy.ALL,
-            backoff=list(s.redelivery_backoff),
-            max_deliver=s.max_deliver,
-            max_ack_pending=s.max_inflight,
             replay_policy=ReplayPolicy.INSTANT,
-            inactive_threshold=s.retention_seconds,
-            num_replicas=s.device_replicas,
+            num_replicas=self._settings.device_replicas,
             metadata={**(metadata or {}), "tocsin.user": user, "tocsin.client_id": client_id},
+            **self._tuned(),
         )
 
     @staticmethod
@@ -163,9 +171,6 @@ class DeviceQueues:
             name, floor, pending, dropped, False, sent_high=sent_high, subscription=subscription
         )
 
-    #: Fields that follow the settings; the rest are fixed at creation (replicas included).
-    _TUNED = ("backoff", "max_deliver", "max_ack_pending", "inactive_threshold")
-
     async def _apply(
         self, config: ConsumerConfig, subscription: Subscription, regions: tuple[str, ...] | None
     ) -> None:
@@ -174,18 +179,19 @@ class DeviceQueues:
         all are current."""
         subjects = coarse_filters(self._names, subscription, regions)
         metadata = _own_metadata(config.metadata)
-        tuned = self._config("", "", "", 1)
+        stored = subscription.to_json()
+        tuned = self._tuned()
         current = (
             sorted(_filters_of(config)) == subjects
-            and metadata.get(SUBSCRIPTION_KEY) == subscription.to_json()
-            and all(getattr(config, f) == getattr(tuned, f) for f in self._TUNED)
+            and metadata.get(SUBSCRIPTION_KEY) == stored
+            and all(getattr(config, key) == value for key, value in tuned.items())
         )
         if current:
             return
-        metadata[SUBSCRIPTION_KEY] = subscription.to_json()
+        metadata[SUBSCRIPTION_KEY] = stored
         config.metadata = metadata
-        for f in self._TUNED:
-            setattr(config, f, getattr(tuned, f))
+        for key, value in tuned.items():
+            setattr(config, key, value)
         await self._js.add_consumer(self._stream, self._with_filters(config, subjects))
 
     async def subscribe(
