@@ -240,8 +240,7 @@ class Session:
                     await self._touch(reader)
                     continue
                 if reset_needed:
-                    pending = await self.gw.queues.reset(self.consumer, self.window.floor + 1)
-                    self.saved_floor = self.window.floor
+                    pending = await self.checkpoint()
                 reset_needed = True
                 if reader is None:
                     reader = await self.gw.queues.reader(self.consumer)
@@ -273,8 +272,7 @@ class Session:
             if self.rewind:  # the subscription changed: read on under the new filters
                 async with self.queue_lock:
                     self.rewind = False
-                    pending = await self.gw.queues.reset(self.consumer, self.window.floor + 1)
-                    self.saved_floor = self.window.floor
+                    pending = await self.checkpoint()
             if pending == 0:
                 self._try_go_live()
                 pending = None  # still catching up (buffer overflow): ask JetStream again
@@ -399,10 +397,13 @@ class Session:
     def needs_checkpoint(self) -> bool:
         return self.mode is Mode.LIVE and self.window.floor > self.saved_floor
 
-    async def checkpoint(self) -> None:
+    async def checkpoint(self) -> int:
+        """Point the queue just past the acked floor (JetStream then knows the position, and
+        reads resume there); return how many alerts it holds from there."""
         floor = self.window.floor
-        await self.gw.queues.reset(self.consumer, floor + 1)
+        pending = await self.gw.queues.reset(self.consumer, floor + 1)
         self.saved_floor = floor
+        return pending
 
     def stats(self) -> ConnectionStats:
         return ConnectionStats(
