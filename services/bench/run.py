@@ -728,20 +728,23 @@ def plots(series: dict[str, Any], stem: Path) -> list[str]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from tocsin.cli.common import Fail
+
     plan_name = "full" if args.full else "quick"
     plan = PLANS[plan_name]
-    if args.connections:
-        plan = Plan(**(asdict(plan) | {"connections": args.connections}))
-    if args.devices:
-        plan = Plan(**(asdict(plan) | {"devices": args.devices}))
+    for flag, key, least in (("--connections", "connections", 2), ("--devices", "devices", 1)):
+        value = getattr(args, key)
+        if value is not None:
+            if value < least:
+                raise Fail(f"{flag}: at least {least}, got {value}", 2)
+            plan = Plan(**(asdict(plan) | {key: value}))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d-%H%M")
     name = f"bench-{plan_name}-{stamp}"
     env = {}
     for item in args.set or ():
         key, sep, value = item.partition("=")
         if not sep or not key.startswith("TOCSIN_"):
-            print(f"tocsin: --set {item!r}: expected TOCSIN_NAME=value", file=sys.stderr)
-            return 2
+            raise Fail(f"--set: expected TOCSIN_NAME=value, got {item!r}", 2)
         env[key] = value
     report = asyncio.run(
         run_bench(plan, name, Path(args.out), profile=args.profile, gateway_env=env)

@@ -10,7 +10,9 @@ import json
 import os
 from pathlib import Path
 
-from tocsin.bench.run import Plan, run_bench, table
+import pytest
+
+from tocsin.bench.run import Plan, cmd_bench, run_bench, table
 
 TINY = Plan(
     connections=30,
@@ -53,3 +55,23 @@ async def test_a_tiny_run_measures_every_row(tmp_path: Path) -> None:
     for plot in report["plots"]:
         assert os.stat(plot).st_size > 10_000  # a drawn PNG, not an empty canvas
     assert "ratio" in table(report)
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--connections", "1"], "--connections"),
+        (["--connections", "0"], "--connections"),
+        (["--devices", "-3"], "--devices"),
+        (["--set", "CHECKPOINT_SECONDS=60"], "--set"),
+        (["--set", "TOCSIN_CHECKPOINT_SECONDS"], "--set"),
+    ],
+)
+def test_bad_flags_are_named_before_anything_starts(argv: list[str], flag: str) -> None:
+    from tocsin.cli import build_parser
+    from tocsin.cli.common import Fail
+
+    args = build_parser().parse_args(["bench", "--quick", *argv])
+    with pytest.raises(Fail) as caught:
+        cmd_bench(args)
+    assert caught.value.code == 2 and caught.value.message.startswith(f"{flag}:")
