@@ -74,8 +74,12 @@ class Gateway:
         checkpointing: asyncio.Task[None] | None = None
         interval = self.settings.checkpoint_seconds
         while True:
+            due = time.monotonic() + TICK_SECONDS
             await asyncio.sleep(TICK_SECONDS)
             now_mono, now = time.monotonic(), time.time()
+            # How late this pass is: while the loop was stalled (GC, a starved CPU) the
+            # clients' pongs waited unread in socket buffers, so the stall is not theirs.
+            late = max(0.0, now_mono - due)
             dirty = []
             # Sessions with alerts in flight every tick (resends); the others, whose only
             # business is heartbeats, expiry and checkpoints, once per sweep each, at their
@@ -85,7 +89,7 @@ class Gateway:
             for i, session in enumerate(list(self.sessions)):
                 if session.window.items or now_mono >= session.next_sweep:
                     session.next_sweep = now_mono + SWEEP_SECONDS
-                    session.tick(now_mono, now)
+                    session.tick(now_mono, now, late)
                     if session.needs_checkpoint() and now_mono >= session.next_checkpoint:
                         dirty.append(session)
                 if i % TICK_BATCH == TICK_BATCH - 1:

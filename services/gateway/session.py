@@ -354,15 +354,16 @@ class Session:
             await held[-1].js_msg.ack()  # AckAll: JetStream's floor follows the device's
             self.saved_floor = max(self.saved_floor, held[-1].seq)
 
-    def tick(self, now_mono: float, now: float) -> None:
-        """Called by the gateway's ticker: redeliveries, heartbeats, token expiry."""
+    def tick(self, now_mono: float, now: float, late: float = 0.0) -> None:
+        """Called by the gateway's ticker: redeliveries, heartbeats, token expiry. ``late`` is
+        how long the ticker's own loop was stalled: that much silence is not the client's."""
         if self.closing:
             return
         if now >= self.device.claims.exp:
             self.close(Close.TOKEN_EXPIRED, "token expired")
             return
         hb = self.gw.settings.heartbeat_seconds
-        if now_mono - self.last_heard > 2 * hb:
+        if now_mono - self.last_heard > 2 * hb + late:
             self.close(Close.HEARTBEAT_TIMEOUT, "nothing from the client for two heartbeats")
             return
         if now_mono >= self.next_ping:

@@ -150,9 +150,42 @@ async def test_missing_pongs_close_the_socket(make_settings, js: JetStreamContex
         await quiet.next("connection_established")
         await lively.next("connection_established")
         assert await quiet.wait_closed(timeout=10) == 4000
+        assert not lively.closed.is_set(), f"the lively client was closed: {lively.close_code}"
         await lively.send({"type": "get_stats"})
         stats = await lively.next("connection_stats")
         assert stats["latency_ms"] is not None  # it answered pings and is still here
+        await lively.close()
+    finally:
+        await running.stop()
+
+
+async def test_a_stalled_gateway_does_not_blame_its_clients(
+    make_settings, js: JetStreamContext
+) -> None:  # type: ignore[no-untyped-def]
+    """While the gateway's loop is blocked (a long GC pause, a starved CPU) the clients' pongs
+    wait unread in socket buffers. The first heartbeat check after the stall must not close a
+    client for silence that was the gateway's own (CI saw it once on a loaded machine)."""
+    import time
+
+    from ..support import start_gateway
+
+    running = await start_gateway(make_settings(heartbeat_seconds=1.0))
+    try:
+        lively = await Client.connect(running.ws_url, token("lively"))
+        await lively.next("connection_established")
+        deadline = time.monotonic() + 10
+        while True:  # wait until a ping has been answered: last_heard is then a pong
+            await lively.send({"type": "get_stats"})
+            if (await lively.next("connection_stats"))["latency_ms"] is not None:
+                break
+            assert time.monotonic() < deadline, "no ping within 10 s"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lively.closed.wait(), 0.1)
+        time.sleep(2.5)  # noqa: ASYNC251 - the stall itself: blocks the loop on purpose
+        # The ticker runs first after the stall; then two more heartbeats, answered.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lively.closed.wait(), 2.5)
+        assert not lively.closed.is_set(), f"closed with {lively.close_code} after the stall"
         await lively.close()
     finally:
         await running.stop()
