@@ -6,11 +6,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test schemas lint venv clean help
+.PHONY: run test chaos schemas lint venv clean help
 
 help:
 	@echo "make run      start nats-server (embedded), ingest and one gateway; Ctrl-C stops"
 	@echo "make test     run the test suite (PYTEST_ARGS='-k name' to narrow it)"
+	@echo "make chaos    the long fault-injection suite (TOCSIN_CHAOS_SECONDS per scenario, default 60)"
 	@echo "make schemas  regenerate schemas/json/ from the pydantic models"
 	@echo "make lint     ruff"
 	@echo "make clean    remove .venv and the local data in .tocsin/"
@@ -20,6 +21,9 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+chaos: $(VENV)/.installed-test
+	TOCSIN_CHAOS=long $(BIN)/python -m pytest -m chaos $(PYTEST_ARGS)
 
 schemas: $(VENV)/.installed
 	$(BIN)/python -m tocsin.schemas.export

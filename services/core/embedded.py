@@ -10,6 +10,8 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,28 +89,52 @@ class NatsServer:
     max_consumers: int = 100_000
     log_file: Path | None = None
     extra_config: str = ""
+    #: Monitoring (``/healthz``, ``/varz``, ``/jsz``) on this port; 0 = none.
+    monitor_port: int = 0
+    #: In a cluster: its name, this node's route port and the routes to every node.
+    cluster_name: str = ""
+    cluster_port: int = 0
+    routes: list[str] = field(default_factory=list)
+    name: str = field(default_factory=lambda: f"tocsin_{uuid.uuid4().hex[:8]}")
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-    _name: str = field(default_factory=lambda: f"tocsin_{uuid.uuid4().hex[:8]}", repr=False)
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def config_text(self) -> str:
         store = str(self.store_dir.resolve()).replace("\\", "/")
-        return (
+        text = (
             f"listen: {self.host}:{self.port}\n"
-            f"server_name: {self._name}\n"
+            f"server_name: {self.name}\n"
             "jetstream {\n"
             f'  store_dir: "{store}"\n'
             f"  limits {{ default_max_consumers: {self.max_consumers} }}\n"
             "}\n"
-            "max_payload: 1MB\n" + self.extra_config
+            "max_payload: 1MB\n"
         )
+        if self.monitor_port:
+            text += f"http: {self.host}:{self.monitor_port}\n"
+        if self.cluster_name:
+            routes = ", ".join(self.routes)
+            text += (
+                "cluster {\n"
+                f"  name: {self.cluster_name}\n"
+                f"  listen: {self.host}:{self.cluster_port}\n"
+                f"  routes: [{routes}]\n"
+                "}\n"
+            )
+        return text + self.extra_config
 
     def start(self, timeout: float = 20) -> NatsServer:
         if self.port == 0:
             self.port = free_port(self.host)
+        if self.cluster_name and self.cluster_port == 0:
+            self.cluster_port = free_port(self.host)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self.config_text())
@@ -131,7 +157,7 @@ class NatsServer:
                 self.port,
                 timeout,
                 alive=self.process,
-                greeting=f'"server_name":"{self._name}"'.encode(),
+                greeting=f'"server_name":"{self.name}"'.encode(),
             )
         except (TimeoutError, RuntimeError):
             self.stop()
@@ -148,6 +174,100 @@ class NatsServer:
             self.process.wait()
 
     def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class NatsCluster:
+    """``size`` JetStream nodes on loopback, each its own process with its own store,
+    joined by routes: for ``TOCSIN_CLUSTER=3`` in ``tocsin run`` and the cluster tests.
+    Nodes keep their ports and names across ``kill(i)``/``start_node(i)``."""
+
+    store_dir: Path
+    size: int = 3
+    host: str = "127.0.0.1"
+    name: str = "tocsin"
+    max_consumers: int = 100_000
+    #: Client port of the first node (the others take free ports); 0 = all free.
+    first_port: int = 0
+    nodes: list[NatsServer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            ports = [free_port(self.host) for _ in range(self.size)]
+            if self.first_port:
+                ports[0] = self.first_port
+            routes_ports = [free_port(self.host) for _ in range(self.size)]
+            routes = [f"nats-route://{self.host}:{p}" for p in routes_ports]
+            self.nodes = [
+                NatsServer(
+                    store_dir=self.store_dir / f"n{i + 1}",
+                    port=ports[i],
+                    host=self.host,
+                    max_consumers=self.max_consumers,
+                    log_file=self.store_dir / f"n{i + 1}.log",
+                    monitor_port=free_port(self.host),
+                    cluster_name=self.name,
+                    cluster_port=routes_ports[i],
+                    routes=routes,
+                    name=f"{self.name}-n{i + 1}",
+                )
+                for i in range(self.size)
+            ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """All nodes, comma-separated: what ``TOCSIN_NATS_URL`` takes."""
+        return ",".join(self.urls)
+
+    def start(self, timeout: float = 30) -> NatsCluster:
+        try:
+            for node in self.nodes:
+                node.start(timeout)
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_node(self, i: int, timeout: float = 30) -> None:
+        self.nodes[i].start(timeout)
+
+    def kill(self, i: int) -> None:
+        """``kill -9`` node ``i``: no goodbye to its peers or clients."""
+        self.nodes[i].kill()
+
+    def healthy(self, i: int) -> bool:
+        """Node ``i``'s /healthz: up, JetStream enabled, caught up with the meta group."""
+        node = self.nodes[i]
+        url = f"http://{node.host}:{node.monitor_port}/healthz"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(url, timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        """Until every running node reports healthy (a JetStream meta leader is elected)."""
+        deadline = time.monotonic() + timeout
+        while not all(self.healthy(i) for i, n in enumerate(self.nodes) if n.running):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the NATS cluster was not healthy after {timeout}s")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 30) -> None:
+        for node in self.nodes:
+            node.stop(timeout)
+
+    def __enter__(self) -> NatsCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
