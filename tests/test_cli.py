@@ -277,12 +277,34 @@ def run_env(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path, int]]:
                 pass
 
 
+def _stream_peers(nats_port: int, stream: str) -> tuple[int, list[str]]:
+    """Replicas and the servers holding ``stream``, asked over NATS."""
+    import asyncio
+
+    import nats
+
+    async def ask() -> tuple[int, list[str]]:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        try:
+            info = await nc.jetstream().stream_info(stream)
+        finally:
+            await nc.close()
+        cluster = info.cluster
+        assert cluster is not None
+        peers = [cluster.leader or ""] + [r.name for r in cluster.replicas or []]
+        return info.config.num_replicas or 1, sorted(peers)
+
+    return asyncio.run(ask())
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process checks use /proc")
+@pytest.mark.parametrize("cluster", [1, pytest.param(3, marks=pytest.mark.cluster)])
 def test_run_end_to_end_tail_publish_and_clean_stop(
-    tmp_path: Path, run_env: tuple[dict[str, str], Path, int]
+    tmp_path: Path, run_env: tuple[dict[str, str], Path, int], cluster: int
 ) -> None:
     env, data, http_port = run_env
+    env["TOCSIN_CLUSTER"] = str(cluster)
     run_log = tmp_path / "run.log"
     with open(run_log, "wb") as out:
         run = subprocess.Popen(
@@ -304,6 +326,12 @@ def test_run_end_to_end_tail_publish_and_clean_stop(
         banner = run_log.read_text()
         assert f"ws://127.0.0.1:{http_port}/api/v1/alerts/ws" in banner
         assert "tail --user alice --regions KE" in banner
+        if cluster > 1:  # TOCSIN_CLUSTER=3: three nodes, streams replicated on all of them
+            assert banner.count("nats://127.0.0.1:") >= 3
+            nats_port = int(env["TOCSIN_NATS_PORT"])
+            nodes = [f"tocsin-n{i}" for i in (1, 2, 3)]
+            assert _stream_peers(nats_port, "ALERTS") == (3, nodes)
+            assert _stream_peers(nats_port, "INGEST") == (3, nodes)
 
         # The dev secret: generated once, private, printed.
         secret_file = data / "dev-secret"

@@ -92,7 +92,7 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]], grace: float) -
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tocsin.core.embedded import NatsServer, free_port
+    from tocsin.core.embedded import NatsCluster, NatsServer, free_port
 
     stop = _StopRequest()
     signal.signal(signal.SIGINT, stop)
@@ -109,7 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             2,
         )
 
-    nats: NatsServer | None = None
+    nats: NatsServer | NatsCluster | None = None
+    replicas = ""
     children: dict[str, subprocess.Popen[bytes]] = {}
     failed = False
     try:
@@ -130,21 +131,42 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "to use that server",
                     2,
                 )
-            nats = NatsServer(
-                store_dir=data_dir / "nats",
-                port=settings.nats_port,
-                log_file=data_dir / "nats-server.log",
-                max_consumers=max(100_000, settings.max_devices + 64),
-            )
-            print(f"tocsin: starting nats-server (JetStream data in {nats.store_dir})", flush=True)
+            max_consumers = max(100_000, settings.max_devices + 64)
+            if settings.cluster > 1:
+                nats = NatsCluster(
+                    store_dir=data_dir / f"nats-cluster{settings.cluster}",
+                    size=settings.cluster,
+                    first_port=settings.nats_port,
+                    max_consumers=max_consumers,
+                )
+                where = f"{nats.store_dir}/n1..n{settings.cluster}"
+                print(
+                    f"tocsin: starting a {settings.cluster}-node nats-server cluster "
+                    f"(JetStream data and logs in {where})",
+                    flush=True,
+                )
+                logs = f"{nats.store_dir}/n*.log"
+            else:
+                nats = NatsServer(
+                    store_dir=data_dir / "nats",
+                    port=settings.nats_port,
+                    log_file=data_dir / "nats-server.log",
+                    max_consumers=max_consumers,
+                )
+                print(
+                    f"tocsin: starting nats-server (JetStream data in {nats.store_dir})",
+                    flush=True,
+                )
+                logs = str(nats.log_file)
             try:
                 nats.start()
             except (TimeoutError, FileNotFoundError, RuntimeError) as exc:
-                raise Fail(f"nats-server did not start: {exc} (see {nats.log_file})") from None
+                raise Fail(f"nats-server did not start: {exc} (see {logs})") from None
             nats_url = nats.url
-            nats_note = (
-                f"embedded, pid {nats.process.pid if nats.process else '?'}, log {nats.log_file}"
-            )
+            pids = ", ".join(str(pid) for pid in nats.pids)
+            nats_note = f"embedded, pid {pids}, log {logs}"
+            if settings.cluster > 1 and "TOCSIN_REPLICAS" not in os.environ:
+                replicas = "3"  # a cluster is for surviving a node: streams at R3
 
         if settings.jwt_secret:
             secret = settings.jwt_secret
@@ -164,6 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "TOCSIN_DATA_DIR": str(data_dir),
             }
         )
+        if replicas:
+            env["TOCSIN_REPLICAS"] = replicas
         for name in ("ingest", "gateway"):
             if stop:
                 break

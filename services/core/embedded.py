@@ -106,6 +106,10 @@ class NatsServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    @property
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process is not None else []
+
     def config_text(self) -> str:
         store = str(self.store_dir.resolve()).replace("\\", "/")
         text = (
@@ -221,6 +225,10 @@ class NatsCluster:
     @property
     def urls(self) -> list[str]:
         return [node.url for node in self.nodes]
+
+    @property
+    def pids(self) -> list[int]:
+        return [pid for node in self.nodes for pid in node.pids]
 
     @property
     def url(self) -> str:

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(default=Path(".tocsin"), description="embedded nats-server data")
     nats_port: int = Field(default=4222, ge=0, le=65535, description="embedded nats-server port")
+    cluster: int = Field(
+        default=1,
+        description="embedded nats-server nodes in `tocsin run`: 1, or 3 or 5 for a JetStream "
+        "cluster on loopback (streams then default to 3 replicas)",
+    )
     shutdown_grace_seconds: float = Field(default=10, gt=0)
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
@@ -121,6 +126,13 @@ class Settings(BaseSettings):
                 load_pem_public_key(value.encode())
             except ValueError:
                 raise ValueError("not a PEM public key (-----BEGIN PUBLIC KEY-----)") from None
+        return value
+
+    @field_validator("cluster")
+    @classmethod
+    def _odd_cluster(cls, value: int) -> int:
+        if value not in (1, 3, 5):
+            raise ValueError("must be 1, 3 or 5 (a JetStream cluster needs an odd quorum)")
         return value
 
     @field_validator("namespace")
