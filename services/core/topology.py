@@ -6,8 +6,12 @@ Streams are declared with nats-py, not faststream: faststream's ``JStream`` lack
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
+import time
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import (
     DiscardPolicy,
@@ -15,7 +19,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from .naming import Names
 from .settings import Settings
@@ -71,20 +75,43 @@ def stream_configs(settings: Settings, names: Names) -> list[StreamConfig]:
     ]
 
 
-async def apply_topology(js: JetStreamContext, settings: Settings, names: Names) -> None:
-    """Create the streams, or bring existing ones to this definition; safe to run concurrently."""
+async def apply_topology(
+    js: JetStreamContext, settings: Settings, names: Names, deadline_seconds: float = 60
+) -> None:
+    """Create the streams, or bring existing ones to this definition; safe to run concurrently.
+
+    In a cluster, two starters creating the same stream at once may get no answer at all
+    (measured on 2.15: one of two concurrent ``STREAM.CREATE`` requests times out while the
+    other succeeds), and right after start-up the meta group may not have a leader yet. So
+    each stream is retried, reading it back first, until ``deadline_seconds``.
+    """
+    deadline = time.monotonic() + deadline_seconds
     for config in stream_configs(settings, names):
-        try:
-            await js.stream_info(config.name)
-        except NotFoundError:
+        delay = 0.1
+        while True:
             try:
-                await js.add_stream(config)
-                log.info("created stream %s", config.name)
-                continue
-            except BadRequestError as exc:
-                if exc.err_code != 10058:  # created by a concurrent starter: update below
+                await _apply_stream(js, config)
+                break
+            except (TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError) as exc:
+                if time.monotonic() + delay > deadline:
                     raise
-        await js.update_stream(config)
+                log.info("stream %s not applied yet (%s); retrying", config.name, exc)
+                await asyncio.sleep(delay + random.random() * delay)
+                delay = min(delay * 2, 2.0)
+
+
+async def _apply_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            log.info("created stream %s", config.name)
+            return
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # created by a concurrent starter: update below
+                raise
+    await js.update_stream(config)
 
 
 async def topology_ready(js: JetStreamContext, names: Names) -> bool:
