@@ -24,6 +24,11 @@ from .pipeline import Rejection, append_alert, dead_letter, validate_event
 log = logging.getLogger(__name__)
 
 
+#: Seconds before an unacked event is handed out again (chaos suite: 30 s stalled alerts
+#: after an ingest kill -9).
+INGEST_ACK_WAIT = 5.0
+
+
 def retry_delay(attempt: int) -> float:
     """Seconds before redelivering an event that could not be stored: 0.5 s doubling to 30 s."""
     return float(min(30.0, 0.5 * 2 ** max(0, attempt - 1)))
@@ -42,7 +47,11 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
         pull_sub=PullSub(batch_size=64, timeout=1.0),
         config=ConsumerConfig(
             ack_policy=JsAckPolicy.EXPLICIT,
-            ack_wait=30,
+            # An event fetched by an ingest process that then died waits this long before
+            # another process gets it (a batch of up to 64 is fetched ahead): keep it short.
+            # Storing one event takes milliseconds; a slower attempt that overruns it is
+            # repeated, and ALERTS drops the repeat by Nats-Msg-Id.
+            ack_wait=INGEST_ACK_WAIT,
             max_ack_pending=1024,
             description="tocsin ingest: validates engine events into ALERTS",
         ),
