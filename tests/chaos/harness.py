@@ -411,6 +411,7 @@ class DeviceClient:
                 return
             if slow and self.pauses > 0 and not self.load_over.is_set() and now > next_pause:
                 await self.pause(ws)
+                next_pause = time.monotonic() + self.rng.uniform(1.0, 4.0)
             try:
                 frame = await self.receive(ws, 0.25)
             except TimeoutError:
