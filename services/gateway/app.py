@@ -17,6 +17,7 @@ from tocsin.core.topology import apply_topology, topology_ready
 from tocsin.ingest.http import publish_handler
 from tocsin.schemas import Close
 
+from . import metrics
 from .context import Gateway
 from .handler import GATEWAY, websocket
 
@@ -78,6 +79,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    metrics.setup(app)  # GET /metrics; counts sessions once the gateway exists
     return app
 
 
