@@ -155,6 +155,7 @@ async def serve(gw: Gateway, session: Session) -> None:
         )
         if opened.dropped:
             session.send_control(BacklogTruncated(dropped=opened.dropped))
+        session.established()
         gw.sessions.add(session)  # from now on the ticker pings, redelivers, checkpoints
         session.catchup_needed.set()
         tasks = [

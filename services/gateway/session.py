@@ -354,6 +354,14 @@ class Session:
             await held[-1].js_msg.ack()  # AckAll: JetStream's floor follows the device's
             self.saved_floor = max(self.saved_floor, held[-1].seq)
 
+    def established(self) -> None:
+        """The handshake is done: heartbeats count from here. Opening the queue may take
+        seconds (a busy NATS, a queue rebuilt after a node loss) and no ping could be sent
+        meanwhile, so that time is not the client's silence."""
+        now = time.monotonic()
+        self.next_ping = now + self.gw.settings.heartbeat_seconds
+        self.last_heard = max(self.last_heard, now)
+
     def tick(self, now_mono: float, now: float, late: float = 0.0) -> None:
         """Called by the gateway's ticker: redeliveries, heartbeats, token expiry. ``late`` is
         how long the ticker's own loop was stalled: that much silence is not the client's."""

@@ -221,3 +221,36 @@ async def test_any_frame_from_the_client_counts_as_alive(
         await busy.close()
     finally:
         await running.stop()
+
+
+@pytest.mark.slow
+async def test_a_slow_handshake_is_not_the_clients_silence(
+    make_settings, js: JetStreamContext, gateway_process
+) -> None:  # type: ignore[no-untyped-def]
+    """Heartbeats count from the end of the handshake. Here the handshake waits out the
+    takeover of a frozen gateway (SIGSTOP) that still holds the device: longer than two
+    heartbeats, during which no ping could be sent. The client must not be closed for it
+    (it was, with 4000, right after ``connection_established``)."""
+    import signal
+    import time
+
+    from ..support import start_gateway
+
+    frozen = gateway_process(make_settings())
+    old = await Client.connect(frozen.ws_url, token("ines"))
+    await old.next("connection_established")
+    frozen.proc.send_signal(signal.SIGSTOP)
+    running = await start_gateway(make_settings(heartbeat_seconds=1.0, shutdown_grace_seconds=3))
+    try:
+        started = time.monotonic()
+        new = await Client.connect(running.ws_url, token("ines"))
+        await new.next("connection_established", timeout=20)
+        assert time.monotonic() - started > 2.5  # the takeover was waited out: > 2 heartbeats
+        with contextlib.suppress(TimeoutError):  # two more heartbeats, answered
+            await asyncio.wait_for(new.closed.wait(), 2.5)
+        assert not new.closed.is_set(), f"closed with {new.close_code} after the handshake"
+        await new.close()
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+        await old.close()
+        await running.stop()
