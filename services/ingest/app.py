@@ -14,6 +14,7 @@ from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig
+from nats.js.errors import NotFoundError
 
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
@@ -95,5 +96,20 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
         await broker.connect()
         state["js"] = broker.connection.jetstream()
         await apply_topology(state["js"], settings, names)
+        await _current_ack_wait(state["js"], names)
 
     return app
+
+
+async def _current_ack_wait(js: JetStreamContext, names: Names) -> None:
+    """faststream never updates an existing durable: bring the ``ingest`` durable of an
+    older deployment (ack_wait 30 s) to ``INGEST_ACK_WAIT`` in place, keeping its state."""
+    try:
+        info = await js.consumer_info(names.ingest_stream, names.ingest_consumer)
+    except NotFoundError:
+        return  # first start: the subscriber creates it with the current value
+    config = info.config
+    if config.ack_wait != INGEST_ACK_WAIT:
+        config.ack_wait = INGEST_ACK_WAIT
+        await js.add_consumer(names.ingest_stream, config)
+        log.info("ingest durable: ack_wait now %.0f s", INGEST_ACK_WAIT)

@@ -181,6 +181,31 @@ async def test_events_published_while_down_are_processed_on_start(
     assert elapsed < DEADLINE
 
 
+async def test_an_older_ingest_durable_gets_the_current_ack_wait(
+    ingest_service: Ingest, js: JetStreamContext, names: Names
+) -> None:
+    """faststream never updates an existing durable: one made by an older version with a
+    30 s ack_wait is brought to the current value at start, keeping its position."""
+    from nats.js.api import AckPolicy as JsAckPolicy
+    from nats.js.api import ConsumerConfig
+
+    from tocsin.ingest.app import INGEST_ACK_WAIT
+
+    await js.add_consumer(
+        names.ingest_stream,
+        ConsumerConfig(
+            durable_name=names.ingest_consumer,
+            ack_policy=JsAckPolicy.EXPLICIT,
+            ack_wait=30,
+            max_ack_pending=1024,
+            filter_subject=names.ingest_subject,
+        ),
+    )
+    await ingest_service.start()
+    info = await js.consumer_info(names.ingest_stream, names.ingest_consumer)
+    assert info.config.ack_wait == INGEST_ACK_WAIT
+
+
 async def test_restart_resumes_without_loss_or_duplicates(
     ingest_service: Ingest, nc: NatsClient, js: JetStreamContext, names: Names
 ) -> None:
