@@ -79,6 +79,11 @@ class Names:
     def dlq_stream(self) -> str:
         return f"{self._stream_prefix}INGEST_DLQ"
 
+    @property
+    def devices_stream(self) -> str:
+        """One record per device (position, subscription): rebuilds a queue whose node died."""
+        return f"{self._stream_prefix}DEVICES"
+
     # --- subjects --------------------------------------------------------------------
     @property
     def ingest_subject(self) -> str:
@@ -170,6 +175,14 @@ class Names:
     def consumer_reset_api(stream: str, consumer: str) -> str:
         """JetStream's consumer reset API (nats-server 2.14+; nats-py has no call for it)."""
         return f"$JS.API.CONSUMER.RESET.{stream}.{consumer}"
+
+    @property
+    def devices_all(self) -> str:
+        return f"{self._subject_prefix}tocsin.devices.>"
+
+    def device_record_subject(self, consumer: str) -> str:
+        """The subject of a device's record in ``DEVICES`` (the last message per subject)."""
+        return f"{self._subject_prefix}tocsin.devices.{consumer}"
 
     # --- core NATS control subjects -------------------------------------------------
     def takeover_subject(self, consumer: str) -> str:

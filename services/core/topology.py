@@ -63,6 +63,19 @@ def stream_configs(settings: Settings, names: Names) -> list[StreamConfig]:
             discard=DiscardPolicy.OLD,
         ),
         StreamConfig(
+            name=names.devices_stream,
+            description="One record per device: acked position, subscription; rebuilds a "
+            "device queue whose node is gone",
+            subjects=[names.devices_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=settings.replicas,
+            max_age=retention,  # a device away longer starts at the live edge anyway
+            max_msgs_per_subject=1,
+            max_msg_size=MAX_ALERT_BYTES * 2,
+            discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
             name=names.dlq_stream,
             description="Rejected ingest events with the reason in headers",
             subjects=[names.dlq_all],
@@ -115,7 +128,7 @@ async def _apply_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def topology_ready(js: JetStreamContext, names: Names) -> bool:
-    for name in (names.ingest_stream, names.alerts_stream, names.dlq_stream):
+    for name in (names.ingest_stream, names.alerts_stream, names.dlq_stream, names.devices_stream):
         try:
             await js.stream_info(name)
         except Exception:

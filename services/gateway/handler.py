@@ -210,6 +210,8 @@ async def _leave(gw: Gateway, session: Session) -> None:
             await gw.queues.remember_sent(session.consumer, session.high_water)
     except Exception as exc:
         log.warning("could not save the position of %s: %s", session.consumer, exc)
+    # Also when the queue did not answer (its node down): the record is what rebuilds it.
+    await session.record()
 
 
 async def receive(session: Session) -> None:
@@ -285,7 +287,8 @@ async def on_text(session: Session, text: str) -> None:
 
 async def on_subscription(session: Session, frame: Subscribe | Unsubscribe | UpdateFilters) -> None:
     decision = decide(session.subscription, frame, session.claims_regions)
-    if decision.subscription != session.subscription:
+    changed = decision.subscription != session.subscription
+    if changed:
         try:
             await session.resubscribe(decision.subscription)
         except (TimeoutError, NatsError, QueueError) as exc:
@@ -293,4 +296,8 @@ async def on_subscription(session: Session, frame: Subscribe | Unsubscribe | Upd
             log.warning("%s: subscription change failed: %s", session.consumer, exc)
             session.close(Close.BACKEND_UNAVAILABLE, "alert store unavailable; reconnect later")
             return
+    # The answer goes out before anything is awaited: every alert after it was judged by
+    # the subscription it reports, every alert before it by the one before.
     session.send_control(response(frame, decision))
+    if changed:
+        await session.record()

@@ -8,15 +8,19 @@ JetStream's own ack (``AckAll``) while reading the backlog, and with the consume
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import nats.errors
 import orjson
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, ReplayPolicy
-from nats.js.errors import NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, ReplayPolicy
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from tocsin.core.coarse import coarse_filters
 from tocsin.core.naming import Names
@@ -40,6 +44,14 @@ def _own_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
 
 class QueueError(Exception):
     """JetStream refused an operation on a device queue."""
+
+
+#: What asking for a consumer whose (R1) node is down looks like (measured on 2.15.1: a
+#: request timeout for CONSUMER.INFO, no responders for a fetch), as opposed to a 404.
+UNREACHABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
+#: How long a rebuild keeps asking the meta group to remove the old queue (measured: 11 s
+#: after a kill when the stream's leader died with the node, as it re-elects first).
+REBUILD_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,7 @@ class DeviceQueues:
         self._settings = settings
         self._names = names
         self._stream = names.alerts_stream
+        self.rebuilt = 0  # queues rebuilt from their record (their node was down)
 
     def _tuned(self) -> dict[str, Any]:
         """The consumer fields that follow the settings; the rest are fixed at creation
@@ -139,14 +152,13 @@ class DeviceQueues:
             subscription = Subscription(filters=filters or Filters())
             stream = await self._js.stream_info(self._stream)
             last = stream.state.last_seq
-            config = self._config(
-                name, user, client_id, last + 1, {SUBSCRIPTION_KEY: subscription.to_json()}
-            )
-            subjects = coarse_filters(self._names, subscription, regions)
-            await self._js.add_consumer(self._stream, self._with_filters(config, subjects))
+            await self._create(name, user, client_id, last + 1, subscription, regions)
+            await self.record(name, user, client_id, last, 0, subscription)
             return Opened(
                 name, floor=last, pending=0, dropped=0, created=True, subscription=subscription
             )
+        except UNREACHABLE as exc:
+            info = await self._rebuild(name, user, client_id, regions, exc)
 
         subscription = _stored_subscription(name, info.config.metadata)
         if filters is not None:
@@ -167,9 +179,112 @@ class DeviceQueues:
             dropped, pending = before - after, after
             floor = target - 1
         sent_high = int((info.config.metadata or {}).get(SENT_KEY, "0") or 0)
+        await self.record(name, user, client_id, floor, sent_high, subscription)
         return Opened(
             name, floor, pending, dropped, False, sent_high=sent_high, subscription=subscription
         )
+
+    async def _create(
+        self,
+        name: str,
+        user: str,
+        client_id: str,
+        start_seq: int,
+        subscription: Subscription,
+        regions: tuple[str, ...] | None,
+        sent_high: int = 0,
+    ) -> None:
+        metadata = {SUBSCRIPTION_KEY: subscription.to_json()}
+        if sent_high:
+            metadata[SENT_KEY] = str(sent_high)
+        config = self._config(name, user, client_id, start_seq, metadata)
+        subjects = coarse_filters(self._names, subscription, regions)
+        await self._js.add_consumer(self._stream, self._with_filters(config, subjects))
+
+    # --- the device's record in DEVICES: a queue whose node is gone is rebuilt from it ---
+    async def record(
+        self,
+        name: str,
+        user: str,
+        client_id: str,
+        floor: int,
+        sent_high: int,
+        subscription: Subscription,
+    ) -> None:
+        """Write the device's record: at connect, on a subscription change and at close. Its
+        floor never passes what the device acked, so a queue rebuilt from it loses nothing
+        (it may repeat what was acked since). A failure is logged, not fatal: the queue
+        itself still holds the position."""
+        body = {
+            "user": user,
+            "client_id": client_id,
+            "floor": floor,
+            "sent": sent_high,
+            "subscription": orjson.loads(subscription.to_json()),
+        }
+        try:
+            await self._js.publish(
+                self._names.device_record_subject(name), orjson.dumps(body), timeout=5
+            )
+        except Exception as exc:
+            log.warning("could not write the record of %s: %s", name, exc)
+
+    async def recorded(self, name: str) -> dict[str, Any] | None:
+        try:
+            msg = await self._js.get_last_msg(
+                self._names.devices_stream, self._names.device_record_subject(name)
+            )
+        except NotFoundError:
+            return None
+        body: dict[str, Any] = orjson.loads(msg.data or b"{}")
+        return body
+
+    async def _rebuild(
+        self,
+        name: str,
+        user: str,
+        client_id: str,
+        regions: tuple[str, ...] | None,
+        cause: Exception,
+    ) -> ConsumerInfo:
+        """The device's queue does not answer: with R1 device queues (docs/operations.md)
+        that is the queue's node being down. Delete the queue (the meta group removes it even
+        while its node is down, though the request itself may time out) and create it again,
+        on a live node, from the device's record: its floor and its subscription. The alerts
+        themselves are in the replicated stream. A node loss may also take the leaders of
+        ``ALERTS`` and ``DEVICES`` with it: they re-elect within seconds, so every step is
+        retried until ``REBUILD_SECONDS``."""
+        deadline = time.monotonic() + REBUILD_SECONDS
+        while True:
+            try:
+                record = await self.recorded(name)
+                if record is None:
+                    raise QueueError(f"{name} does not answer and has no record to rebuild it from")
+                with contextlib.suppress(*UNREACHABLE, NotFoundError):
+                    await self._js.delete_consumer(self._stream, name)
+                try:
+                    return await self._js.consumer_info(self._stream, name)  # its node is back
+                except NotFoundError:
+                    pass
+                subscription = Subscription.from_json(orjson.dumps(record["subscription"]).decode())
+                floor, sent_high = int(record["floor"]), int(record.get("sent", 0))
+                await self._create(
+                    name, user, client_id, floor + 1, subscription, regions, sent_high
+                )
+                info = await self._js.consumer_info(self._stream, name)
+            except UNREACHABLE:
+                if time.monotonic() > deadline:
+                    raise QueueError(f"{name} does not answer and could not be rebuilt") from cause
+                await asyncio.sleep(0.2)  # no responders comes back at once: do not spin
+                continue
+            log.warning(
+                "rebuilt the queue of %s from its record at floor %d (it did not answer: %s)",
+                name,
+                floor,
+                str(cause) or type(cause).__name__,
+            )
+            self.rebuilt += 1
+            return info
 
     async def _apply(
         self, config: ConsumerConfig, subscription: Subscription, regions: tuple[str, ...] | None

@@ -403,6 +403,19 @@ class Session:
             if self.mode is Mode.CATCHUP:
                 self.rewind = True
 
+    async def record(self) -> None:
+        """Write the device's record (floor, subscription) that rebuilds its queue if the
+        queue's node is lost (DeviceQueues.record)."""
+        d = self.device
+        await self.gw.queues.record(
+            self.consumer,
+            d.user_id,
+            d.client_id,
+            self.window.floor,
+            self.high_water,
+            self.subscription,
+        )
+
     def needs_checkpoint(self) -> bool:
         return self.mode is Mode.LIVE and self.window.floor > self.saved_floor
 

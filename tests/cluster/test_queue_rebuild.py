@@ -1,0 +1,143 @@
+"""An R1 device queue whose node dies is rebuilt from the device's record and the R3 stream.
+
+Device queues are R1 (docs/operations.md: R3 costs 4-40x per consumer and caps a cluster at
+about 2,000 devices). When a queue's node is down its device cannot be served from it; the
+gateway then rebuilds the queue on a live node from the device's record in ``DEVICES`` (its
+acked floor and subscription) and the alerts in the replicated ``ALERTS`` stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import PubAck
+
+from tocsin.core.embedded import NatsCluster
+from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
+from tocsin.core.topology import apply_topology
+
+from ..conftest import SECRET
+from ..support import Client, RunningGateway, alert, append, eventually, start_gateway, token
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+@dataclass
+class Stack:
+    cluster: NatsCluster
+    gateway: RunningGateway
+    nc: NatsClient
+    js: JetStreamContext
+    names: Names
+
+
+@pytest.fixture
+async def stack(nats_cluster: NatsCluster, tmp_path: Path) -> AsyncIterator[Stack]:
+    settings = Settings(
+        nats_url=nats_cluster.urls,
+        namespace="rb",
+        jwt_secret=SECRET,
+        http_port=0,
+        data_dir=tmp_path / "data",
+        replicas=3,
+        device_replicas=1,
+        checkpoint_seconds=0.2,
+        shutdown_grace_seconds=5,
+    )
+    names = Names("rb")
+    nc = await nats.connect(nats_cluster.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    js = nc.jetstream()
+    await apply_topology(js, settings, names)
+    running = await start_gateway(settings)
+    try:
+        yield Stack(nats_cluster, running, nc, js, names)
+    finally:
+        await running.stop()
+        await nc.close()
+
+
+async def append_until_acked(
+    js: JetStreamContext, names: Names, body: dict[str, Any], timeout: float = 30
+) -> PubAck:
+    """Append as an engine must on a cluster: a stream whose leader died elects a new one
+    (measured 4-6 s) and publishes meanwhile time out; retry the same ``alert_id`` (deduped)
+    until a PubAck, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await append(js, names, body)
+        except (nats.errors.Error, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)  # a retry's pace, not a synchronisation
+
+
+async def host_of(stack: Stack, consumer: str) -> int:
+    info = await stack.js.consumer_info(stack.names.alerts_stream, consumer)
+    assert info.cluster is not None and info.cluster.leader
+    return [n.name for n in stack.cluster.nodes].index(info.cluster.leader)
+
+
+async def test_a_queue_on_a_dead_node_is_rebuilt_from_the_record(stack: Stack) -> None:
+    names, js = stack.names, stack.js
+    tok = token("nia", regions=("KE",))
+    consumer = names.device_consumer("nia", "phone")
+
+    first = await Client.connect(stack.gateway.ws_url, tok)
+    await first.next("connection_established")
+    await first.send({"type": "subscribe", "groups": ["region:KE-30"]})
+    assert (await first.next("subscription_response"))["status"] == "ok"
+    seen = [(await append_until_acked(js, names, alert("KE-30"))).seq for _ in range(3)]
+    got = await first.alerts(3, ack=True)
+    assert [f["seq"] for f in got] == seen
+    await first.close()  # clean close: the record holds floor = seen[-1] and the group
+
+    async def recorded_floor() -> bool:
+        record = await stack.gateway.gw.queues.recorded(consumer)
+        return record is not None and record["floor"] == seen[-1]
+
+    await eventually(recorded_floor, timeout=10, what="the record at close")
+    dead = await host_of(stack, consumer)
+    stack.cluster.kill(dead)
+
+    # While the node is down the R3 stream takes alerts (two replicas of three remain).
+    missed = []
+    for region in ["KE-30", "KE-31", "KE-30", "KE-30"]:
+        body = alert(region)
+        ack = await append_until_acked(js, names, body)
+        if region == "KE-30":
+            missed.append((ack.seq, body["alert_id"]))
+
+    again = await Client.connect(stack.gateway.ws_url, tok)
+    hello = await again.next("connection_established", timeout=60)
+    assert hello["groups"] == ["region:KE-30"]  # the subscription came back with it
+    assert hello["pending"] == len(missed)
+    frames = await again.alerts(len(missed), ack=True)
+    assert [(f["seq"], f["alert"]["alert_id"]) for f in frames] == missed  # nothing more
+    await again.nothing_more(0.5)
+    assert stack.gateway.gw.queues.rebuilt == 1
+    assert await host_of(stack, consumer) != dead
+
+    # The node returns; the old copy does not: the rebuilt queue keeps its position.
+    stack.cluster.start_node(dead)
+    await asyncio.to_thread(stack.cluster.wait_healthy, 30)
+    later = await append_until_acked(js, names, alert("KE-30"))
+    assert (await again.alerts(1, ack=True))[0]["seq"] == later.seq
+    await again.close()
+
+    async def settled() -> bool:
+        info = await js.consumer_info(names.alerts_stream, consumer)
+        return info.ack_floor is not None and info.ack_floor.stream_seq == later.seq
+
+    await eventually(settled, timeout=20, what="the rebuilt queue's floor")
