@@ -264,6 +264,13 @@ def render(gw: Gateway, totals: Totals) -> str:
         "Full garbage collections run after session churn (gateway/collector.py).",
         gw.collector.collections,
     )
+    out.one(
+        "tocsin_gateway_queues_rebuilt_total",
+        "counter",
+        "Device queues that did not answer (their NATS node down) and were rebuilt on a "
+        "live node from the device's DEVICES record (docs/operations.md §3).",
+        gw.queues.rebuilt,
+    )
     out.family(
         "tocsin_gateway_info",
         "gauge",

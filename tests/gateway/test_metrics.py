@@ -38,6 +38,7 @@ DOCUMENTED = {
     "tocsin_gateway_background_tasks_running": "gauge",
     "tocsin_gateway_shutting_down": "gauge",
     "tocsin_gateway_churn_collections_total": "counter",
+    "tocsin_gateway_queues_rebuilt_total": "counter",
     "tocsin_gateway_info": "gauge",
     "process_start_time_seconds": "gauge",
 }
