@@ -127,3 +127,22 @@ def test_delay_by_fault_window_and_the_json_line(tmp_path: Path) -> None:
     assert len(lines) == 2 and lines[0]["scenario"] == "synthetic"
     assert lines[0]["lost"] == 2  # ben never got 2 and 6
     assert "lost" in report.table()
+
+
+def test_delay_per_phase_from_puback_and_first_attempt_and_the_publish_outage() -> None:
+    v = Verifier("phases")
+    v.device_created(KE, 0.0)
+    v.phase("one_down", 0.0)
+    v.record_publish(body(1, "KE"), 1.0)
+    v.phase("two_down", 2.0)  # nothing PubAck'ed while the quorum is lost
+    v.phase("healed", 6.0)
+    v.record_publish(body(2, "KE"), 6.5, attempted_at=2.5)  # retried through the outage
+    v.end_phase(9.0)
+    v.record_frame(KE.key, frame(1, body(1, "KE")), 1.2)
+    v.record_frame(KE.key, frame(2, body(2, "KE")), 7.0)
+    report = v.report({1: 1, 2: 2})
+    assert report.phases["one_down"] == [1, pytest.approx(0.2), pytest.approx(0.2)]
+    assert report.phases["two_down"] == [0, 0.0, 0.0]
+    assert report.phases["healed"] == [1, pytest.approx(0.5), pytest.approx(4.5)]
+    assert report.publish_outage == pytest.approx(5.5)
+    assert "phase two_down" in report.table()

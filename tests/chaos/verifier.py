@@ -11,7 +11,10 @@ It judges a scenario after its faults healed and its devices drained:
 * **misdeliveries**: received but not matching the device's token and subscription, or
   never published;
 * **delay**: first receipt minus PubAck, worst overall and for alerts published during each
-  fault window (by fault kind; the window reaches ``RECOVERY_SECONDS`` past the heal).
+  fault window (by fault kind; the window reaches ``RECOVERY_SECONDS`` past the heal), and
+  per named **phase** (exact windows a scenario marks, e.g. one node down / two down / after
+  the heal), where the end-to-end delay (first publish attempt to first receipt) is kept too;
+* **publish outage**: the longest time the engine went without a PubAck while it published.
 
 Times are ``time.monotonic()`` seconds.
 """
@@ -22,6 +25,7 @@ import json
 import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +102,7 @@ class Published:
     alert_id: int | str
     ref: dict[str, Any]
     acked_at: float
+    attempted_at: float  # the first publish attempt (retries keep the same alert_id)
 
 
 @dataclass
@@ -126,6 +131,8 @@ class Verifier:
     #: What each device's client handed on after its dedupe by alert_id, in order.
     accepted: dict[str, list[int | str]] = field(default_factory=lambda: defaultdict(list))
     faults: list[Fault] = field(default_factory=list)
+    #: Named, non-overlapping windows of a scenario (``phase()``), by PubAck time.
+    phases: list[Fault] = field(default_factory=list)
     truncated: Counter[str] = field(default_factory=Counter)
     connects: Counter[str] = field(default_factory=Counter)
 
@@ -134,11 +141,16 @@ class Verifier:
         self.devices[spec.key] = spec
         self.created.setdefault(spec.key, at)
 
-    def record_publish(self, body: dict[str, Any], acked_at: float) -> None:
+    def record_publish(
+        self, body: dict[str, Any], acked_at: float, attempted_at: float | None = None
+    ) -> None:
         """Only PubAck'ed alerts count; a retry of the same alert_id keeps the first ack."""
         if body["alert_id"] in self.published:
             return
-        self.published[body["alert_id"]] = Published(body["alert_id"], ref_alert(body), acked_at)
+        first = acked_at if attempted_at is None else attempted_at
+        self.published[body["alert_id"]] = Published(
+            body["alert_id"], ref_alert(body), acked_at, first
+        )
         self.publish_order.append(body["alert_id"])
 
     def record_frame(self, device: str, frame: dict[str, Any], at: float) -> bool:
@@ -165,6 +177,15 @@ class Verifier:
     @staticmethod
     def fault_end(fault: Fault, at: float) -> None:
         fault.end = at
+
+    def phase(self, name: str, at: float) -> None:
+        """End the open phase (if any) at ``at`` and open ``name`` there."""
+        self.end_phase(at)
+        self.phases.append(Fault(name, at))
+
+    def end_phase(self, at: float) -> None:
+        if self.phases and self.phases[-1].end is None:
+            self.phases[-1].end = at
 
     def __post_init__(self) -> None:
         self._seen: dict[str, set[int | str]] = {}
@@ -228,10 +249,12 @@ class Verifier:
         r.devices = len(self.devices)
         r.connects = sum(self.connects.values())
         delays: list[tuple[float, float]] = []  # (acked_at, delay)
+        e2e: list[tuple[float, float]] = []  # (acked_at, first receipt - first attempt)
         for (_, alert_id), rec in first.items():
             pub = self.published.get(alert_id)
             if pub is not None:
                 delays.append((pub.acked_at, rec.at - pub.acked_at))
+                e2e.append((pub.acked_at, rec.at - pub.attempted_at))
         r.worst_delay = max((d for _, d in delays), default=0.0)
         for fault in self.faults:
             end = (fault.end if fault.end is not None else math.inf) + RECOVERY_SECONDS
@@ -240,6 +263,15 @@ class Verifier:
             r.worst_delay_by_fault[fault.kind] = max(
                 r.worst_delay_by_fault.get(fault.kind, 0), worst
             )
+        for phase in self.phases:
+            end = phase.end if phase.end is not None else math.inf
+            r.phases.setdefault(phase.kind, [0, 0.0, 0.0])
+            row = r.phases[phase.kind]
+            row[0] += sum(1 for p in self.published.values() if phase.start <= p.acked_at < end)
+            row[1] = max([row[1], *(d for t, d in delays if phase.start <= t < end)])
+            row[2] = max([row[2], *(d for t, d in e2e if phase.start <= t < end)])
+        acks = sorted(p.acked_at for p in self.published.values())
+        r.publish_outage = max((b - a for a, b in pairwise(acks)), default=0.0)
         del r.examples[20:]
         return r
 
@@ -275,6 +307,13 @@ class Report:
     truncated: int = 0
     worst_delay: float = 0.0
     worst_delay_by_fault: dict[str, float] = field(default_factory=dict)
+    #: phase -> [alerts PubAck'ed in it, worst delay from PubAck, worst from first attempt]
+    phases: dict[str, list[float]] = field(default_factory=dict)
+    #: The longest gap between consecutive PubAcks (time the engine could not publish).
+    publish_outage: float = 0.0
+    publish_retries: int = 0
+    #: Device queues the gateways rebuilt from their records (their node was down).
+    queues_rebuilt: int | None = None
     bystander_worst_delay: float | None = None
     mode: str = "short"
     seconds: float = 0.0
@@ -284,6 +323,8 @@ class Report:
         out = dict(self.__dict__)
         out["worst_delay"] = round(self.worst_delay, 3)
         out["worst_delay_by_fault"] = {k: round(v, 3) for k, v in self.worst_delay_by_fault.items()}
+        out["phases"] = {k: [round(x, 3) for x in v] for k, v in self.phases.items()}
+        out["publish_outage"] = round(self.publish_outage, 3)
         if self.bystander_worst_delay is not None:
             out["bystander_worst_delay"] = round(self.bystander_worst_delay, 3)
         return out
@@ -310,6 +351,22 @@ class Report:
         ]
         if self.bystander_worst_delay is not None:
             rows.append(("worst delay, bystanders", f"{self.bystander_worst_delay:.3f} s"))
+        for name, (count, worst, e2e) in self.phases.items():
+            rows.append(
+                (
+                    f"phase {name}",
+                    f"{count:.0f} acked, worst {worst:.3f} s (from 1st try {e2e:.3f} s)",
+                )
+            )
+        if self.phases:
+            rows.append(
+                (
+                    "publish outage (no PubAck)",
+                    f"{self.publish_outage:.3f} s, {self.publish_retries} retries",
+                )
+            )
+        if self.queues_rebuilt is not None:
+            rows.append(("queues rebuilt (gateway logs)", self.queues_rebuilt))
         width = max(len(k) for k, _ in rows)
         lines = [f"  {k:<{width}}  {v}" for k, v in rows]
         lines += [f"  ! {e}" for e in self.examples]
