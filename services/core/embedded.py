@@ -110,6 +110,10 @@ class NatsServer:
     def pids(self) -> list[int]:
         return [self.process.pid] if self.process is not None else []
 
+    @property
+    def urls(self) -> list[str]:
+        return [self.url]
+
     def config_text(self) -> str:
         store = str(self.store_dir.resolve()).replace("\\", "/")
         text = (
