@@ -90,7 +90,8 @@ class Gateway:
                 if session.window.items or now_mono >= session.next_sweep:
                     session.next_sweep = now_mono + SWEEP_SECONDS
                     session.tick(now_mono, now, late)
-                    if session.needs_checkpoint() and now_mono >= session.next_checkpoint:
+                    due = session.needs_checkpoint() and now_mono >= session.next_checkpoint
+                    if due or session.record_due(now_mono):
                         dirty.append(session)
                 if i % TICK_BATCH == TICK_BATCH - 1:
                     await asyncio.sleep(0)
@@ -108,10 +109,15 @@ class Gateway:
 
         async def one(session: Session) -> None:
             async with gate:
-                try:
-                    await session.checkpoint()
-                except Exception as exc:  # retried at the next tick; the floor is in memory
-                    log.warning("checkpoint of %s failed: %s", session.consumer, exc)
+                if session.needs_checkpoint():
+                    try:
+                        await session.checkpoint()
+                    except Exception as exc:  # retried at the next tick; floor in memory
+                        log.warning("checkpoint of %s failed: %s", session.consumer, exc)
+                # Also when the checkpoint failed (the queue's node down): the record is
+                # what a rebuild starts from.
+                if session.record_due(time.monotonic()):
+                    await session.record()
 
         await asyncio.gather(*(one(s) for s in sessions))
 

@@ -138,7 +138,7 @@ async def serve(gw: Gateway, session: Session) -> None:
         )
         session.subscription = opened.subscription
         w = session.window
-        w.floor = session.saved_floor = opened.floor
+        w.floor = session.saved_floor = session.recorded_floor = opened.floor
         w.next_seq = opened.floor + 1
         session.high_water = opened.sent_high
         session.send_control(
@@ -204,14 +204,15 @@ async def serve(gw: Gateway, session: Session) -> None:
 
 async def _leave(gw: Gateway, session: Session) -> None:
     """Save the device's position: acked floor for the queue, sent high-water for flags."""
+    # The record first: when the queue's node is down the saves below time out (5 s each),
+    # and a newcomer that rebuilds the queue meanwhile should find the newest position.
+    await session.record()
     try:
         await session.checkpoint()
         if session.high_water:
             await gw.queues.remember_sent(session.consumer, session.high_water)
     except Exception as exc:
         log.warning("could not save the position of %s: %s", session.consumer, exc)
-    # Also when the queue did not answer (its node down): the record is what rebuilds it.
-    await session.record()
 
 
 async def receive(session: Session) -> None:

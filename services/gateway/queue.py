@@ -52,6 +52,10 @@ UNREACHABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceU
 #: How long a rebuild keeps asking the meta group to remove the old queue (measured: 11 s
 #: after a kill when the stream's leader died with the node, as it re-elects first).
 REBUILD_SECONDS = 30.0
+#: A connected device's record is rewritten at most this often, after a checkpoint: it
+#: stays younger than the retention (``DEVICES`` keeps records that long) and close to the
+#: device's position, so a rebuild repeats little. 10,000 live devices: ~170 writes/s.
+RECORD_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,15 @@ class Opened:
     created: bool  # first time this device was seen: it starts at the live edge
     sent_high: int = 0  # highest seq an earlier connection sent (as saved at its close)
     subscription: Subscription = field(default_factory=Subscription)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A device's record in ``DEVICES``, checked."""
+
+    floor: int
+    sent: int
+    subscription: Subscription
 
 
 def _filters_of(config: ConsumerConfig) -> list[str]:
@@ -149,15 +162,24 @@ class DeviceQueues:
         try:
             info = await self._js.consumer_info(self._stream, name)
         except NotFoundError:
-            subscription = Subscription(filters=filters or Filters())
-            stream = await self._js.stream_info(self._stream)
-            last = stream.state.last_seq
-            await self._create(name, user, client_id, last + 1, subscription, regions)
-            await self.record(name, user, client_id, last, 0, subscription)
-            return Opened(
-                name, floor=last, pending=0, dropped=0, created=True, subscription=subscription
-            )
+            # Gone, but recorded (a rebuild cut short after its delete, a queue deleted by
+            # hand): it comes back from its record, not at the live edge, so nothing the
+            # device has not acked is skipped. Only a device without a record is new.
+            recorded = await self._record_of(name)
+            if recorded is None:
+                subscription = Subscription(filters=filters or Filters())
+                stream = await self._js.stream_info(self._stream)
+                last = stream.state.last_seq
+                await self._create(name, user, client_id, last + 1, subscription, regions)
+                await self.record(name, user, client_id, last, 0, subscription)
+                return Opened(
+                    name, floor=last, pending=0, dropped=0, created=True, subscription=subscription
+                )
+            await self._create_from(name, user, client_id, regions, recorded)
+            info = await self._js.consumer_info(self._stream, name)
         except UNREACHABLE as exc:
+            if self._settings.device_replicas > 1:
+                raise  # a replicated queue elects a new leader by itself: retry later
             info = await self._rebuild(name, user, client_id, regions, exc)
 
         subscription = _stored_subscription(name, info.config.metadata)
@@ -211,10 +233,10 @@ class DeviceQueues:
         sent_high: int,
         subscription: Subscription,
     ) -> None:
-        """Write the device's record: at connect, on a subscription change and at close. Its
-        floor never passes what the device acked, so a queue rebuilt from it loses nothing
-        (it may repeat what was acked since). A failure is logged, not fatal: the queue
-        itself still holds the position."""
+        """Write the device's record: at connect, on a subscription change, at close and
+        now and then while it is connected (``RECORD_SECONDS``). Its floor never passes what
+        the device acked, so a queue rebuilt from it loses nothing (it may repeat what was
+        acked since). A failure is logged, not fatal: the queue itself holds the position."""
         body = {
             "user": user,
             "client_id": client_id,
@@ -224,12 +246,13 @@ class DeviceQueues:
         }
         try:
             await self._js.publish(
-                self._names.device_record_subject(name), orjson.dumps(body), timeout=5
+                self._names.device_record_subject(name), orjson.dumps(body), timeout=2
             )
         except Exception as exc:
             log.warning("could not write the record of %s: %s", name, exc)
 
     async def recorded(self, name: str) -> dict[str, Any] | None:
+        """The device's record as stored (None: none)."""
         try:
             msg = await self._js.get_last_msg(
                 self._names.devices_stream, self._names.device_record_subject(name)
@@ -239,6 +262,41 @@ class DeviceQueues:
         body: dict[str, Any] = orjson.loads(msg.data or b"{}")
         return body
 
+    async def _record_of(self, name: str) -> Recorded | None:
+        """The record, checked: an unreadable one counts as none (logged)."""
+        body = await self.recorded(name)
+        if body is None:
+            return None
+        try:
+            return Recorded(
+                floor=int(body["floor"]),
+                sent=int(body.get("sent", 0)),
+                subscription=Subscription.from_json(orjson.dumps(body["subscription"]).decode()),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("%s: unreadable record in DEVICES (%s); treated as none", name, exc)
+            return None
+
+    async def _create_from(
+        self,
+        name: str,
+        user: str,
+        client_id: str,
+        regions: tuple[str, ...] | None,
+        recorded: Recorded,
+    ) -> None:
+        await self._create(
+            name,
+            user,
+            client_id,
+            recorded.floor + 1,
+            recorded.subscription,
+            regions,  # the current token bounds it, whatever the record says
+            recorded.sent,
+        )
+        self.rebuilt += 1
+        log.warning("rebuilt the queue of %s from its record at floor %d", name, recorded.floor)
+
     async def _rebuild(
         self,
         name: str,
@@ -247,44 +305,35 @@ class DeviceQueues:
         regions: tuple[str, ...] | None,
         cause: Exception,
     ) -> ConsumerInfo:
-        """The device's queue does not answer: with R1 device queues (docs/operations.md)
-        that is the queue's node being down. Delete the queue (the meta group removes it even
-        while its node is down, though the request itself may time out) and create it again,
-        on a live node, from the device's record: its floor and its subscription. The alerts
-        themselves are in the replicated stream. A node loss may also take the leaders of
-        ``ALERTS`` and ``DEVICES`` with it: they re-elect within seconds, so every step is
-        retried until ``REBUILD_SECONDS``."""
+        """The device's R1 queue does not answer: its node is down (docs/operations.md §3).
+        Delete it through the meta group (the request may time out; it takes effect) and
+        create it again on a live node from the device's record. A node loss may also take
+        the leaders of ``ALERTS`` and ``DEVICES`` with it; they re-elect within seconds, so
+        each pass is retried until ``REBUILD_SECONDS``. Each pass first asks the queue
+        again: one that answers (its node is back, or another gateway rebuilt it) is used
+        as it is, and only one that times out is deleted."""
+        recorded = await self._record_of(name)
+        if recorded is None:
+            raise QueueError(f"{name} does not answer and has no record to rebuild it from")
         deadline = time.monotonic() + REBUILD_SECONDS
+        timed_out = True  # the caller's CONSUMER.INFO did
         while True:
             try:
-                record = await self.recorded(name)
-                if record is None:
-                    raise QueueError(f"{name} does not answer and has no record to rebuild it from")
-                with contextlib.suppress(*UNREACHABLE, NotFoundError):
-                    await self._js.delete_consumer(self._stream, name)
+                if timed_out:
+                    with contextlib.suppress(*UNREACHABLE, NotFoundError):
+                        await self._js.delete_consumer(self._stream, name)
                 try:
-                    return await self._js.consumer_info(self._stream, name)  # its node is back
+                    return await self._js.consumer_info(self._stream, name)
                 except NotFoundError:
-                    pass
-                subscription = Subscription.from_json(orjson.dumps(record["subscription"]).decode())
-                floor, sent_high = int(record["floor"]), int(record.get("sent", 0))
-                await self._create(
-                    name, user, client_id, floor + 1, subscription, regions, sent_high
-                )
-                info = await self._js.consumer_info(self._stream, name)
-            except UNREACHABLE:
-                if time.monotonic() > deadline:
-                    raise QueueError(f"{name} does not answer and could not be rebuilt") from cause
-                await asyncio.sleep(0.2)  # no responders comes back at once: do not spin
-                continue
-            log.warning(
-                "rebuilt the queue of %s from its record at floor %d (it did not answer: %s)",
-                name,
-                floor,
-                str(cause) or type(cause).__name__,
-            )
-            self.rebuilt += 1
-            return info
+                    await self._create_from(name, user, client_id, regions, recorded)
+                    return await self._js.consumer_info(self._stream, name)
+            except nats.errors.TimeoutError:
+                timed_out = True
+            except UNREACHABLE:  # no responders, 503: no leader yet; nothing to delete
+                timed_out = False
+            if time.monotonic() > deadline:
+                raise QueueError(f"{name} does not answer and could not be rebuilt") from cause
+            await asyncio.sleep(0.2)  # no responders comes back at once: do not spin
 
     async def _apply(
         self, config: ConsumerConfig, subscription: Subscription, regions: tuple[str, ...] | None

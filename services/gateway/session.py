@@ -29,6 +29,7 @@ from tocsin.schemas import Alert, Close, ConnectionStats, Error, ErrorCode
 from tocsin.schemas.subscription import Filters, Subscription
 
 from .live import LiveAlert, alert_frame, expires_of
+from .queue import RECORD_SECONDS
 from .window import InFlight, Window
 
 if TYPE_CHECKING:
@@ -96,6 +97,9 @@ class Session:
         # staggered: sessions that connected together do not all save at the same tick
         self.next_checkpoint = now + random.uniform(0, gw.settings.checkpoint_seconds)
         self.next_sweep = now + random.random()  # the ticker's once-a-second visit (context)
+        self.next_record = now + RECORD_SECONDS  # the record was written at connect
+        self.recorded_floor = -1  # the floor the device's record holds (set by the handler)
+        self.recorded_at = now
         self.sent = self.redelivered = self.acks = 0
 
     # ------------------------------------------------------------ called by the feed
@@ -403,9 +407,21 @@ class Session:
             if self.mode is Mode.CATCHUP:
                 self.rewind = True
 
+    def record_due(self, now_mono: float) -> bool:
+        """Rewrite the record at most every RECORD_SECONDS: when the floor moved since, or
+        every quarter retention anyway (DEVICES keeps records for the retention: a device
+        connected for days with no alerts must not outlive its record)."""
+        if now_mono < self.next_record:
+            return False
+        refresh = self.gw.settings.retention_seconds / 4
+        return self.window.floor != self.recorded_floor or now_mono - self.recorded_at >= refresh
+
     async def record(self) -> None:
         """Write the device's record (floor, subscription) that rebuilds its queue if the
         queue's node is lost (DeviceQueues.record)."""
+        now = time.monotonic()
+        self.recorded_floor, self.recorded_at = self.window.floor, now
+        self.next_record = now + RECORD_SECONDS
         d = self.device
         await self.gw.queues.record(
             self.consumer,
