@@ -312,13 +312,15 @@ class DeviceQueues:
         each pass is retried until ``REBUILD_SECONDS``. Each pass first asks the queue
         again: one that answers (its node is back, or another gateway rebuilt it) is used
         as it is, and only one that times out is deleted."""
-        recorded = await self._record_of(name)
-        if recorded is None:
-            raise QueueError(f"{name} does not answer and has no record to rebuild it from")
         deadline = time.monotonic() + REBUILD_SECONDS
         timed_out = True  # the caller's CONSUMER.INFO did
+        recorded: Recorded | None = None
         while True:
             try:
+                if recorded is None:  # DEVICES may be re-electing too
+                    recorded = await self._record_of(name)
+                    if recorded is None:
+                        raise QueueError(f"{name} does not answer and has no record")
                 if timed_out:
                     with contextlib.suppress(*UNREACHABLE, NotFoundError):
                         await self._js.delete_consumer(self._stream, name)
