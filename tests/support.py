@@ -135,33 +135,55 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def spawn_tocsin(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m tocsin <args>`` as a process of its own, its output appended to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tocsin", *args],
+            env=env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 @dataclass
 class GatewayProcess:
-    """``python -m tocsin gateway`` as a real process on a free port."""
+    """``python -m tocsin gateway`` as a real process; it keeps its port across
+    ``kill()`` and ``start()`` (the chaos suite restarts gateways in place)."""
 
-    proc: subprocess.Popen[bytes]
     port: int
     log: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def spawn(cls, settings: Settings, log: Path) -> GatewayProcess:
-        port = free_port()
-        env = settings_env(settings) | {"TOCSIN_HTTP_PORT": str(port)}
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tocsin", "gateway"],
-                env=env,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-            )
-        running = cls(proc, port, log)
-        try:
-            wait_for_port("127.0.0.1", port, 20)
-        except TimeoutError:
-            running.stop()
-            raise AssertionError(f"gateway did not start:\n{log.read_text()}") from None
+        """A gateway on a free port, started and listening."""
+        running = cls(free_port(), log, settings_env(settings))
+        running.start()
+        running.wait_up(20)
         return running
+
+    def start(self) -> None:
+        self.proc = spawn_tocsin(
+            ["gateway"], self.env | {"TOCSIN_HTTP_PORT": str(self.port)}, self.log
+        )
+
+    def wait_up(self, timeout: float = 30) -> None:
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout, self.proc)
+        except (TimeoutError, RuntimeError) as exc:
+            self.stop()
+            why = f"gateway :{self.port} did not start ({exc}):\n{log_tail(self.log)}"
+            raise AssertionError(why) from None
 
     @property
     def ws_url(self) -> str:
@@ -172,7 +194,11 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        return stop_process(self.proc, timeout, sig)
+        return None if self.proc is None else stop_process(self.proc, timeout, sig)
+
+    def kill(self) -> None:
+        """``kill -9``: no goodbye to clients or NATS."""
+        self.stop(signal.SIGKILL, 5)
 
 
 @dataclass

@@ -19,7 +19,6 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,14 +38,13 @@ from tocsin.core.embedded import (
     NatsServer,
     free_port,
     stop_process,
-    wait_for_port,
 )
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology
 
 from ..conftest import SECRET
-from ..support import settings_env
+from ..support import GatewayProcess, settings_env, spawn_tocsin
 from .proxy import RoundRobinProxy
 from .verifier import DeviceSpec, Fault, Report, Verifier
 
@@ -81,54 +79,6 @@ MODE = chaos_mode()
 # ----------------------------------------------------------------------- processes
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tocsin", *args],
-            env=env,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-
-
-@dataclass
-class Gateway:
-    port: int
-    log: Path
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = spawn(["gateway"], self.env | {"TOCSIN_HTTP_PORT": str(self.port)}, self.log)
-
-    async def wait_up(self, timeout: float = 30) -> None:
-        try:
-            await asyncio.to_thread(wait_for_port, "127.0.0.1", self.port, timeout, self.proc)
-        except (TimeoutError, RuntimeError) as exc:
-            why = f"gateway :{self.port} did not start ({exc}):\n{tail(self.log)}"
-            raise AssertionError(why) from None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, 5, signal.SIGKILL)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, 15)
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/v1/alerts/ws"
-
-
-def tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 @dataclass
 class Scene:
     tmp: Path
@@ -142,7 +92,7 @@ class Scene:
     js: JetStreamContext | None = None
     settings: Settings | None = None
     env: dict[str, str] = field(default_factory=dict)
-    gws: list[Gateway] = field(default_factory=list)
+    gws: list[GatewayProcess] = field(default_factory=list)
     ingest: subprocess.Popen[bytes] | None = None
     proxy: RoundRobinProxy | None = None
     clients: list[DeviceClient] = field(default_factory=list)
@@ -192,18 +142,18 @@ class Scene:
         self.js = self.nc.jetstream(timeout=3)
         await apply_topology(self.js, self.settings, self.names)
         self.gws = [
-            Gateway(free_port(), self.tmp / f"gateway-{i}.log", self.env)
+            GatewayProcess(free_port(), self.tmp / f"gateway-{i}.log", self.env)
             for i in range(self.gateways)
         ]
         for gw in self.gws:
             gw.start()
         self.start_ingest()
-        await asyncio.gather(*(gw.wait_up() for gw in self.gws))
+        await asyncio.gather(*(asyncio.to_thread(gw.wait_up) for gw in self.gws))
         if self.use_proxy:
             self.proxy = await RoundRobinProxy([("127.0.0.1", g.port) for g in self.gws]).start()
 
     def start_ingest(self) -> None:
-        self.ingest = spawn(["ingest"], self.env, self.tmp / "ingest.log")
+        self.ingest = spawn_tocsin(["ingest"], self.env, self.tmp / "ingest.log")
 
     def kill_ingest(self) -> None:
         if self.ingest is not None:
@@ -688,7 +638,7 @@ def gateway_kills(n: int) -> Injector:
             gw.kill()  # kill -9 mid-send: alerts are flowing
             await asyncio.sleep(rng.uniform(0.2, 1.0))  # downtime
             gw.start()  # same port
-            await gw.wait_up()
+            await asyncio.to_thread(gw.wait_up)
             v.fault_end(fault, time.monotonic())
 
     return inject
