@@ -621,43 +621,33 @@ async def node_loss(root: Path, aborted: list[str]) -> dict[str, Any]:
         after_delete = await info_probe(deleted)
         log.add(f"recovery A: consumer_info {deleted} after the delete", after_delete)
         recovery["delete"]["info_after"] = after_delete
+
+        async def recreate(label: str, user: str, name: str, what: str) -> dict[str, Any]:
+            """Create ``name`` at the known floor + 1 on a live node; what it then yields."""
+            config = fleet.config(user, LOSS_ACKED + 1, name=name)
+            info, outcome, took = await attempt(js.add_consumer(stream, config), 15)
+            leader = info.cluster.leader if info is not None and info.cluster else None
+            log.add(f"recovery {label}: {what}", f"{outcome} ({took:.3f} s) leader={leader}")
+            seqs = await fetch_seqs(fleet, name, 15, ack=True) if info is not None else []
+            exact = seqs == expected
+            log.add(f"recovery {label}: {name} yields", f"{len(seqs)} alerts, exact={exact}")
+            return {
+                "create": outcome,
+                "create_s": took,
+                "placed_on": leader,
+                "yields": [seqs[0], seqs[-1], len(seqs)] if seqs else [],
+                "exactly_unacked": exact,
+            }
+
         user_a = users[1][r1.index(deleted)]
-        info, outcome, took = await attempt(
-            js.add_consumer(stream, fleet.config(user_a, LOSS_ACKED + 1)), 15
+        recovery["same_name"] = await recreate(
+            "A", user_a, deleted, f"create {deleted} again, opt_start_seq={LOSS_ACKED + 1}"
         )
-        leader = info.cluster.leader if info is not None and info.cluster else None
-        log.add(
-            f"recovery A: create {deleted} again, opt_start_seq={LOSS_ACKED + 1}",
-            f"{outcome} ({took:.3f} s) leader={leader}",
-        )
-        seqs = await fetch_seqs(fleet, deleted, 15, ack=True) if info is not None else []
-        recovery["same_name"] = {
-            "create": outcome,
-            "create_s": took,
-            "placed_on": leader,
-            "yields": [seqs[0], seqs[-1], len(seqs)] if seqs else [],
-            "exactly_unacked": seqs == expected,
-        }
-        log.add(f"recovery A: {deleted} yields", f"{len(seqs)} alerts, exact={seqs == expected}")
         user_b = users[1][r1.index(renamed)]
         new_name = f"{renamed}__r"
-        info, outcome, took = await attempt(
-            js.add_consumer(stream, fleet.config(user_b, LOSS_ACKED + 1, name=new_name)), 15
+        recovery["new_name"] = await recreate(
+            "B", user_b, new_name, f"create {new_name} (old {renamed} left alone)"
         )
-        leader = info.cluster.leader if info is not None and info.cluster else None
-        log.add(
-            f"recovery B: create {new_name} (old {renamed} left alone)",
-            f"{outcome} ({took:.3f} s) leader={leader}",
-        )
-        seqs = await fetch_seqs(fleet, new_name, 15, ack=True) if info is not None else []
-        recovery["new_name"] = {
-            "create": outcome,
-            "create_s": took,
-            "placed_on": leader,
-            "yields": [seqs[0], seqs[-1], len(seqs)] if seqs else [],
-            "exactly_unacked": seqs == expected,
-        }
-        log.add(f"recovery B: {new_name} yields", f"{len(seqs)} alerts, exact={seqs == expected}")
         # C: the same name again without deleting: an update of a consumer nobody serves
         if len(on_dead) > 3:
             same = on_dead[3]
