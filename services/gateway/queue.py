@@ -52,9 +52,9 @@ UNREACHABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceU
 #: How long a rebuild keeps asking the meta group to remove the old queue (measured: 11 s
 #: after a kill when the stream's leader died with the node, as it re-elects first).
 REBUILD_SECONDS = 30.0
-#: A connected device's record is rewritten at most this often, after a checkpoint: it
-#: stays younger than the retention (``DEVICES`` keeps records that long) and close to the
-#: device's position, so a rebuild repeats little. 10,000 live devices: ~170 writes/s.
+#: A connected device's record is rewritten by the ticker at most this often, when its floor
+#: moved (and every quarter retention regardless, Session.record_due): close to the device's
+#: position, so a rebuild repeats little. 10,000 live devices: up to ~170 writes/s.
 RECORD_SECONDS = 60.0
 
 
@@ -105,7 +105,7 @@ class DeviceQueues:
         self._settings = settings
         self._names = names
         self._stream = names.alerts_stream
-        self.rebuilt = 0  # queues rebuilt from their record (their node was down)
+        self.rebuilt = 0  # queues recreated from their record (node down, or queue missing)
 
     def _tuned(self) -> dict[str, Any]:
         """The consumer fields that follow the settings; the rest are fixed at creation
@@ -242,7 +242,7 @@ class DeviceQueues:
             "client_id": client_id,
             "floor": floor,
             "sent": sent_high,
-            "subscription": orjson.loads(subscription.to_json()),
+            "subscription": subscription.as_dict(),
         }
         try:
             await self._js.publish(
@@ -264,14 +264,14 @@ class DeviceQueues:
 
     async def _record_of(self, name: str) -> Recorded | None:
         """The record, checked: an unreadable one counts as none (logged)."""
-        body = await self.recorded(name)
-        if body is None:
-            return None
         try:
+            body = await self.recorded(name)
+            if body is None:
+                return None
             return Recorded(
                 floor=int(body["floor"]),
                 sent=int(body.get("sent", 0)),
-                subscription=Subscription.from_json(orjson.dumps(body["subscription"]).decode()),
+                subscription=Subscription.model_validate(body["subscription"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("%s: unreadable record in DEVICES (%s); treated as none", name, exc)

@@ -46,11 +46,16 @@ async def test_a_queue_gone_with_its_record_kept_comes_back_from_the_record(
     await again.close()
 
 
+@pytest.mark.parametrize(
+    "stored",
+    [b"not json", b"[]", orjson.dumps({"floor": "x"}), orjson.dumps({"floor": 3})],
+    ids=["not-json", "not-an-object", "bad-floor", "no-subscription"],
+)
 async def test_an_unreadable_record_counts_as_none(
-    gateway: RunningGateway, js: JetStreamContext, names: Names
+    gateway: RunningGateway, js: JetStreamContext, names: Names, stored: bytes
 ) -> None:
     consumer = names.device_consumer("pia", "phone")
-    await js.publish(names.device_record_subject(consumer), orjson.dumps({"floor": "x"}))
+    await js.publish(names.device_record_subject(consumer), stored)
     client = await Client.connect(gateway.ws_url, token("pia"))
     hello = await client.next("connection_established")  # a new device, not an error
     assert hello["pending"] == 0
