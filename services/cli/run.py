@@ -136,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
 
     nats: NatsServer | NatsCluster | None = None
-    replicas = ""
+    replicas = settings.replicas
     children: dict[str, subprocess.Popen[bytes]] = {}
     failed = False
     try:
@@ -192,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             pids = ", ".join(str(pid) for pid in nats.pids)
             nats_note = f"embedded, pid {pids}, log {logs}"
             if settings.cluster > 1 and "TOCSIN_REPLICAS" not in os.environ:
-                replicas = "3"  # a cluster is for surviving a node: streams at R3
+                replicas = 3  # a cluster is for surviving a node: streams at R3
 
         if settings.jwt_secret:
             secret = settings.jwt_secret
@@ -210,15 +210,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "TOCSIN_JWT_SECRET": secret,
                 "TOCSIN_HTTP_PORT": str(http_port),
                 "TOCSIN_DATA_DIR": str(data_dir),
+                "TOCSIN_REPLICAS": str(replicas),
             }
         )
-        if replicas:
-            env["TOCSIN_REPLICAS"] = replicas
         if nats is not None and not stop:
             # The streams first, from here: on a cluster, the ingest service and the
             # gateway creating the same stream at once each wait out a request timeout
             # (measured: 10 s longer start-up); updating existing ones together is fast.
-            _apply_topology(settings, nats.urls, int(replicas or settings.replicas))
+            _apply_topology(settings, nats.urls, replicas)
         for name in ("ingest", "gateway"):
             if stop:
                 break

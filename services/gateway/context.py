@@ -90,8 +90,10 @@ class Gateway:
                 if session.window.items or now_mono >= session.next_sweep:
                     session.next_sweep = now_mono + SWEEP_SECONDS
                     session.tick(now_mono, now, late)
-                    due = session.needs_checkpoint() and now_mono >= session.next_checkpoint
-                    if due or session.record_due(now_mono):
+                    checkpoint_due = (
+                        session.needs_checkpoint() and now_mono >= session.next_checkpoint
+                    )
+                    if checkpoint_due or session.record_due(now_mono):
                         dirty.append(session)
                 if i % TICK_BATCH == TICK_BATCH - 1:
                     await asyncio.sleep(0)

@@ -267,8 +267,8 @@ def render(gw: Gateway, totals: Totals) -> str:
     out.one(
         "tocsin_gateway_queues_rebuilt_total",
         "counter",
-        "Device queues that did not answer (their NATS node down) and were rebuilt on a "
-        "live node from the device's DEVICES record (docs/operations.md §3).",
+        "Device queues recreated from the device's DEVICES record: their NATS node did not "
+        "answer, or they were missing (docs/operations.md §3).",
         gw.queues.rebuilt,
     )
     out.family(
