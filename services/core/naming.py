@@ -84,6 +84,11 @@ class Names:
         """One record per device (position, subscription): rebuilds a queue whose node died."""
         return f"{self._stream_prefix}DEVICES"
 
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """Every stream tocsin declares (core/topology.py), in declaration order."""
+        return (self.ingest_stream, self.alerts_stream, self.devices_stream, self.dlq_stream)
+
     # --- subjects --------------------------------------------------------------------
     @property
     def ingest_subject(self) -> str:

@@ -128,7 +128,7 @@ async def _apply_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 
 async def topology_ready(js: JetStreamContext, names: Names) -> bool:
-    for name in (names.ingest_stream, names.alerts_stream, names.dlq_stream, names.devices_stream):
+    for name in names.streams:
         try:
             await js.stream_info(name)
         except Exception:

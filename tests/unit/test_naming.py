@@ -341,3 +341,14 @@ def test_wildcarded_subject_matches_itself(tokens: list[str], data: st.DataObjec
     assert matches(subject, ".".join([*pattern[:cut], ">"]))
     assert not matches(subject, ".".join([*pattern, ">"]))
     assert not matches(subject, ".".join([*pattern, "*"]))
+
+
+@pytest.mark.parametrize("namespace", ["", "t1"])
+def test_names_streams_are_the_declared_streams(namespace: str) -> None:
+    """/readyz checks ``Names.streams``; topology declares ``stream_configs``: the same set."""
+    from tocsin.core.settings import Settings
+    from tocsin.core.topology import stream_configs
+
+    names = Names(namespace)
+    configs = stream_configs(Settings(jwt_secret="x" * 40), names)
+    assert tuple(c.name for c in configs) == names.streams
