@@ -15,6 +15,8 @@ REGION_PATTERN = r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$"
 _REGION_RE = re.compile(REGION_PATTERN)
 #: Alert ids travel as ``Nats-Msg-Id`` and in subjects of later features: keep them plain.
 ALERT_ID_STR_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+#: The largest integer alert_id: 2^53 - 1, exact in JavaScript and Dart (CONTRACT §4).
+MAX_ALERT_ID = 2**53 - 1
 
 
 class AlertLevel(StrEnum):
@@ -89,7 +91,7 @@ class Alert(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     alert_id: (
-        Annotated[int, Field(ge=1, strict=True)]
+        Annotated[int, Field(ge=1, le=MAX_ALERT_ID, strict=True)]
         | Annotated[str, Field(pattern=ALERT_ID_STR_PATTERN)]
     )
     alert_level: AlertLevel

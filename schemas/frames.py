@@ -126,7 +126,7 @@ class UpdateFilters(_Frame):
 
 class Pong(_Frame):
     type: Literal["pong"] = "pong"
-    ts: float | None = None
+    ts: float | None = Field(default=None, strict=True)
 
 
 class GetStats(_Frame):
@@ -135,7 +135,8 @@ class GetStats(_Frame):
 
 class Ack(_Frame):
     type: Literal["ack"] = "ack"
-    seq: int = Field(ge=1)
+    #: strict: a JSON integer, not "5", true, 5.0 or 1e3 (CONTRACT §6)
+    seq: int = Field(ge=1, strict=True)
 
 
 ClientFrame = Annotated[
