@@ -190,9 +190,10 @@ class Names:
         return f"{self._subject_prefix}tocsin.devices.{consumer}"
 
     # --- core NATS control subjects -------------------------------------------------
-    def takeover_subject(self, consumer: str) -> str:
-        """A session listens here; a newer connection of the same device asks it to leave."""
-        return f"{self._subject_prefix}tocsin.device.{consumer}.takeover"
+    def gateway_takeover_subject(self, instance: str) -> str:
+        """A gateway listens here; a newer connection of a device one of its sessions owns
+        asks it to let the device go (gateway/ownership.py)."""
+        return f"{self._subject_prefix}tocsin.gateway.{instance}.takeover"
 
 
 def matches(subject: str, pattern: str) -> bool:

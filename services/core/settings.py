@@ -82,6 +82,13 @@ class Settings(BaseSettings):
         "cluster on loopback (streams then default to 3 replicas)",
     )
     shutdown_grace_seconds: float = Field(default=10, gt=0)
+    takeover_seconds: float = Field(
+        default=15,
+        gt=0,
+        le=300,
+        description="how long a new connection of a device waits for an older one to let the "
+        "device go before it is closed with 4503",
+    )
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     _split = field_validator("nats_url", "alert_types", mode="before")(_csv)

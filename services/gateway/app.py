@@ -36,6 +36,16 @@ def create_app(settings: Settings) -> web.Application:
     names = Names(settings.namespace)
 
     async def nats_and_gateway(app: web.Application) -> AsyncIterator[None]:
+        holder: list[Gateway] = []  # the callbacks exist before the gateway does
+
+        async def disconnected() -> None:
+            if holder:
+                await holder[0].on_disconnected()
+
+        async def reconnected() -> None:
+            if holder:
+                await holder[0].on_reconnected()
+
         nc = await nats.connect(
             settings.nats_url,
             name="tocsin-gateway",
@@ -43,10 +53,13 @@ def create_app(settings: Settings) -> web.Application:
             reconnect_time_wait=0.5,
             allow_reconnect=True,
             drain_timeout=5,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
         )
         js = nc.jetstream()
         await apply_topology(js, settings, names)
         gw = Gateway(settings, nc, js)
+        holder.append(gw)
         await gw.start()
         app[GATEWAY] = gw
         log.info(

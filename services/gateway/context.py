@@ -16,10 +16,13 @@ from nats.js import JetStreamContext
 from tocsin.core.auth import TokenVerifier
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
+from tocsin.schemas import Close
 
 from .collector import Collector
 from .live import LiveFeed
+from .ownership import Lost, Owners, State
 from .queue import DeviceQueues
+from .records import DeviceRecords
 
 if TYPE_CHECKING:
     from .session import Session
@@ -44,11 +47,14 @@ class Gateway:
         self.js = js
         self.verifier = TokenVerifier.from_settings(settings)
         self.queues = DeviceQueues(nc, js, settings, self.names)
+        self.records = DeviceRecords(js, self.names)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.owners = Owners(
+            nc, self.records, self.names, self.instance, settings.takeover_seconds, self.spawn
+        )
         self.feed = LiveFeed(js, self.names)
         self.sessions: set[Session] = set()
         self.collector = Collector()
-        self.devices: dict[str, Session] = {}  # consumer name -> the session holding it
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self.shutting_down = False
 
@@ -60,6 +66,7 @@ class Gateway:
         return task
 
     async def start(self) -> None:
+        await self.owners.start()
         await self.feed.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
@@ -69,6 +76,39 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         await self.feed.stop()
+        await self.owners.stop()
+
+    # --- the NATS connection comes and goes ----------------------------------------
+    async def on_disconnected(self) -> None:
+        """nats-py lost the server and is about to reconnect. From now on no session acts
+        for its device until it has reclaimed it: meanwhile a newer connection of the device
+        elsewhere finds no responder here and may claim it. What was written for the lost
+        connection and not yet sent must not be sent on the next one either."""
+        self.owners.suspend_all()
+        drop_unsent(self.nc)
+
+    async def on_reconnected(self) -> None:
+        self.spawn(self._reclaim())
+
+    async def _reclaim(self) -> None:
+        """Each suspended session writes its record as owner, conditional on the one it last
+        wrote: if nobody claimed the device meanwhile it owns it again, else it closes."""
+        gate = asyncio.Semaphore(CHECKPOINT_CONCURRENCY)
+
+        async def one(session: Session) -> None:
+            claim = session.claim
+            async with gate:
+                if claim is None or claim.state is not State.SUSPENDED:
+                    return
+                try:
+                    await self.owners.save(claim, session.current_record(), reclaim=True)
+                except Lost:
+                    session.close(Close.REPLACED, "another connection of this device took over")
+                except Exception as exc:
+                    log.warning("%s: could not reclaim the device: %s", session.consumer, exc)
+                    session.close(Close.BACKEND_UNAVAILABLE, "alert store unavailable")
+
+        await asyncio.gather(*(one(s) for s in list(self.sessions)))
 
     async def _tick_loop(self) -> None:
         checkpointing: asyncio.Task[None] | None = None
@@ -126,3 +166,14 @@ class Gateway:
     @property
     def background_tasks_running(self) -> bool:
         return self._ticker is not None and not self._ticker.done() and self.feed.running
+
+
+def drop_unsent(nc: Client) -> None:
+    """Forget what nats-py buffered for a connection that is gone: it would send it on the
+    next connection (``Client._pending``), and a session's request written before its
+    gateway lost NATS would then reach the device's queue after another session claimed it.
+    nats-py has no public call for this; tests/unit/test_ownership.py checks the attribute
+    is still there."""
+    pending = nc._pending
+    pending.clear()
+    nc._pending_data_size = 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -12,8 +11,6 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from pydantic import ValidationError
 
 from tocsin.core.auth import TokenError, bearer
@@ -35,7 +32,9 @@ from tocsin.schemas import (
 from tocsin.schemas.subscription import FILTER_KEYS, FilterError, Filters
 
 from .context import Gateway
-from .queue import QueueError
+from .ownership import Busy, Superseded
+from .queue import Opened, QueueError
+from .records import Record
 from .session import Device, Session
 from .subscriptions import decide, response
 
@@ -87,7 +86,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return device
     ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, autoping=True)
     await ws.prepare(request)
-    session = Session(gw, ws, device)
+    session = Session(gw, ws, device, request.transport)
     try:
         await serve(gw, session)
     except Exception:  # serve() closed the socket with 1011 or 4503
@@ -95,61 +94,45 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _take_over(gw: Gateway, session: Session) -> None:
-    """Make an older connection of the same device (on any gateway) leave first."""
-    subject = gw.names.takeover_subject(session.consumer)
-    with contextlib.suppress(NoRespondersError, NatsTimeout, asyncio.TimeoutError):
-        await gw.nc.request(
-            subject, session.id.encode(), timeout=gw.settings.shutdown_grace_seconds
-        )
-
-
 async def serve(gw: Gateway, session: Session) -> None:
-    waiting: list[str] = []
-
-    finished = False
-
-    async def on_takeover(msg: Any) -> None:
-        if msg.data.decode() == session.id:
-            return
-        if finished:  # the position is saved already: let the newcomer in at once
-            await gw.nc.publish(msg.reply, b"released")
-            return
-        waiting.append(msg.reply)
-        session.close(Close.REPLACED, "the same device connected again")
-
-    control = None
-    opened = None
+    """Claim the device, open its queue, run the session until it ends, then save its
+    position, let the device go and close the socket, in that order: a newer connection of
+    the device waits for the release, never for the socket (docs/architecture.md §9)."""
+    device = session.device
+    opened: Opened | None = None
     tasks: list[asyncio.Task[Any]] = []
+    gw.owners.register(session)  # from here the takeover responder can find it
     try:
         if not gw.nc.is_connected:
             # Fail fast: a subscription made while reconnecting is sent to the server even if
             # it is removed before the reconnect (nats-py), leaving interest nobody answers.
             raise NatsError("not connected to NATS")
-        await _take_over(gw, session)
-        subject = gw.names.takeover_subject(session.consumer)
-        control = await gw.nc.subscribe(subject, cb=on_takeover)
+        claim = session.claim = await gw.owners.acquire(session, device.user_id, device.client_id)
         gw.feed.register(session)  # before the queue is opened: live alerts buffer from now on
         opened = await gw.queues.open(
-            session.device.user_id,
-            session.device.client_id,
-            session.device.claims.receivable_regions(),
-            session.device.filters,
+            device.user_id,
+            device.client_id,
+            device.claims.receivable_regions(),
+            device.filters,
+            claim.found,
         )
         session.subscription = opened.subscription
         w = session.window
         w.floor = session.saved_floor = session.recorded_floor = opened.floor
         w.next_seq = opened.floor + 1
         session.high_water = opened.sent_high
+        if session.closing:  # asked to leave while opening: let go at once
+            return
+        claim.check()  # suspended while opening (NATS lost): reconnect
         session.send_control(
             ConnectionEstablished(
                 connection_id=session.id,
-                user_id=session.device.user_id,
-                client_id=session.device.client_id,
-                ack_mode=session.device.ack_mode,
+                user_id=device.user_id,
+                client_id=device.client_id,
+                ack_mode=device.ack_mode,
                 heartbeat_interval=gw.settings.heartbeat_seconds,
                 pending=opened.pending,
-                regions=list(session.device.claims.receivable_regions() or []),
+                regions=list(device.claims.receivable_regions() or []),
                 **opened.subscription.as_dict(),
             )
         )
@@ -162,12 +145,23 @@ async def serve(gw: Gateway, session: Session) -> None:
             asyncio.create_task(session.sender()),
             asyncio.create_task(session.catchup(opened.pending)),
         ]
+        found = claim.found
+        if opened.created or found is None or found.subscription != opened.subscription:
+            await session.record()  # its position (a new device) or its new filters
         receiver = asyncio.create_task(receive(session))
-        done, _ = await asyncio.wait([receiver, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        tasks.append(receiver)
+        stopped = asyncio.create_task(session.stopped.wait())
+        tasks += [receiver, stopped]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in done:
-            if task is not receiver and task.exception() is not None:
+            if task not in (receiver, stopped) and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
+    except Superseded:
+        session.close(Close.REPLACED, "another connection of this device took over")
+    except Busy:
+        session.close(
+            Close.BACKEND_UNAVAILABLE,
+            "another connection of this device does not let go; reconnect later",
+        )
     except Exception as exc:
         if session.closing is None:
             backend = isinstance(exc, (NatsError, QueueError, asyncio.TimeoutError))
@@ -185,34 +179,37 @@ async def serve(gw: Gateway, session: Session) -> None:
             _, stuck = await asyncio.wait(tasks, timeout=gw.settings.shutdown_grace_seconds)
             if stuck:
                 log.error("session %s: %d tasks ignored cancellation", session.id, len(stuck))
-        if opened is not None:  # only a session that knows its position may save it
-            await _leave(gw, session)
-        finished = True
-        if control is not None:
-            with contextlib.suppress(Exception):
-                await control.unsubscribe()
-        gw.sessions.discard(session)
-        gw.collector.session_closed()
-        for reply in waiting:
-            with contextlib.suppress(Exception):
-                await gw.nc.publish(reply, b"released")
-        if not session.ws.closed:
-            code, reason = session.closing or (Close.NORMAL, "")
-            with contextlib.suppress(Exception):
-                await session.ws.close(code=code, message=reason.encode())
+        try:
+            if session.claim is not None:
+                await _leave(gw, session, opened is not None)
+        finally:
+            session.finished.set()  # the takeover responder answers "released" now
+            gw.owners.unregister(session)
+            gw.sessions.discard(session)
+            gw.collector.session_closed()
+            await session.shut()
 
 
-async def _leave(gw: Gateway, session: Session) -> None:
-    """Save the device's position: acked floor for the queue, sent high-water for flags."""
-    # The record first: when the queue's node is down the saves below time out (5 s each),
-    # and a newcomer that rebuilds the queue meanwhile should find the newest position.
-    await session.record()
+async def _leave(gw: Gateway, session: Session, opened: bool) -> None:
+    """Save the device's position and let it go: the acked floor goes to the queue, then the
+    record (floor, highest seq sent, subscription) is written without owner."""
+    claim = session.claim
+    assert claim is not None
+    if opened and claim.owning:
+        try:
+            await session.checkpoint()
+        except Exception as exc:
+            log.warning("could not save the position of %s: %s", session.consumer, exc)
+    device = session.device
+    record = (
+        session.current_record()
+        if opened
+        else claim.found or Record(device.user_id, device.client_id)
+    )
     try:
-        await session.checkpoint()
-        if session.high_water:
-            await gw.queues.remember_sent(session.consumer, session.high_water)
+        await gw.owners.release(claim, record)
     except Exception as exc:
-        log.warning("could not save the position of %s: %s", session.consumer, exc)
+        log.warning("could not release %s: %s", session.consumer, exc)
 
 
 async def receive(session: Session) -> None:

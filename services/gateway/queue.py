@@ -27,11 +27,13 @@ from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 from tocsin.schemas.subscription import Filters, Subscription
 
+from .records import Record
 from .recovery import truncation_target
 
 log = logging.getLogger(__name__)
 
 
+#: The highest seq sent, as versions before device records kept it (read, no longer written).
 SENT_KEY = "tocsin.sent"
 #: The device's subscription (groups and filters) as compact JSON: the fine filter's source.
 SUBSCRIPTION_KEY = "tocsin.subscription"
@@ -67,17 +69,8 @@ class Opened:
     pending: int  # alerts waiting in the backlog, after truncation
     dropped: int  # alerts skipped because the backlog was over the cap
     created: bool  # first time this device was seen: it starts at the live edge
-    sent_high: int = 0  # highest seq an earlier connection sent (as saved at its close)
+    sent_high: int = 0  # highest seq an earlier connection sent (its record, at its close)
     subscription: Subscription = field(default_factory=Subscription)
-
-
-@dataclass(frozen=True)
-class Recorded:
-    """A device's record in ``DEVICES``, checked."""
-
-    floor: int
-    sent: int
-    subscription: Subscription
 
 
 def _filters_of(config: ConsumerConfig) -> list[str]:
@@ -152,12 +145,17 @@ class DeviceQueues:
         client_id: str,
         regions: tuple[str, ...] | None,
         filters: Filters | None = None,
+        recorded: Record | None = None,
     ) -> Opened:
         """Find or create the device's queue, bring its subscription and subject filters up to
         date, rewind it to its acknowledged position and cut its backlog to
         ``TOCSIN_OFFLINE_QUEUE_MAX`` (newest kept). ``filters`` (from the connect's query)
-        replace the stored ones; None keeps them.
+        replace the stored ones; None keeps them. ``recorded``: the device's record, read
+        when its session claimed it; only a record with a floor can rebuild the queue.
+        The caller owns the device (ownership.py) and writes its record.
         """
+        if recorded is not None and recorded.floor is None:
+            recorded = None
         name = self._names.device_consumer(user, client_id)
         try:
             info = await self._js.consumer_info(self._stream, name)
@@ -165,13 +163,11 @@ class DeviceQueues:
             # Gone, but recorded (a rebuild cut short after its delete, a queue deleted by
             # hand): it comes back from its record, not at the live edge, so nothing the
             # device has not acked is skipped. Only a device without a record is new.
-            recorded = await self._record_of(name)
             if recorded is None:
                 subscription = Subscription(filters=filters or Filters())
                 stream = await self._js.stream_info(self._stream)
                 last = stream.state.last_seq
                 await self._create(name, user, client_id, last + 1, subscription, regions)
-                await self.record(name, user, client_id, last, 0, subscription)
                 return Opened(
                     name, floor=last, pending=0, dropped=0, created=True, subscription=subscription
                 )
@@ -180,7 +176,7 @@ class DeviceQueues:
         except UNREACHABLE as exc:
             if self._settings.device_replicas > 1:
                 raise  # a replicated queue elects a new leader by itself: retry later
-            info = await self._rebuild(name, user, client_id, regions, exc)
+            info = await self._rebuild(name, user, client_id, regions, recorded, exc)
 
         subscription = _stored_subscription(name, info.config.metadata)
         if filters is not None:
@@ -201,7 +197,8 @@ class DeviceQueues:
             dropped, pending = before - after, after
             floor = target - 1
         sent_high = int((info.config.metadata or {}).get(SENT_KEY, "0") or 0)
-        await self.record(name, user, client_id, floor, sent_high, subscription)
+        if recorded is not None:
+            sent_high = max(sent_high, recorded.sent)
         return Opened(
             name, floor, pending, dropped, False, sent_high=sent_high, subscription=subscription
         )
@@ -214,68 +211,11 @@ class DeviceQueues:
         start_seq: int,
         subscription: Subscription,
         regions: tuple[str, ...] | None,
-        sent_high: int = 0,
     ) -> None:
         metadata = {SUBSCRIPTION_KEY: subscription.to_json()}
-        if sent_high:
-            metadata[SENT_KEY] = str(sent_high)
         config = self._config(name, user, client_id, start_seq, metadata)
         subjects = coarse_filters(self._names, subscription, regions)
         await self._js.add_consumer(self._stream, self._with_filters(config, subjects))
-
-    # --- the device's record in DEVICES: a queue whose node is gone is rebuilt from it ---
-    async def record(
-        self,
-        name: str,
-        user: str,
-        client_id: str,
-        floor: int,
-        sent_high: int,
-        subscription: Subscription,
-    ) -> None:
-        """Write the device's record: at connect, on a subscription change, at close and
-        now and then while it is connected (``RECORD_SECONDS``). Its floor never passes what
-        the device acked, so a queue rebuilt from it loses nothing (it may repeat what was
-        acked since). A failure is logged, not fatal: the queue itself holds the position."""
-        body = {
-            "user": user,
-            "client_id": client_id,
-            "floor": floor,
-            "sent": sent_high,
-            "subscription": subscription.as_dict(),
-        }
-        try:
-            await self._js.publish(
-                self._names.device_record_subject(name), orjson.dumps(body), timeout=2
-            )
-        except Exception as exc:
-            log.warning("could not write the record of %s: %s", name, exc)
-
-    async def recorded(self, name: str) -> dict[str, Any] | None:
-        """The device's record as stored (None: none)."""
-        try:
-            msg = await self._js.get_last_msg(
-                self._names.devices_stream, self._names.device_record_subject(name)
-            )
-        except NotFoundError:
-            return None
-        body: dict[str, Any] = orjson.loads(msg.data or b"{}")
-        return body
-
-    async def _record_of(self, name: str) -> Recorded | None:
-        """The record, checked: an unreadable one counts as none (logged)."""
-        try:
-            body = await self.recorded(name)
-            if body is None:
-                return None
-            return Recorded(
-                floor=int(body["floor"]),
-                sent=int(body.get("sent", 0)),
-                subscription=Subscription.model_validate(body["subscription"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("%s: unreadable record in DEVICES (%s); treated as none", name, exc)
-            return None
 
     async def _create_from(
         self,
@@ -283,8 +223,9 @@ class DeviceQueues:
         user: str,
         client_id: str,
         regions: tuple[str, ...] | None,
-        recorded: Recorded,
+        recorded: Record,
     ) -> None:
+        assert recorded.floor is not None
         await self._create(
             name,
             user,
@@ -292,7 +233,6 @@ class DeviceQueues:
             recorded.floor + 1,
             recorded.subscription,
             regions,  # the current token bounds it, whatever the record says
-            recorded.sent,
         )
         self.rebuilt += 1
         log.warning("rebuilt the queue of %s from its record at floor %d", name, recorded.floor)
@@ -303,6 +243,7 @@ class DeviceQueues:
         user: str,
         client_id: str,
         regions: tuple[str, ...] | None,
+        recorded: Record | None,
         cause: Exception,
     ) -> ConsumerInfo:
         """The device's R1 queue does not answer: its node is down (docs/operations.md §3).
@@ -312,15 +253,12 @@ class DeviceQueues:
         each pass is retried until ``REBUILD_SECONDS``. Each pass first asks the queue
         again: one that answers (its node is back, or another gateway rebuilt it) is used
         as it is, and only one that times out is deleted."""
+        if recorded is None:
+            raise QueueError(f"{name} does not answer and has no record")
         deadline = time.monotonic() + REBUILD_SECONDS
         timed_out = True  # the caller's CONSUMER.INFO did
-        recorded: Recorded | None = None
         while True:
             try:
-                if recorded is None:  # DEVICES may be re-electing too
-                    recorded = await self._record_of(name)
-                    if recorded is None:
-                        raise QueueError(f"{name} does not answer and has no record")
                 if timed_out:
                     with contextlib.suppress(*UNREACHABLE, NotFoundError):
                         await self._js.delete_consumer(self._stream, name)
@@ -367,17 +305,6 @@ class DeviceQueues:
         queue's subject filters to match."""
         info = await self._js.consumer_info(self._stream, consumer)
         await self._apply(info.config, subscription, regions)
-
-    async def remember_sent(self, consumer: str, sent_high: int) -> None:
-        """Save the highest seq sent, so the next connection flags repeats ``redelivered``."""
-        info = await self._js.consumer_info(self._stream, consumer)
-        config = info.config
-        metadata = _own_metadata(config.metadata)
-        if metadata.get(SENT_KEY) == str(sent_high):
-            return
-        metadata[SENT_KEY] = str(sent_high)
-        config.metadata = metadata
-        await self._js.add_consumer(self._stream, config)
 
     async def reset(self, consumer: str, seq: int) -> int:
         """Point ``consumer`` at stream sequence ``seq`` (everything before counts as acked);

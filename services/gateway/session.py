@@ -29,7 +29,9 @@ from tocsin.schemas import Alert, Close, ConnectionStats, Error, ErrorCode
 from tocsin.schemas.subscription import Filters, Subscription
 
 from .live import LiveAlert, alert_frame, expires_of
+from .ownership import Claim, Lost, Suspended
 from .queue import RECORD_SECONDS
+from .records import Record
 from .window import InFlight, Window
 
 if TYPE_CHECKING:
@@ -43,6 +45,9 @@ BUFFER_LIMIT = 10_000
 #: reading its durable. A burst larger than the window then costs no JetStream reads (the
 #: alerts are shared objects: a pointer each); only a device this far behind re-reads.
 WAITING_LIMIT = 1_000
+#: A closing handshake (close frame out, the client's back) may take this long, capped at
+#: one heartbeat; then the socket is aborted. Nothing of the device waits for it.
+CLOSE_SECONDS = 5.0
 
 
 class Mode(enum.StrEnum):
@@ -63,11 +68,21 @@ class Device:
 
 
 class Session:
-    def __init__(self, gw: Gateway, ws: web.WebSocketResponse, device: Device) -> None:
+    def __init__(
+        self,
+        gw: Gateway,
+        ws: web.WebSocketResponse,
+        device: Device,
+        transport: asyncio.BaseTransport | None = None,
+    ) -> None:
         self.gw = gw
         self.ws = ws
+        self.transport = transport  # the socket under ``ws``: aborted if closing it stalls
         self.device = device
         self.id = uuid.uuid4().hex
+        self.claim: Claim | None = None  # ownership of the device (ownership.py)
+        self.stopped = asyncio.Event()  # close() was called: the handler unwinds
+        self.finished = asyncio.Event()  # let go of the device: acts no more
         regions = self.claims_regions = device.claims.receivable_regions()
         self.filters = gw.names.region_filters(regions)  # the token's bound, for the live feed
         self.subscription = Subscription()  # the device's, once its queue is opened
@@ -90,7 +105,11 @@ class Session:
         self.room_ready = asyncio.Event()
         self.catchup_needed = asyncio.Event()
         self.closing: tuple[int, str] | None = None
+        self.frames_written = 0
+        self.writing = False  # the sender waits for the socket to take a frame
         now = self.started = time.monotonic()
+        self.progress_at = now  # the socket last took a frame, or had nothing to take
+        self._written_seen = 0
         self.next_ping = now + gw.settings.heartbeat_seconds
         self.last_heard = now  # any frame from the client: it is alive
         self.latency_ms: float | None = None
@@ -137,19 +156,34 @@ class Session:
             self.waiting.popleft()
 
     def _judge(
-        self, seq: int, data: bytes, expires: float | None, live: LiveAlert | None = None
+        self,
+        seq: int,
+        data: bytes,
+        expires: float | None,
+        live: LiveAlert | None = None,
+        subject: str | None = None,
     ) -> bool:
         """Decide once whether an alert not yet judged for this device is to be sent; if not,
-        pass over it."""
-        if (expires is not None and expires <= time.time()) or not self._wanted(data, live):
+        pass over it. A backlog alert (``subject`` given) is first held against this
+        connection's own token: the queue's filters may be wider (set by another token of
+        the device); live alerts were, by the feed (``accepts``)."""
+        if (
+            (expires is not None and expires <= time.time())
+            or (subject is not None and not self.bound(subject))
+            or not self._wanted(data, live)
+        ):
             self._pass_over(seq)
             return False
         return True
 
+    def bound(self, subject: str) -> bool:
+        """The connection's token allows the alert of ``subject``."""
+        return self.countries is None or any(matches(subject, f) for f in self.filters)
+
     def _wanted(self, data: bytes, live: LiveAlert | None = None) -> bool:
         """The fine filter: the subscription judges every alert before it is sent."""
         if self.subscription.everything:
-            return True  # the token's regions were checked on the subject already
+            return True  # the token's regions were checked on the subject already (bound)
         try:
             parsed = live.parsed() if live is not None else Alert.model_validate_json(data)
         except ValueError:
@@ -199,16 +233,24 @@ class Session:
         self.catchup_needed.set()
 
     async def sender(self) -> None:
+        assert self.claim is not None
+        usable = self.claim.usable
         while True:
             await self.out_ready.wait()
             self.out_ready.clear()
             while self.out:
+                if not usable.is_set():  # NATS lost: nothing is sent until the device is
+                    await usable.wait()  # reclaimed (if it is lost, the session ends)
                 seq, frame = self.out.popleft()
                 if frame:  # empty: a passed-over seq (ack_mode=auto), settled in turn
+                    self.writing = True
                     try:
                         await self.ws.send_frame(frame, WSMsgType.TEXT)
                     except ConnectionError:
                         return  # the client went away: the receiver ends the session
+                    finally:
+                        self.writing = False
+                    self.frames_written += 1
                 if seq:
                     self.sent += bool(frame)
                     if not self.track:  # ack_mode=auto: written to the socket = delivered
@@ -225,6 +267,7 @@ class Session:
         while self.written_js and self.written_js[0][0] <= self.window.floor:
             newest = self.written_js.popleft()
         if newest is not None and self.mode is Mode.CATCHUP:
+            self._act()
             await newest[1].ack()  # AckAll
             self.saved_floor = max(self.saved_floor, newest[0])
 
@@ -240,6 +283,7 @@ class Session:
                     async with asyncio.timeout(self.touch_seconds):
                         await self.catchup_needed.wait()
                 except TimeoutError:
+                    self._act()
                     reader = reader or await self.gw.queues.reader(self.consumer)
                     await self._touch(reader)
                     continue
@@ -247,6 +291,7 @@ class Session:
                     pending = await self.checkpoint()
                 reset_needed = True
                 if reader is None:
+                    self._act()
                     reader = await self.gw.queues.reader(self.consumer)
                 await self._drain(reader, pending)
         finally:
@@ -262,6 +307,7 @@ class Session:
 
     async def _touch(self, reader: Any) -> None:
         try:
+            self._act()
             msgs = await reader.fetch(1, timeout=1.0)
         except (TimeoutError, NatsTimeout):
             return
@@ -290,6 +336,7 @@ class Session:
                 if self.rewind:
                     continue
                 try:
+                    self._act()
                     msgs = await reader.fetch(min(room, pending or room), timeout=2.0)
                 except (TimeoutError, NatsTimeout):
                     msgs = []
@@ -298,10 +345,12 @@ class Session:
                     pending = meta.num_pending
                     await self._from_backlog(msg, meta.sequence.stream)
                 if not msgs:
+                    self._act()
                     pending = await self.gw.queues.pending(self.consumer)
 
     async def _from_backlog(self, msg: Any, seq: int) -> None:
         if seq <= self.window.floor:
+            self._act()
             await msg.ack()  # the device acked it already (it went out live): tell JetStream
             self.saved_floor = max(self.saved_floor, seq)
         elif seq < self.window.next_seq:
@@ -312,12 +361,13 @@ class Session:
                 self.written_js.append((seq, msg))  # queued, not yet written: ack after
         else:
             expires = expires_of(msg.headers)
-            sent = self._judge(seq, msg.data, expires)
+            sent = self._judge(seq, msg.data, expires, subject=msg.subject)
             if sent:
                 self._send_new(seq, msg.data, expires, None, msg)
             if not self.track:
                 self.written_js.append((seq, msg))  # acked once written (or passed over)
             elif not sent and self.window.floor >= seq:
+                self._act()
                 await msg.ack()  # passed over with nothing unacked before it: settled
                 self.saved_floor = max(self.saved_floor, seq)
 
@@ -354,7 +404,7 @@ class Session:
         if self.waiting:
             self._release()
         held = [i for i in done if i.js_msg is not None]
-        if held and self.mode is Mode.CATCHUP:
+        if held and self.mode is Mode.CATCHUP and self.owning:
             await held[-1].js_msg.ack()  # AckAll: JetStream's floor follows the device's
             self.saved_floor = max(self.saved_floor, held[-1].seq)
 
@@ -377,6 +427,12 @@ class Session:
         hb = self.gw.settings.heartbeat_seconds
         if now_mono - self.last_heard > 2 * hb + late:
             self.close(Close.HEARTBEAT_TIMEOUT, "nothing from the client for two heartbeats")
+            return
+        if self.frames_written != self._written_seen or not self.writing:
+            self._written_seen, self.progress_at = self.frames_written, now_mono
+        elif now_mono - self.progress_at > 2 * hb + late:
+            # The client sends but does not read: its socket took no frame for two heartbeats.
+            self.close(Close.SLOW_CLIENT, "the client does not read its socket")
             return
         if now_mono >= self.next_ping:
             self.next_ping = now_mono + hb
@@ -402,6 +458,7 @@ class Session:
         """Make ``subscription`` the device's: persisted with its queue's subject filters, then
         judging every alert from here on, live or from the backlog."""
         async with self.queue_lock:
+            self._act()
             await self.gw.queues.subscribe(self.consumer, subscription, self.claims_regions)
             self.subscription = subscription
             if self.mode is Mode.CATCHUP:
@@ -411,33 +468,53 @@ class Session:
         """Rewrite the record at most every RECORD_SECONDS: when the floor moved since, or
         every quarter retention anyway (DEVICES keeps records for the retention: a device
         connected for days with no alerts must not outlive its record)."""
-        if now_mono < self.next_record:
+        if now_mono < self.next_record or not self.owning:
             return False
         refresh = self.gw.settings.retention_seconds / 4
         return self.window.floor != self.recorded_floor or now_mono - self.recorded_at >= refresh
 
+    def current_record(self) -> Record:
+        """The device's record as this session knows it. Its floor never passes what the
+        device acked, so a queue rebuilt from it loses nothing (it may repeat what was acked
+        since it was written)."""
+        d = self.device
+        return Record(d.user_id, d.client_id, self.window.floor, self.high_water, self.subscription)
+
     async def record(self) -> None:
-        """Write the device's record (floor, subscription) that rebuilds its queue if the
-        queue's node is lost (DeviceQueues.record)."""
+        """Write the device's record (records.py), as its owner: at connect when the device
+        is new or its filters changed, on a subscription change, now and then while
+        connected, and at close (the release). A failure is logged, not fatal: the queue
+        holds the position; a refused write means another connection owns the device."""
         now = time.monotonic()
         self.recorded_floor, self.recorded_at = self.window.floor, now
         self.next_record = now + RECORD_SECONDS
-        d = self.device
-        await self.gw.queues.record(
-            self.consumer,
-            d.user_id,
-            d.client_id,
-            self.window.floor,
-            self.high_water,
-            self.subscription,
-        )
+        assert self.claim is not None
+        try:
+            await self.gw.owners.save(self.claim, self.current_record())
+        except Lost:
+            self.close(Close.REPLACED, "another connection of this device took over")
+        except Suspended:
+            pass  # written when the device is reclaimed
+        except Exception as exc:
+            log.warning("could not write the record of %s: %s", self.consumer, exc)
+
+    @property
+    def owning(self) -> bool:
+        return self.claim is not None and self.claim.owning
+
+    def _act(self) -> None:
+        """Right before every request for the device's queue: only its owner may."""
+        if self.claim is None:
+            raise Lost(f"{self.consumer}: not claimed")
+        self.claim.check()
 
     def needs_checkpoint(self) -> bool:
-        return self.mode is Mode.LIVE and self.window.floor > self.saved_floor
+        return self.mode is Mode.LIVE and self.window.floor > self.saved_floor and self.owning
 
     async def checkpoint(self) -> int:
         """Point the queue just past the acked floor (JetStream then knows the position, and
         reads resume there); return how many alerts it holds from there."""
+        self._act()
         floor = self.window.floor
         pending = await self.gw.queues.reset(self.consumer, floor + 1)
         self.saved_floor = floor
@@ -457,7 +534,24 @@ class Session:
         )
 
     def close(self, code: int, reason: str) -> None:
-        """Ask the connection to end; the handler closes the socket and cleans up."""
+        """Ask the connection to end: the handler stops the session's tasks, saves its
+        position, lets the device go, then closes the socket (:meth:`shut`)."""
         if self.closing is None:
             self.closing = (code, reason)
-            self.gw.spawn(self.ws.close(code=code, message=reason.encode()))
+        self.stopped.set()
+
+    async def shut(self) -> None:
+        """Close the socket with the session's close code, bounded: a client that does not
+        read cannot take the close frame, so after ``CLOSE_SECONDS`` (at most a heartbeat)
+        the socket is aborted, and so is one whose unread frames would keep it open."""
+        code, reason = self.closing or (Close.NORMAL, "")
+        limit = min(CLOSE_SECONDS, self.gw.settings.heartbeat_seconds)
+        if not self.ws.closed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(limit):
+                    await self.ws.close(code=code, message=reason.encode())
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and (
+            not transport.is_closing() or transport.get_write_buffer_size() > 0
+        ):
+            transport.abort()

@@ -105,7 +105,7 @@ async def test_a_queue_on_a_dead_node_is_rebuilt_from_the_record(stack: Stack) -
     await first.close()  # clean close: the record holds floor = seen[-1] and the group
 
     async def recorded_floor() -> bool:
-        record = await stack.gateway.gw.queues.recorded(consumer)
+        record = await stack.gateway.gw.records.recorded(consumer)
         return record is not None and record["floor"] == seen[-1]
 
     await eventually(recorded_floor, timeout=10, what="the record at close")
@@ -120,6 +120,9 @@ async def test_a_queue_on_a_dead_node_is_rebuilt_from_the_record(stack: Stack) -
         if region == "KE-30":
             missed.append((ack.seq, body["alert_id"]))
 
+    # The gateway itself may have been connected to the dead node: a handshake before it
+    # reconnected would be refused with 4503 (a client retries; this one would not).
+    await eventually(lambda: stack.gateway.gw.nc.is_connected, what="the gateway on NATS")
     again = await Client.connect(stack.gateway.ws_url, tok)
     hello = await again.next("connection_established", timeout=60)
     assert hello["groups"] == ["region:KE-30"]  # the subscription came back with it

@@ -227,10 +227,11 @@ async def test_any_frame_from_the_client_counts_as_alive(
 async def test_a_slow_handshake_is_not_the_clients_silence(
     make_settings, js: JetStreamContext, gateway_process
 ) -> None:  # type: ignore[no-untyped-def]
-    """Heartbeats count from the end of the handshake. Here the handshake waits out the
-    takeover of a frozen gateway (SIGSTOP) that still holds the device: longer than two
-    heartbeats, during which no ping could be sent. The client must not be closed for it
-    (it was, with 4000, right after ``connection_established``)."""
+    """Heartbeats count from the end of the handshake. Here the handshake waits for a
+    gateway that is frozen (SIGSTOP) for 3 s while it owns the device: longer than two
+    heartbeats, during which no ping could be sent. Once it thaws it lets the device go; the
+    new client must not be closed for the wait (it was, with 4000, right after
+    ``connection_established``)."""
     import signal
     import time
 
@@ -239,18 +240,22 @@ async def test_a_slow_handshake_is_not_the_clients_silence(
     frozen = gateway_process(make_settings())
     old = await Client.connect(frozen.ws_url, token("ines"))
     await old.next("connection_established")
+    assert frozen.proc is not None
     frozen.proc.send_signal(signal.SIGSTOP)
-    running = await start_gateway(make_settings(heartbeat_seconds=1.0, shutdown_grace_seconds=3))
+    thaw = asyncio.get_running_loop().call_later(3.0, frozen.proc.send_signal, signal.SIGCONT)
+    running = await start_gateway(make_settings(heartbeat_seconds=1.0, takeover_seconds=20))
     try:
         started = time.monotonic()
         new = await Client.connect(running.ws_url, token("ines"))
         await new.next("connection_established", timeout=20)
-        assert time.monotonic() - started > 2.5  # the takeover was waited out: > 2 heartbeats
+        assert time.monotonic() - started > 2.5  # it waited for the thaw: > 2 heartbeats
+        assert await old.wait_closed() == 4009
         with contextlib.suppress(TimeoutError):  # two more heartbeats, answered
             await asyncio.wait_for(new.closed.wait(), 2.5)
         assert not new.closed.is_set(), f"closed with {new.close_code} after the handshake"
         await new.close()
     finally:
+        thaw.cancel()
         frozen.proc.send_signal(signal.SIGCONT)
         await old.close()
         await running.stop()

@@ -12,7 +12,7 @@ from ..support import Client, RunningGateway, alert, append, eventually, token
 
 
 async def record_floor(gateway: RunningGateway, consumer: str) -> int | None:
-    record = await gateway.gw.queues.recorded(consumer)
+    record = await gateway.gw.records.recorded(consumer)
     return None if record is None else int(record["floor"])
 
 

@@ -68,7 +68,7 @@ def test_namespaced_names() -> None:
     )
     assert names.region_filters(["KE"]) == ["t1a.alerts.KE.>"]
     assert names.region_filters(None) == ["t1a.alerts.>"]
-    assert names.takeover_subject("dev__a__b") == "t1a.tocsin.device.dev__a__b.takeover"
+    assert names.gateway_takeover_subject("0a1b") == "t1a.tocsin.gateway.0a1b.takeover"
 
 
 def test_namespaces_do_not_share_names() -> None:

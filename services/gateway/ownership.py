@@ -1,0 +1,318 @@
+"""One device, one session: who may act for a device, decided by JetStream.
+
+A device's record in ``DEVICES`` (records.py) names the session that owns the device and
+its gateway. A session **claims** the device before it touches the device's queue: it
+writes the record with itself as owner, conditional on the record it read. Of two sessions
+claiming at once, JetStream accepts exactly one write; the other learns it lost the race
+(:class:`Superseded`). When the record names an older session, the newcomer first asks that
+session's gateway to let it go (``tocsin.gateway.<instance>.takeover``); the gateway stops
+the session, which saves its position and writes the record without owner (the release),
+and only then answers. A gateway whose NATS connection is gone cannot answer (no
+responders): its sessions are suspended and can write nothing, so the claim proceeds.
+
+Every later write of the owner is conditional on the sequence of the record it last wrote:
+once someone else has written the record, the old owner's next write is refused and it
+knows it lost the device (:class:`Lost`). Between writes, a session acts only while its
+claim is ``OWNING`` (:meth:`Claim.check`). docs/architecture.md §9 argues why two sessions
+can never own one device at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import nats.errors
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.errors import ServiceUnavailableError
+
+from tocsin.core.naming import Names
+from tocsin.schemas import Close
+
+from .queue import QueueError
+from .records import Conflict, DeviceRecords, Record
+
+log = logging.getLogger(__name__)
+
+#: One takeover request waits this long at most for the older session's gateway to answer;
+#: the newcomer asks again until ``TOCSIN_TAKEOVER_SECONDS`` have passed.
+ASK_SECONDS = 5.0
+#: JetStream did not answer (a leader is being elected, the server is busy): try again.
+RETRYABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
+
+T = TypeVar("T")
+
+
+class Lost(QueueError):
+    """The session no longer owns its device: another connection claimed it."""
+
+
+class Suspended(QueueError):
+    """The gateway lost NATS: its sessions may not act until they reclaim their devices."""
+
+
+class Superseded(Exception):
+    """Another connection of the device claimed it while this one was claiming it."""
+
+
+class Busy(Exception):
+    """The older connection of the device did not let go within ``TOCSIN_TAKEOVER_SECONDS``."""
+
+
+class State(enum.StrEnum):
+    OWNING = "owning"
+    SUSPENDED = "suspended"  # NATS connection lost: may own, may not act
+    LOST = "lost"  # someone else wrote the record: never acts again
+    RELEASED = "released"  # let go of the device
+
+
+@dataclass(eq=False)
+class Claim:
+    """A session's ownership of a device. ``seq`` is the sequence of the record it last
+    wrote; ``epoch`` the one it claimed with."""
+
+    name: str
+    session: str
+    gateway: str
+    seq: int
+    found: Record | None  # the device's record before the claim
+    state: State = State.OWNING
+    usable: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.epoch = self.seq
+        self.usable.set()
+
+    @property
+    def owning(self) -> bool:
+        return self.state is State.OWNING
+
+    def check(self) -> None:
+        """Raise unless the session may act for its device now: called right before every
+        request that reads or changes the device's queue or record."""
+        if self.state is State.OWNING:
+            return
+        if self.state is State.SUSPENDED:
+            raise Suspended(f"{self.name}: NATS connection lost")
+        raise Lost(f"{self.name}: {self.state}")
+
+    def _become(self, state: State) -> None:
+        self.state = state
+        if state is State.OWNING:
+            self.usable.set()
+        else:
+            self.usable.clear()
+
+
+class Holder(Protocol):
+    """What the takeover responder needs of a session."""
+
+    id: str
+    consumer: str
+    finished: asyncio.Event
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class Owners:
+    """Claims, conditional record writes and the takeover responder of one gateway."""
+
+    def __init__(
+        self,
+        nc: Client,
+        records: DeviceRecords,
+        names: Names,
+        instance: str,
+        takeover_seconds: float,
+        spawn: Callable[[Coroutine[Any, Any, Any]], Any],
+    ) -> None:
+        self._nc = nc
+        self.records = records
+        self._names = names
+        self.instance = instance
+        self._takeover_seconds = takeover_seconds
+        self._spawn = spawn
+        self._sub: Any = None
+        #: Sessions of this gateway by id, from before they claim until they let go.
+        self.holders: dict[str, Holder] = {}
+        self.claims: dict[str, Claim] = {}
+        self.counts = {"taken_over": 0, "superseded": 0, "busy": 0, "lost": 0}
+
+    async def start(self) -> None:
+        subject = self._names.gateway_takeover_subject(self.instance)
+        self._sub = await self._nc.subscribe(subject, cb=self._on_request)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    def register(self, holder: Holder) -> None:
+        self.holders[holder.id] = holder
+
+    def unregister(self, holder: Holder) -> None:
+        self.holders.pop(holder.id, None)
+        self.claims.pop(holder.id, None)
+
+    # ------------------------------------------------------------ claiming
+    async def acquire(self, holder: Holder, user: str, client_id: str) -> Claim:
+        """Make ``holder`` the owner of its device, after the older owner let go. Raises
+        :class:`Superseded` when a third connection claimed it meanwhile, :class:`Busy`
+        when the older one did not let go in time."""
+        name = holder.consumer
+        deadline = time.monotonic() + self._takeover_seconds
+        first: str | None = None
+        seen = False
+        let_go: set[tuple[str, int]] = set()  # (owner, record seq) that need not be asked
+        while True:
+            seq, record = await self._retrying(lambda: self.records.read(name), deadline)
+            owner = record.owner if record is not None else None
+            if owner == holder.id:  # our own write landed though its answer was lost
+                return self._claimed(holder, seq, None)
+            if not seen:
+                first, seen = owner, True
+            elif owner is not None and owner != first and (owner, seq) not in let_go:
+                self.counts["superseded"] += 1
+                raise Superseded(f"{name}: claimed by another connection meanwhile")
+            if owner is None or (owner, seq) in let_go:
+                mine = (record or Record(user, client_id)).owned_by(holder.id, self.instance)
+                try:
+                    new = await self._retrying(
+                        functools.partial(self.records.write, name, mine, seq), deadline
+                    )
+                except Conflict:
+                    continue  # written meanwhile: read it again
+                return self._claimed(holder, new, record)
+            assert record is not None
+            if await self._ask(name, record, holder.id, deadline):
+                let_go.add((owner, seq))
+            elif time.monotonic() >= deadline:
+                self.counts["busy"] += 1
+                raise Busy(f"{name}: its connection on {record.gateway} does not let go")
+
+    def _claimed(self, holder: Holder, seq: int, found: Record | None) -> Claim:
+        claim = Claim(holder.consumer, holder.id, self.instance, seq, found)
+        self.claims[holder.id] = claim
+        return claim
+
+    async def _ask(self, name: str, record: Record, by: str, deadline: float) -> bool:
+        """Ask the owner's gateway to let the device go: True once it did, or once that
+        gateway is not on NATS (its sessions are suspended: nothing of it can act)."""
+        if record.gateway is None:
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        subject = self._names.gateway_takeover_subject(record.gateway)
+        request = {"consumer": name, "owner": record.owner, "by": by}
+        try:
+            reply = await self._nc.request(
+                subject, orjson.dumps(request), timeout=min(ASK_SECONDS, remaining)
+            )
+        except nats.errors.NoRespondersError:
+            return True
+        except TimeoutError:  # nats.errors.TimeoutError is one
+            return False
+        return reply.data == b"released"
+
+    @staticmethod
+    async def _retrying(op: Callable[[], Awaitable[T]], deadline: float) -> T:
+        delay = 0.1
+        while True:
+            try:
+                return await op()
+            except RETRYABLE:
+                if time.monotonic() + delay > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    # ------------------------------------------------------------ writing as the owner
+    async def save(self, claim: Claim, record: Record, *, reclaim: bool = False) -> None:
+        """Write the device's record as its owner. Raises :class:`Lost` (and the claim is
+        lost for good) when someone else wrote it since. ``reclaim``: after a NATS
+        reconnect, the one write a suspended claim may make; it owns again if it succeeds."""
+        if not (reclaim and claim.state is State.SUSPENDED):
+            claim.check()
+        mine = record.owned_by(claim.session, claim.gateway)
+        try:
+            claim.seq = await self.records.write(claim.name, mine, claim.seq)
+        except Conflict:
+            seq, current = await self.records.read(claim.name)
+            if current is None or current.owner != claim.session:
+                self._lose(claim, current)
+                raise Lost(f"{claim.name}: claimed by another connection") from None
+            # Our own write landed although its answer was lost: go on from it.
+            try:
+                claim.seq = await self.records.write(claim.name, mine, seq)
+            except Conflict:
+                self._lose(claim, None)
+                raise Lost(f"{claim.name}: claimed by another connection") from None
+        if reclaim:
+            claim._become(State.OWNING)
+
+    async def release(self, claim: Claim, record: Record) -> None:
+        """Let go of the device: the record keeps the final position, without owner. After
+        this the session acts no more, whether or not the write succeeded."""
+        try:
+            if claim.owning:
+                claim.seq = await self.records.write(
+                    claim.name, record.owned_by(None, None), claim.seq
+                )
+        except Conflict:
+            self._lose(claim, None)
+        finally:
+            if claim.state is not State.LOST:
+                claim._become(State.RELEASED)
+
+    def _lose(self, claim: Claim, current: Record | None) -> None:
+        claim._become(State.LOST)
+        self.counts["lost"] += 1
+        by = f" by {current.owner} on {current.gateway}" if current and current.owner else ""
+        log.warning("%s: session %s lost the device%s", claim.name, claim.session, by)
+
+    # ------------------------------------------------------------ NATS connection lost
+    def suspend_all(self) -> None:
+        """The gateway lost NATS: no session acts until it has reclaimed its device. (A
+        newcomer meanwhile finds no responder here and claims the device.)"""
+        for claim in self.claims.values():
+            if claim.state is State.OWNING:
+                claim._become(State.SUSPENDED)
+
+    # ------------------------------------------------------------ the responder
+    async def _on_request(self, msg: Msg) -> None:
+        # nats-py runs a subscription's callbacks one at a time: one slow takeover must not
+        # hold up the others.
+        self._spawn(self._answer(msg))
+
+    async def _answer(self, msg: Msg) -> None:
+        try:
+            request = orjson.loads(msg.data)
+            consumer, owner = str(request["consumer"]), str(request["owner"])
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            log.warning("bad takeover request on %s: %s", msg.subject, exc)
+            return
+        holder = self.holders.get(owner)
+        if holder is not None and holder.consumer == consumer:
+            holder.close(Close.REPLACED, "the same device connected again")
+            try:
+                async with asyncio.timeout(self._takeover_seconds):
+                    await holder.finished.wait()
+            except TimeoutError:  # unanswered: the newcomer asks again or gives up
+                log.warning("%s: session %s did not let go in time", consumer, owner)
+                return
+            self.counts["taken_over"] += 1
+        # Not (or no longer) a session of this gateway: nothing here acts for the device.
+        if msg.reply:
+            with contextlib.suppress(Exception):
+                await self._nc.publish(msg.reply, b"released")
