@@ -212,6 +212,7 @@ class Client:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_code: int | None = None
     reader: asyncio.Task[None] | None = None
+    established: bool = False  # connection_established came
 
     @classmethod
     async def connect(
@@ -231,6 +232,7 @@ class Client:
                 if frame["type"] == "ping" and self.answer_pings:
                     await self.send({"type": "pong", "ts": frame["ts"]})
                     continue
+                self.established = self.established or frame["type"] == "connection_established"
                 await self.frames.put(frame)
         self.close_code = self.ws.close_code
         self.closed.set()

@@ -190,6 +190,11 @@ class Names:
         return f"{self._subject_prefix}tocsin.devices.{consumer}"
 
     # --- core NATS control subjects -------------------------------------------------
+    def legacy_takeover_subject(self, consumer: str) -> str:
+        """Where a session of a version before device ownership listens for a newer
+        connection of its device (asked during a rolling upgrade only)."""
+        return f"{self._subject_prefix}tocsin.device.{consumer}.takeover"
+
     def gateway_takeover_subject(self, instance: str) -> str:
         """A gateway listens here; a newer connection of a device one of its sessions owns
         asks it to let the device go (gateway/ownership.py)."""

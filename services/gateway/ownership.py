@@ -184,6 +184,9 @@ class Owners:
             elif owner is not None and owner != first and (owner, seq) not in let_go:
                 self.counts["superseded"] += 1
                 raise Superseded(f"{name}: claimed by another connection meanwhile")
+            if record is not None and record.legacy and not let_go:
+                await self._ask_legacy(name, holder.id, deadline)
+                let_go.add(("", seq))
             if owner is None or (owner, seq) in let_go:
                 mine = (record or Record(user, client_id)).owned_by(holder.id, self.instance)
                 try:
@@ -224,6 +227,18 @@ class Owners:
         except TimeoutError:  # nats.errors.TimeoutError is one
             return False
         return reply.data == b"released"
+
+    async def _ask_legacy(self, name: str, by: str, deadline: float) -> None:
+        """A record without ``owner`` was written by a version before ownership, whose
+        sessions listen on a subject per device and save before they answer: during a
+        rolling upgrade such a session may still hold the device."""
+        remaining = deadline - time.monotonic()
+        with contextlib.suppress(nats.errors.NoRespondersError, TimeoutError):
+            await self._nc.request(
+                self._names.legacy_takeover_subject(name),
+                by.encode(),
+                timeout=max(0.1, min(ASK_SECONDS, remaining)),
+            )
 
     @staticmethod
     async def _retrying(op: Callable[[], Awaitable[T]], deadline: float) -> T:

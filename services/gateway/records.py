@@ -46,6 +46,7 @@ class Record:
     subscription: Subscription = field(default_factory=Subscription)
     owner: str | None = None  # the session id that owns the device, None: nobody
     gateway: str | None = None  # the gateway instance of that session
+    legacy: bool = False  # written by a version before ownership (no ``owner`` key)
 
     def body(self) -> dict[str, Any]:
         return {
@@ -59,7 +60,7 @@ class Record:
         }
 
     def owned_by(self, owner: str | None, gateway: str | None) -> Record:
-        return replace(self, owner=owner, gateway=gateway if owner else None)
+        return replace(self, owner=owner, gateway=gateway if owner else None, legacy=False)
 
     @classmethod
     def parse(cls, name: str, data: bytes) -> Record | None:
@@ -82,6 +83,7 @@ class Record:
                 subscription=Subscription.model_validate(body["subscription"]),
                 owner=owner,
                 gateway=gateway,
+                legacy="owner" not in body,
             )
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("%s: unreadable record in DEVICES (%s); treated as none", name, exc)

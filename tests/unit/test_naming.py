@@ -69,6 +69,7 @@ def test_namespaced_names() -> None:
     assert names.region_filters(["KE"]) == ["t1a.alerts.KE.>"]
     assert names.region_filters(None) == ["t1a.alerts.>"]
     assert names.gateway_takeover_subject("0a1b") == "t1a.tocsin.gateway.0a1b.takeover"
+    assert names.legacy_takeover_subject("dev__a__b") == "t1a.tocsin.device.dev__a__b.takeover"
 
 
 def test_namespaces_do_not_share_names() -> None:
