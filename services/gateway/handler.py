@@ -104,9 +104,7 @@ async def serve(gw: Gateway, session: Session) -> None:
     gw.owners.register(session)  # from here the takeover responder can find it
     try:
         if not gw.nc.is_connected:
-            # Fail fast: a subscription made while reconnecting is sent to the server even if
-            # it is removed before the reconnect (nats-py), leaving interest nobody answers.
-            raise NatsError("not connected to NATS")
+            raise NatsError("not connected to NATS")  # fail fast: the claim needs JetStream
         claim = session.claim = await gw.owners.acquire(session, device.user_id, device.client_id)
         gw.feed.register(session)  # before the queue is opened: live alerts buffer from now on
         opened = await gw.queues.open(

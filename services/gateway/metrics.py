@@ -272,6 +272,15 @@ def render(gw: Gateway, totals: Totals) -> str:
         gw.queues.rebuilt,
     )
     out.family(
+        "tocsin_gateway_device_claims_total",
+        "counter",
+        "Overlapping connections of one device (docs/architecture.md §9), by outcome: "
+        "taken_over (a session here let its device go to a newer connection), superseded (a "
+        "handshake here lost a race and closed 4009), busy (an older connection did not let "
+        "go in time: 4503), lost (a session here found its device claimed by another).",
+        [({"outcome": k}, v) for k, v in sorted(gw.owners.counts.items())],
+    )
+    out.family(
         "tocsin_gateway_info",
         "gauge",
         "Always 1; instance is this process's gateway id (logs, consumer metadata).",

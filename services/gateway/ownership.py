@@ -146,6 +146,7 @@ class Owners:
         self.holders: dict[str, Holder] = {}
         self.claims: dict[str, Claim] = {}
         self.counts = {"taken_over": 0, "superseded": 0, "busy": 0, "lost": 0}
+        self._taken: set[str] = set()  # holders asked to let go (counted once each)
 
     async def start(self) -> None:
         subject = self._names.gateway_takeover_subject(self.instance)
@@ -163,6 +164,7 @@ class Owners:
     def unregister(self, holder: Holder) -> None:
         self.holders.pop(holder.id, None)
         self.claims.pop(holder.id, None)
+        self._taken.discard(holder.id)
 
     # ------------------------------------------------------------ claiming
     async def acquire(self, holder: Holder, user: str, client_id: str) -> Claim:
@@ -175,10 +177,13 @@ class Owners:
         seen = False
         let_go: set[tuple[str, int]] = set()  # (owner, record seq) that need not be asked
         while True:
+            if time.monotonic() > deadline:
+                self.counts["busy"] += 1
+                raise Busy(f"{name}: not claimed within the takeover deadline")
             seq, record = await self._retrying(lambda: self.records.read(name), deadline)
             owner = record.owner if record is not None else None
-            if owner == holder.id:  # our own write landed though its answer was lost
-                return self._claimed(holder, seq, None)
+            if owner == holder.id:  # our own write landed though its answer was lost: it
+                return self._claimed(holder, seq, record)  # holds what the record was
             if not seen:
                 first, seen = owner, True
             elif owner is not None and owner != first and (owner, seq) not in let_go:
@@ -319,6 +324,9 @@ class Owners:
             return
         holder = self.holders.get(owner)
         if holder is not None and holder.consumer == consumer:
+            if owner not in self._taken:  # several newcomers may ask about one session
+                self._taken.add(owner)
+                self.counts["taken_over"] += 1
             holder.close(Close.REPLACED, "the same device connected again")
             try:
                 async with asyncio.timeout(self._takeover_seconds):
@@ -326,7 +334,6 @@ class Owners:
             except TimeoutError:  # unanswered: the newcomer asks again or gives up
                 log.warning("%s: session %s did not let go in time", consumer, owner)
                 return
-            self.counts["taken_over"] += 1
         # Not (or no longer) a session of this gateway: nothing here acts for the device.
         if msg.reply:
             with contextlib.suppress(Exception):

@@ -111,7 +111,9 @@ async def gws(
     request: pytest.FixtureRequest, make_settings: Callable[..., Settings], js: JetStreamContext
 ) -> AsyncIterator[list[RunningGateway]]:
     """One gateway, or two instances sharing NATS (connections alternate between them)."""
-    settings = make_settings(takeover_seconds=60)
+    # Long waits: a takeover that waited for anything (the old socket, a timeout) would show
+    # as a missed deadline in the cases below.
+    settings = make_settings(takeover_seconds=60, shutdown_grace_seconds=60)
     running = [await start_gateway(settings) for _ in range(1 if request.param == "one" else 2)]
     yield running
     for gateway in running:
@@ -138,8 +140,11 @@ async def _simultaneous(
     tok = token(device())
     if known:
         await Client.introduce(url(gws, 0), tok)
+    before = sum(g.gw.owners.counts["superseded"] + g.gw.owners.counts["taken_over"] for g in gws)
     conns = list(await asyncio.gather(*(Conn.open(url(gws, i), tok) for i in range(3))))
     survivor = await settle(conns)
+    after = sum(g.gw.owners.counts["superseded"] + g.gw.owners.counts["taken_over"] for g in gws)
+    assert after - before == 2  # each loser counted once (tocsin_gateway_device_claims_total)
     sent = await append(js, names, alert())
     await eventually(lambda: sent.seq in survivor.seqs, what="the alert at the survivor")
     assert all(c.seqs == [] for c in conns if c is not survivor)
