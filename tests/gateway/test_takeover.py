@@ -140,6 +140,8 @@ async def _simultaneous(
     tok = token(device())
     if known:
         await Client.introduce(url(gws, 0), tok)
+        consumer = gws[0].gw.names.device_consumer(tok_user(tok), "phone")
+        await eventually(lambda: sessions_of(gws, consumer) == 0, what="the first one gone")
     before = sum(g.gw.owners.counts["superseded"] + g.gw.owners.counts["taken_over"] for g in gws)
     conns = list(await asyncio.gather(*(Conn.open(url(gws, i), tok) for i in range(3))))
     survivor = await settle(conns)
