@@ -235,7 +235,7 @@ class Session:
     async def sender(self) -> None:
         assert self.claim is not None
         usable = self.claim.usable
-        while True:
+        while not self.stopped.is_set():  # a swallowed cancel ends here too
             await self.out_ready.wait()
             self.out_ready.clear()
             while self.out:
@@ -278,7 +278,7 @@ class Session:
         reader = None
         reset_needed = pending is None
         try:
-            while True:
+            while not self.stopped.is_set():  # a swallowed cancel ends here too
                 try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
                     async with asyncio.timeout(self.touch_seconds):
                         await self.catchup_needed.wait()
@@ -318,7 +318,7 @@ class Session:
         """Read the queue until it is empty, then go live. ``pending`` is what JetStream last
         said is left (None: unknown); asking for no more than that keeps a fetch from waiting
         out its timeout for alerts that do not exist."""
-        while self.mode is Mode.CATCHUP:
+        while self.mode is Mode.CATCHUP and not self.stopped.is_set():
             if self.rewind:  # the subscription changed: read on under the new filters
                 async with self.queue_lock:
                     self.rewind = False
