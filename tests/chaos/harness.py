@@ -6,8 +6,13 @@ process gets all three URLs), one ingest process and
 N gateway processes (each keeps its port across ``kill -9`` and restart), optionally behind
 a :class:`~tests.chaos.proxy.RoundRobinProxy`. The :class:`Engine` publishes to the ingest
 subject through JetStream (``Nats-Msg-Id`` = alert_id) and records each PubAck'ed alert;
-each :class:`DeviceClient` records every frame. Waiting is on conditions with deadlines;
-random sleeps only shape the load (churn delays, downtimes).
+each :class:`DeviceClient` records every frame, tagged with the connection (a
+:class:`~tests.chaos.verifier.Connection`, carrying the token it used) that received it.
+Devices whose behaviour is ``concurrent``, ``token_change`` or ``stalled`` hold several
+connections (:class:`Link`) at once; their injectors (:func:`concurrent_connects`,
+:func:`token_changes`, :func:`stalled_readers`) drive them. Waiting is on conditions with
+deadlines; random sleeps only shape the load (churn delays, downtimes) or are the fault
+itself (how long a reader stalls).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from tocsin.core.topology import apply_topology
 from ..conftest import SECRET
 from ..support import GatewayProcess, settings_env, spawn_tocsin
 from .proxy import RoundRobinProxy
-from .verifier import DeviceSpec, Fault, Report, Verifier
+from .verifier import Connection, DeviceSpec, Fault, Overlap, Report, Token, Verifier
 
 LONG = os.environ.get("TOCSIN_CHAOS", "").lower() == "long"
 
@@ -96,6 +101,9 @@ class Scene:
     ingest: subprocess.Popen[bytes] | None = None
     proxy: RoundRobinProxy | None = None
     clients: list[DeviceClient] = field(default_factory=list)
+    #: Settings that differ from the suite's (e.g. a shorter heartbeat for stalled readers).
+    overrides: dict[str, Any] = field(default_factory=dict)
+    engine: Engine | None = None  # the scenario's publisher (a stalled reader asks a burst)
 
     @property
     def names(self) -> Names:
@@ -129,7 +137,7 @@ class Scene:
             # never truncate: every alert must be delivered (the verifier asserts it)
             offline_queue_max=1_000_000,
             max_inflight=10_000,  # clients that never ack still receive everything
-        )
+        ).model_copy(update=self.overrides)
         self.env = settings_env(self.settings) | {
             "TOCSIN_MAX_INFLIGHT": str(self.settings.max_inflight),
             "TOCSIN_MAX_MESSAGES_PER_MINUTE": "1000000",
@@ -253,9 +261,16 @@ TYPES = ["outbreak_risk", "system_health", "data_quality"]
 _ids = [time.time_ns() // 1000]
 
 
-def make_alert(rng: random.Random) -> dict[str, Any]:
+#: A 4-byte UTF-8 character: 7,400 of them make a ~30 KB alert within the 8,000-character
+#: message limit (and the 64 KiB event limit).
+LARGE_MESSAGE = "\U0001f99f" * 7400
+
+
+def make_alert(
+    rng: random.Random, large: bool = False, region: str | None = None
+) -> dict[str, Any]:
     _ids[0] += 1
-    location: dict[str, Any] = {"region": rng.choice(REGIONS)}
+    location: dict[str, Any] = {"region": region or rng.choice(REGIONS)}
     if rng.random() < 0.6:
         location["lat"] = round(rng.uniform(-3, 3), 4)
         location["lon"] = round(rng.uniform(30, 38), 4)
@@ -264,7 +279,7 @@ def make_alert(rng: random.Random) -> dict[str, Any]:
         "alert_level": rng.choice(LEVELS),
         "alert_type": rng.choice(TYPES),
         "title": "Chaos alert",
-        "message": "Risk model predicts a rise in cases. " * 8,
+        "message": LARGE_MESSAGE if large else "Risk model predicts a rise in cases. " * 8,
         "priority": rng.choice(PRIORITIES),
         "location": location,
     }
@@ -281,6 +296,7 @@ class Engine:
     verifier: Verifier
     rng: random.Random
     retries: int = 0
+    large: float = 0.0  # the share of ~30 KB alerts
 
     async def publish(self, body: dict[str, Any], deadline: float) -> None:
         assert self.scene.js is not None
@@ -301,6 +317,12 @@ class Engine:
                 continue
             self.verifier.record_publish(body, time.monotonic(), attempted)
             return
+
+    async def burst(self, count: int, region: str) -> None:
+        """``count`` ~30 KB alerts for ``region``, published all at once."""
+        deadline = time.monotonic() + 30
+        bodies = [make_alert(self.rng, large=True, region=region) for _ in range(count)]
+        await asyncio.gather(*(self.publish(b, deadline) for b in bodies))
 
     async def run(
         self,
@@ -327,7 +349,8 @@ class Engine:
             if now >= end or now >= start + cap:
                 break
             # 90 s: covers a quorum loss, the restarts and the re-elections that follow
-            await self.publish(make_alert(self.rng), now + 90)
+            body = make_alert(self.rng, large=self.rng.random() < self.large)
+            await self.publish(body, now + 90)
             due = start + (n + 1) / mode.rate  # pacing: load shaping, not synchronisation
             if due > time.monotonic():
                 await asyncio.sleep(due - time.monotonic())
@@ -336,10 +359,17 @@ class Engine:
 # ----------------------------------------------------------------------- devices
 
 
-def device_token(spec: DeviceSpec) -> str:
-    if spec.regions is None:
+def device_token(spec: DeviceSpec, regions: Token | str = "spec") -> str:
+    """The device's token; ``regions`` another one of its tokens (None: admin)."""
+    chosen = spec.regions if isinstance(regions, str) else regions
+    if chosen is None:
         return mint_token(SECRET, spec.user, roles=("admin",), regions=())
-    return mint_token(SECRET, spec.user, regions=spec.regions)
+    return mint_token(SECRET, spec.user, regions=chosen)
+
+
+def transport_of(ws: aiohttp.ClientWebSocketResponse) -> asyncio.Transport | None:
+    conn = ws._conn
+    return None if conn is None else conn.transport
 
 
 @dataclass
@@ -363,6 +393,11 @@ class DeviceClient:
     #: Seconds from each kick to the next connection_established.
     kick_reconnects: list[float] = field(default_factory=list)
     _kicked_at: float | None = None
+    #: The connections of a device that holds several (behaviours in LINKED).
+    links: list[Link] = field(default_factory=list)
+    _links_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _turn: int = 0  # the next token of spec.token_cycle()
+    _small_http: aiohttp.ClientSession | None = None  # sockets with a small SO_RCVBUF
 
     def kick(self) -> bool:
         """Make the client drop its connection now and reconnect (False: it is between
@@ -372,13 +407,18 @@ class DeviceClient:
         self._kick.set()
         return True
 
-    async def connect(self) -> aiohttp.ClientWebSocketResponse | None:
-        params = {
-            "auth_token": device_token(self.spec),
+    def params(self, regions: Token | str = "spec") -> dict[str, str]:
+        return {
+            "auth_token": device_token(self.spec, regions),
             "client_id": self.spec.client_id,
             "ack_mode": self.spec.ack_mode,
             **self.spec.query(),
         }
+
+    async def connect(
+        self, regions: Token | str = "spec"
+    ) -> aiohttp.ClientWebSocketResponse | None:
+        params = self.params(regions)
         while not self.finish.is_set():
             try:
                 async with asyncio.timeout(10):
@@ -420,31 +460,46 @@ class DeviceClient:
                     await ws.send_str(orjson.dumps({"type": "pong", "ts": frame["ts"]}).decode())
                     continue
                 return frame
-            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+            if msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSING,
+                aiohttp.WSMsgType.CLOSED,
+            ):
                 return None
             if msg.type is aiohttp.WSMsgType.ERROR:
                 return None
 
+    @property
+    def acks(self) -> bool:
+        return self.spec.ack_mode == "client" and self.spec.behaviour != "never_ack"
+
     async def run(self) -> None:
+        if self.spec.behaviour in LINKED:
+            await self.run_links()
+            return
         try:
             while not self.finish.is_set():
                 ws = await self.connect()
                 if ws is None:
                     return
+                conn = self.verifier.open_connection(
+                    self.spec.key, self.spec.regions, time.monotonic(), self.acks
+                )
                 with contextlib.suppress(Exception):
-                    await self.session(ws)
+                    await self.session(ws, conn)
                 self.closes.append(ws.close_code)
                 with contextlib.suppress(Exception):
                     await ws.close()
+                self.verifier.connection_closed(conn, time.monotonic(), ws.close_code)
         finally:
             if self.http is not None:
                 await self.http.close()
 
-    async def session(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def session(self, ws: aiohttp.ClientWebSocketResponse, conn: Connection) -> None:
         key = self.spec.key
         churn = self.spec.behaviour == "churn"
         slow = self.spec.behaviour == "slow"
-        ack = self.spec.ack_mode == "client" and self.spec.behaviour != "never_ack"
+        ack = self.acks
         lifetime = time.monotonic() + self.rng.uniform(0.3, 1.5)
         if slow:  # a small receive window: a stopped reader backs up into the gateway
             sock = ws._conn.transport.get_extra_info("socket") if ws._conn else None  # type: ignore[union-attr]
@@ -479,6 +534,7 @@ class DeviceClient:
             kind = frame["type"]
             if kind == "connection_established":
                 established = True
+                self.verifier.connection_established(conn, at)
                 self.verifier.connects[key] += 1
                 if self._open_fault is not None:
                     self.verifier.fault_end(self._open_fault, at)
@@ -489,9 +545,10 @@ class DeviceClient:
             elif kind == "backlog_truncated":
                 self.verifier.record_truncated(key, frame["dropped"])
             elif kind == "alert":
-                self.verifier.record_frame(key, frame, at)
+                self.verifier.record_frame(key, frame, at, conn)
                 if ack:
                     await ws.send_str(orjson.dumps({"type": "ack", "seq": frame["seq"]}).decode())
+                    self.verifier.record_ack(conn, frame["seq"])
 
     async def pause(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Stop reading the socket for a while (the kernel buffers fill up), then resume."""
@@ -505,6 +562,381 @@ class DeviceClient:
             with contextlib.suppress(Exception):
                 transport.resume_reading()
             self.verifier.fault_end(fault, time.monotonic())
+
+    # ------------------------------------------------------------------ several links
+    def next_token(self) -> Token:
+        tokens = self.spec.token_cycle()
+        self._turn += 1
+        return tokens[(self._turn - 1) % len(tokens)]
+
+    async def open_link(
+        self,
+        regions: Token,
+        acks: bool,
+        role: str,
+        rcvbuf: int | None = None,
+        prompt: bool = True,
+    ) -> Link | None:
+        """One more connection of this device (others may be open): retried while refused,
+        for at most ESTABLISH_SECONDS; its handshake is timed from the attempt that worked
+        and, if ``prompt``, must take at most TAKEOVER_SECONDS."""
+        assert self.http is not None
+        acks = acks and self.spec.ack_mode == "client"
+        deadline = time.monotonic() + ESTABLISH_SECONDS
+        while not self.finish.is_set() and time.monotonic() < deadline:
+            opened = time.monotonic()
+            http = self.http if rcvbuf is None else self.small_window_http(rcvbuf)
+            try:
+                async with asyncio.timeout(10):
+                    ws = await http.ws_connect(self.scene.ws_url, params=self.params(regions))
+            except Exception:  # refused, a gateway restarting: again, with backoff
+                await asyncio.sleep(self.rng.uniform(0.05, 0.3))
+                continue
+            conn = self.verifier.open_connection(self.spec.key, regions, opened, acks, role, prompt)
+            link = Link(self, ws, conn)
+            self.links.append(link)
+            link.task = asyncio.create_task(link.pump())
+            return link
+        return None
+
+    def small_window_http(self, rcvbuf: int) -> aiohttp.ClientSession:
+        """A client session whose sockets get SO_RCVBUF = ``rcvbuf`` before they connect, so
+        the window negotiated in the handshake is small too (set afterwards, the kernel
+        keeps honouring the window it already advertised)."""
+        if self._small_http is None:
+
+            def small(addr: Any) -> socket.socket:
+                family, kind, proto = addr[0], addr[1], addr[2]
+                sock = socket.socket(family, kind, proto)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                return sock
+
+            connector = aiohttp.TCPConnector(socket_factory=small, force_close=True)
+            self._small_http = aiohttp.ClientSession(connector=connector)
+        return self._small_http
+
+    def open_links(self) -> list[Link]:
+        return [link for link in self.links if link.open]
+
+    async def drop_links(self, clean: bool) -> None:
+        """End every connection of the device: closed (a close frame) or aborted (none)."""
+        for link in list(self.links):
+            if link.stalled or not clean:
+                link.abort()
+            else:
+                await link.close()
+        tasks = [link.task for link in self.links if link.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        self.links = []
+
+    async def ensure_link(self) -> None:
+        """The device keeps one connection: open one if none is open (and read). A
+        never-acking connection that is left alone starts acking (it was never-acking for
+        the overlap; alone it would starve the device once its window is full)."""
+        alive = self.open_links()
+        if len(alive) == 1 and self.acks:
+            alive[0].conn.acks = True
+        if alive or self.finish.is_set():
+            return
+        link = await self.open_link(self.next_token(), self.acks, "reconnect")
+        if link is not None:
+            await first_of([link.established, link.ended], ESTABLISH_SECONDS)
+
+    async def settle(self, links: list[Link]) -> list[Link]:
+        """Wait (SETTLE_SECONDS at most) until at most one of ``links`` is still open: the
+        server closes the others (4009). Returns those still open."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        for _ in range(len(links) + 1):  # each round one closes, or the deadline passes
+            still = [link for link in links if link.open]
+            left = deadline - time.monotonic()
+            if len(still) <= 1 or left <= 0:
+                break
+            await first_of([link.ended for link in still], left)
+        return [link for link in links if link.open]
+
+    async def run_links(self) -> None:
+        """A device that holds several connections: its injector opens and drops them; this
+        loop only reconnects when none is open (e.g. every one was closed by the server)."""
+        try:
+            while not self.finish.is_set():
+                async with self._links_lock:
+                    self.links = [link for link in self.links if link.open or link.stalled]
+                    await self.ensure_link()
+                ends = [link.ended for link in self.open_links()]
+                await first_of([*ends, self.finish], 0.5)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.drop_links(clean=True), 15)
+            for link in self.links:
+                if link.task is not None:
+                    link.task.cancel()
+            if self.http is not None:
+                await self.http.close()
+            if self._small_http is not None:
+                await self._small_http.close()
+
+    async def concurrent_cycle(self, kind: str, tokens: list[Token]) -> None:
+        """Away for a moment (a backlog builds up), then ``len(tokens)`` connections at the
+        same instant, some acking, some never acking. Exactly one may survive."""
+        v, rng = self.verifier, self.rng
+        async with self._links_lock:
+            await self.drop_links(clean=rng.random() < 0.5)
+            await asyncio.sleep(rng.uniform(0.3, 1.0))  # away: a backlog builds up
+            at = time.monotonic()
+            fault = v.fault_start(kind, at)
+            acks = [True] + [rng.random() < 0.5 for _ in tokens[1:]]
+            rng.shuffle(acks)
+            opened = await asyncio.gather(
+                *(
+                    self.open_link(t, a, kind, prompt=False)
+                    for t, a in zip(tokens, acks, strict=True)
+                )
+            )
+            links = [link for link in opened if link is not None]
+            survivors = await self.settle(links)
+            v.record_overlap(
+                Overlap(
+                    kind,
+                    self.spec.key,
+                    [link.conn.id for link in links],
+                    at,
+                    survivors=[link.conn.id for link in survivors],
+                    settled=time.monotonic(),
+                )
+            )
+            await self.ensure_link()  # none survived: reconnect
+            v.fault_end(fault, time.monotonic())
+
+    async def overlap_cycle(self, kind: str, regions: Token) -> None:
+        """A new connection (e.g. with a refreshed token) while the old one is still open:
+        the new one must replace it promptly (the old one closed with 4009)."""
+        v = self.verifier
+        async with self._links_lock:
+            await self.ensure_link()
+            old = self.open_links()
+            for link in old:
+                await first_of([link.established, link.ended], ESTABLISH_SECONDS)
+            at = time.monotonic()
+            fault = v.fault_start(kind, at)
+            new = await self.open_link(regions, self.acks, kind)
+            if new is not None:
+                await first_of([new.established, new.ended], ESTABLISH_SECONDS)
+                survivors = await self.settle([*old, new])
+                v.record_overlap(
+                    Overlap(
+                        kind,
+                        self.spec.key,
+                        [link.conn.id for link in [*old, new]],
+                        at,
+                        survivors=[link.conn.id for link in survivors],
+                        settled=time.monotonic(),
+                        winner=new.conn.id,
+                    )
+                )
+            await self.ensure_link()
+            v.fault_end(fault, time.monotonic())
+
+    async def sequential_cycle(self, regions: Token) -> None:
+        """Drop the connection, away for a moment, connect again with ``regions``."""
+        rng = self.rng
+        async with self._links_lock:
+            fault = self.verifier.fault_start("token_sequential", time.monotonic())
+            await self.drop_links(clean=rng.random() < 0.5)
+            await asyncio.sleep(rng.uniform(0.3, 1.0))  # away: a backlog builds up
+            link = await self.open_link(regions, self.acks, "token_sequential")
+            if link is not None:
+                await first_of([link.established, link.ended], ESTABLISH_SECONDS)
+            await self.ensure_link()
+            self.verifier.fault_end(fault, time.monotonic())
+
+    async def stall_cycle(self, variant: str, stall_seconds: float) -> None:
+        """A fresh connection with a small SO_RCVBUF reads for a while, then stops reading
+        for good (``stall_seconds``, longer than two heartbeats). ``variant``:
+        ``takeover``: a new connection opens while the stalled one is still open (it must be
+        established within TAKEOVER_SECONDS); ``takeover_restart``: the same, and moments
+        after the stalled one is abandoned the app restarts its socket (closes the new one,
+        which kept receiving and acking, and connects again: a stalled session that saves
+        its old position late shows here); ``wait``: no new connection until the stall is
+        over (the server should have dropped the stalled one). The stalled connection is
+        abandoned (its transport aborted) when the stall is over."""
+        v, rng, key = self.verifier, self.rng, self.spec.key
+        async with self._links_lock:
+            await self.drop_links(clean=True)
+            regions = self.next_token()
+            link = await self.open_link(regions, self.acks, "stalled", rcvbuf=4096)
+            if link is None:
+                return
+            await first_of([link.established, link.ended], ESTABLISH_SECONDS)
+            await asyncio.sleep(rng.uniform(0.3, 0.8))  # reads normally for a while
+            stalled_at = time.monotonic()
+            fault = v.fault_start("stalled_reader", stalled_at)
+            await link.stall()
+            # A burst of large alerts for the stalled reader's region: more than the kernel
+            # buffers hold (a loopback send buffer grows to 4 MB), so the server's writes to
+            # the stalled socket block, as they do on a real network within far less.
+            burst = asyncio.ensure_future(self._burst())
+            if variant == "wait":
+                await asyncio.sleep(stall_seconds)  # the fault: a reader that stopped
+                await asyncio.wait([burst], timeout=30)
+                link.abort()
+                await self._after_stall(link, regions, "after_stall")
+            else:
+                # the new connection comes while the stalled one is surely still open on the
+                # server: well before two heartbeats (stall_seconds is 2.5 of them)
+                takeover_at = stalled_at + stall_seconds * 0.5
+                await asyncio.wait([burst], timeout=max(0.0, takeover_at - time.monotonic()))
+                await asyncio.sleep(max(0.0, takeover_at - time.monotonic()))  # the fault
+                new = await self.open_link(regions, self.acks, "stalled_takeover")
+                if new is not None:
+                    await first_of([new.established, new.ended], ESTABLISH_SECONDS)
+                    v.record_overlap(
+                        Overlap(
+                            "stalled_takeover",
+                            key,
+                            [link.conn.id, new.conn.id],
+                            stalled_at,
+                            survivors=[new.conn.id] if new.open else [],
+                            winner=new.conn.id,
+                        )
+                    )
+                rest = stalled_at + stall_seconds - time.monotonic()
+                if rest > 0:
+                    await asyncio.sleep(rest)  # the fault: it stays stalled meanwhile
+                await asyncio.wait([burst], timeout=30)
+                link.abort()
+                if variant == "takeover_restart" and new is not None:
+                    # moments later the app restarts its socket: the new connection, which
+                    # kept receiving and acking, closes and a third one connects
+                    await asyncio.sleep(rng.uniform(0.2, 0.6))
+                    await new.close()
+                    await self._after_stall(link, regions, "restart_after_stall")
+            self.links = [x for x in self.links if x is not link]
+            await self.ensure_link()
+            v.fault_end(fault, time.monotonic())
+
+    async def _burst(self) -> None:
+        if self.scene.engine is not None:
+            await self.scene.engine.burst(BURST_ALERTS, BURST_REGION)
+
+    async def _after_stall(self, stalled: Link, regions: Token, kind: str) -> None:
+        """Connect again right after abandoning a stalled connection: promptly established."""
+        new = await self.open_link(regions, self.acks, kind)
+        if new is None:
+            return
+        await first_of([new.established, new.ended], ESTABLISH_SECONDS)
+        self.verifier.record_overlap(
+            Overlap(
+                kind,
+                self.spec.key,
+                [stalled.conn.id, new.conn.id],
+                new.conn.opened,
+                survivors=[new.conn.id] if new.open else [],
+                winner=new.conn.id,
+            )
+        )
+
+
+#: Behaviours whose client holds several connections (Link), driven by an injector.
+LINKED = ("concurrent", "token_change", "stalled")
+#: How long a client waits for the server to close all but one of a device's overlapping
+#: connections (the settle time of an Overlap).
+SETTLE_SECONDS = 3.0
+#: Deadline for one connection's connection_established (or its end).
+ESTABLISH_SECONDS = 15.0
+#: A stalled reader's burst: 130 alerts of ~30 KB (3.9 MB) for a region only the stalled
+#: devices' tokens (and admin) hold.
+BURST_ALERTS = 130
+BURST_REGION = "TZ-01"
+
+
+async def first_of(events: list[asyncio.Event], timeout: float) -> None:
+    """Wait until one of ``events`` is set, at most ``timeout`` seconds."""
+    if not events or timeout <= 0:
+        return
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+@dataclass
+class Link:
+    """One of several connections a device's client holds: its socket, its verifier record
+    (the token it used), the task reading it (answering pings, recording every frame, acking
+    if it is an acking one)."""
+
+    client: DeviceClient
+    ws: aiohttp.ClientWebSocketResponse
+    conn: Connection
+    established: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    stalled: bool = False  # nothing read any more; still open as far as the server knows
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def open(self) -> bool:
+        """Open and read (a stalled link is open but unread)."""
+        return not self.ended.is_set()
+
+    async def pump(self) -> None:
+        client, v = self.client, self.client.verifier
+        key = client.spec.key
+        try:
+            while not client.finish.is_set():
+                try:
+                    frame = await client.receive(self.ws, 0.25)
+                except TimeoutError:
+                    continue
+                if frame is None:
+                    break
+                at = time.monotonic()
+                kind = frame["type"]
+                if kind == "connection_established":
+                    v.connection_established(self.conn, at)
+                    v.connects[key] += 1
+                    self.established.set()
+                elif kind == "backlog_truncated":
+                    v.record_truncated(key, frame["dropped"])
+                elif kind == "alert":
+                    v.record_frame(key, frame, at, self.conn)
+                    if self.conn.acks:
+                        ack = orjson.dumps({"type": "ack", "seq": frame["seq"]}).decode()
+                        await self.ws.send_str(ack)
+                        v.record_ack(self.conn, frame["seq"])
+        except Exception:  # the socket failed: the link ends
+            pass
+        finally:
+            if not self.stalled:
+                v.connection_closed(self.conn, time.monotonic(), self.ws.close_code)
+            self.ended.set()
+
+    async def stall(self) -> None:
+        """Stop reading the socket for good: its kernel buffers fill, the server's writes
+        back up. Nothing more is read, not even pings."""
+        self.stalled = True
+        transport = transport_of(self.ws)
+        if transport is not None:
+            transport.pause_reading()
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    def abort(self) -> None:
+        """Abandon it: no close frame, the TCP connection reset."""
+        transport = transport_of(self.ws)
+        if transport is not None:
+            transport.abort()
+        self.client.verifier.connection_closed(self.conn, time.monotonic(), None)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.ws.close(), 5)
+        if self.task is not None:
+            await asyncio.wait([self.task], timeout=5)
+        self.client.verifier.connection_closed(self.conn, time.monotonic(), self.ws.close_code)
 
 
 # ----------------------------------------------------------------------- a scenario
@@ -531,6 +963,8 @@ async def run_scenario(
     cluster: bool = False,
     mode: Mode | None = None,
     load_after_faults: float | None = None,
+    overrides: dict[str, Any] | None = None,
+    large: float = 0.0,
 ) -> Outcome:
     """``load_after_faults``: the load lasts until every injector returned and this many
     seconds more (else ``mode.load_seconds``, the injectors running alongside)."""
@@ -539,7 +973,9 @@ async def run_scenario(
     seed %= 1_000_000
     rng = random.Random(seed)
     verifier = Verifier(f"{name}")
-    scene = Scene(tmp, gateways=gateways, use_proxy=use_proxy, cluster=cluster)
+    scene = Scene(
+        tmp, gateways=gateways, use_proxy=use_proxy, cluster=cluster, overrides=overrides or {}
+    )
     load_over, finish = asyncio.Event(), asyncio.Event()
     clients = [
         DeviceClient(
@@ -564,7 +1000,7 @@ async def run_scenario(
             if c.spec.behaviour == "never_ack":
                 verifier.fault_start("never_ack", time.monotonic())
         tasks = [asyncio.create_task(c.run()) for c in clients]
-        engine = Engine(scene, verifier, random.Random(rng.random()))
+        engine = scene.engine = Engine(scene, verifier, random.Random(rng.random()), large=large)
         load_started = time.monotonic()
         faults_over = asyncio.Event()
 
@@ -747,5 +1183,76 @@ def node_kills(
             v.phase("healed", now)
             for _, fault in kills:
                 v.fault_end(fault, now)
+
+    return inject
+
+
+# ----------------------------------------------------------------------- overlapping connections
+
+
+def clients_with(scene: Scene, behaviour: str) -> list[DeviceClient]:
+    return [c for c in scene.clients if c.spec.behaviour == behaviour]
+
+
+def concurrent_connects(n: int) -> Injector:
+    """``n`` times per ``concurrent`` device: away for a moment, then 2 or 3 connections at
+    the same instant (asyncio.gather of ws_connect), some acking, some never acking."""
+
+    async def inject(scene: Scene, v: Verifier, rng: random.Random, over: asyncio.Event) -> None:
+        async def cycles(i: int, c: DeviceClient) -> None:
+            for k in range(n):
+                await spaced(c.rng, n, over)
+                count = 2 + (i + k) % 2
+                await c.concurrent_cycle("concurrent_connect", [c.spec.regions] * count)
+
+        await asyncio.gather(
+            *(cycles(i, c) for i, c in enumerate(clients_with(scene, "concurrent")))
+        )
+
+    return inject
+
+
+def token_changes(n: int) -> Injector:
+    """``n`` token changes per ``token_change`` device, its tokens in turn
+    (``DeviceSpec.tokens``, e.g. ``KE,UG`` then ``KE``), by turns: ``concurrent`` (two
+    connections with different tokens at the same instant: twice per round, the race is
+    not lost every time), ``overlap`` (a new connection with the next token while the old
+    one is open: a token refresh) and ``sequential`` (drop, away for a moment, connect
+    with the next token)."""
+    modes = ("concurrent", "overlap", "concurrent", "sequential")
+
+    async def inject(scene: Scene, v: Verifier, rng: random.Random, over: asyncio.Event) -> None:
+        async def cycles(i: int, c: DeviceClient) -> None:
+            for k in range(n):
+                await spaced(c.rng, n, over)
+                mode = modes[(i + k) % len(modes)]
+                if mode == "overlap":
+                    await c.overlap_cycle("token_overlap", c.next_token())
+                elif mode == "concurrent":
+                    tokens = [c.next_token(), c.next_token()]
+                    await c.concurrent_cycle("token_concurrent", tokens)
+                else:
+                    await c.sequential_cycle(c.next_token())
+
+        clients = clients_with(scene, "token_change")
+        await asyncio.gather(*(cycles(i, c) for i, c in enumerate(clients)))
+
+    return inject
+
+
+def stalled_readers(n: int, stall_seconds: float) -> Injector:
+    """``n`` stalls per ``stalled`` device (``DeviceClient.stall_cycle``), by turns with a
+    takeover and a restart, without a new connection until the stall is over, and with a
+    takeover only. Each stall lasts ``stall_seconds`` to 1.3 times that."""
+    variants = ("takeover_restart", "wait", "takeover")
+
+    async def inject(scene: Scene, v: Verifier, rng: random.Random, over: asyncio.Event) -> None:
+        async def cycles(i: int, c: DeviceClient) -> None:
+            for k in range(n):
+                await spaced(c.rng, n, over)
+                variant = variants[(i + k) % len(variants)]
+                await c.stall_cycle(variant, stall_seconds * c.rng.uniform(1.0, 1.3))
+
+        await asyncio.gather(*(cycles(i, c) for i, c in enumerate(clients_with(scene, "stalled"))))
 
     return inject

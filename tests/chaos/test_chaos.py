@@ -8,6 +8,15 @@ or out of order (tests/chaos/verifier.py). Short by default (``make test``);
 ``TOCSIN_CHAOS=long`` (``make chaos``) runs ``TOCSIN_CHAOS_SECONDS`` of load per scenario
 with more devices and faults. ``TOCSIN_CHAOS_REPORT=path`` appends each scenario's figures
 as a JSON line; ``TOCSIN_CHAOS_SEED`` replays a run.
+
+Three scenarios concern overlapping connections of one device (its token ``sub`` +
+``client_id``): several at the same instant (``concurrent_connect``), a token that changes
+between connections and overlapping connections with different tokens (``token_change``),
+and a connection that stops reading for good while a new one takes over
+(``stalled_reader``). Besides loss and misdelivery (per connection, against the token that
+connection used) the verifier counts unflagged repeats, per-connection gaps and order,
+acks that settled what the acking connection never received, and whether exactly one
+connection survived, promptly, with the others closed with 4009.
 """
 
 from __future__ import annotations
@@ -17,7 +26,17 @@ from pathlib import Path
 
 import pytest
 
-from .harness import MODE, Outcome, gateway_kills, ingest_kills, nats_restarts, run_scenario
+from .harness import (
+    MODE,
+    Outcome,
+    concurrent_connects,
+    gateway_kills,
+    ingest_kills,
+    nats_restarts,
+    run_scenario,
+    stalled_readers,
+    token_changes,
+)
 from .verifier import DeviceSpec
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(MODE.timeout)]
@@ -63,6 +82,15 @@ def devices(behaviours: dict[str, str] | None = None) -> list[DeviceSpec]:
             behaviour = behaviours.get(spec.key, "steady")
             out.append(replace(spec, client_id=spec.client_id + suffix, behaviour=behaviour))
     return out
+
+
+def copies(specs: list[DeviceSpec]) -> list[DeviceSpec]:
+    """``MODE.copies`` of each spec (different client_ids)."""
+    return [
+        replace(spec, client_id=spec.client_id + (f"-{copy}" if copy else ""))
+        for copy in range(MODE.copies)
+        for spec in specs
+    ]
 
 
 def check(outcome: Outcome) -> None:
@@ -141,3 +169,123 @@ async def test_mixed_faults_behind_three_gateways(tmp_path: Path) -> None:
         pause_seconds=2.0 if MODE.name == "short" else 8.0,
     )
     check(outcome)
+
+
+# ------------------------------------------------------------ overlapping connections
+
+SHORT = MODE.name == "short"
+#: The production checkpoint interval: a takeover must carry the old connection's final
+#: position itself, not lean on a periodic save (the suite's 0.2 s would hide it). A small
+#: in-flight window: a backlog is read in several fetches, which two sessions reading one
+#: queue would split between them.
+OVERLAP_SETTINGS: dict[str, float] = {"checkpoint_seconds": 5.0, "max_inflight": 16}
+
+
+async def test_concurrent_connects_of_one_device(tmp_path: Path) -> None:
+    """2-3 connections of one device at the same instant, on two gateways behind the proxy,
+    some acking, some never acking, after a moment away (a backlog to split). Exactly one
+    survives; the others are closed with 4009; nothing is lost, repeated unflagged, or
+    settled by an ack of a connection that never received it."""
+    specs = copies(
+        [
+            DeviceSpec("hana", "phone", ("KE", "UG"), behaviour="concurrent"),
+            DeviceSpec("ivo", "tablet", ("KE",), groups=("level:medium",), behaviour="concurrent"),
+        ]
+    )
+    cycles = 3 if SHORT else MODE.faults * 2
+    outcome = await run_scenario(
+        "concurrent_connect",
+        tmp_path,
+        devices() + specs,
+        [concurrent_connects(cycles)],
+        gateways=2,
+        use_proxy=True,
+        load_after_faults=1.0,
+        overrides=OVERLAP_SETTINGS,
+    )
+    check(outcome)
+    report = outcome.report
+    assert report.overlaps.get("concurrent_connect", 0) == cycles * len(specs)
+    assert report.replaced >= cycles * len(specs), "losers must be closed with 4009"
+
+
+async def test_token_changes_between_and_across_connections(tmp_path: Path) -> None:
+    """A device whose token narrows and widens (``KE,UG`` / ``KE``; ``KE,UG-102`` / ``KE``):
+    a new connection with the other token while the old one is open (a token refresh), two
+    connections with different tokens at the same instant, and a reconnect with the other
+    token. Each connection gets only what its own token allows; what every token allows
+    is never lost."""
+    specs = copies(
+        [
+            DeviceSpec(
+                "jo",
+                "phone",
+                ("KE", "UG"),
+                tokens=(("KE", "UG"), ("KE",)),
+                behaviour="token_change",
+            ),
+            DeviceSpec(
+                "kim",
+                "phone",
+                ("KE", "UG-102"),
+                groups=("level:medium",),
+                tokens=(("KE", "UG-102"), ("KE",)),
+                behaviour="token_change",
+            ),
+        ]
+    )
+    changes = 4 if SHORT else MODE.faults * 2
+    outcome = await run_scenario(
+        "token_change",
+        tmp_path,
+        devices() + specs,
+        [token_changes(changes)],
+        gateways=2,
+        use_proxy=True,
+        load_after_faults=1.0,
+        overrides=OVERLAP_SETTINGS,
+    )
+    check(outcome)
+    report = outcome.report
+    assert report.overlaps.get("token_overlap", 0) >= len(specs)
+    assert report.overlaps.get("token_concurrent", 0) >= len(specs)
+
+
+#: The suite's wide window (the whole burst goes to the stalled socket), the production
+#: checkpoint interval, and a 3 s grace: a gateway that gives up waiting for a stalled
+#: session (the grace bounded that wait before the rewrite) then lets the new connection
+#: in while the stalled one still holds the device's queue, which must show.
+STALL_SETTINGS: dict[str, float] = {"checkpoint_seconds": 5.0, "shutdown_grace_seconds": 3.0}
+
+
+async def test_a_stalled_reader_gives_way_to_a_new_connection(tmp_path: Path) -> None:
+    """A connection with a 4 KiB SO_RCVBUF stops reading for good (longer than two
+    heartbeats) while alerts flow, some ~30 KB, and a burst of them (3.9 MB) arrives for
+    it: a new connection of the device takes over
+    within TAKEOVER_SECONDS (or the device waits for the server to drop the stalled one);
+    then it is abandoned. The stalled session must not save an old position over the new
+    one: no unflagged repeats, nothing lost."""
+    heartbeat = 1.0 if SHORT else 2.0
+    stall = 2.5 * heartbeat  # longer than two heartbeats
+    specs = copies(
+        [
+            DeviceSpec("lea", "phone", ("KE", "UG", "TZ"), behaviour="stalled"),
+            DeviceSpec("max", "phone", ("UG", "TZ"), behaviour="stalled"),
+            DeviceSpec("noa", "phone", ("KE", "TZ"), groups=("level:low",), behaviour="stalled"),
+        ]
+    )
+    outcome = await run_scenario(
+        "stalled_reader",
+        tmp_path,
+        devices() + specs,
+        [stalled_readers(1 if SHORT else MODE.faults, stall)],
+        load_after_faults=1.0,
+        overrides=STALL_SETTINGS | {"heartbeat_seconds": heartbeat},
+        large=0.1,
+    )
+    check(outcome)
+    report = outcome.report
+    assert report.faults.get("stalled_reader", 0) >= len(specs)
+    assert report.overlaps.get("stalled_takeover", 0) >= 1
+    bystanders = report.bystander_worst_delay
+    assert bystanders is not None and bystanders < stall, "a stalled reader delayed others"

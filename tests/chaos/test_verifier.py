@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .verifier import DeviceSpec, Verifier
+from .verifier import TAKEOVER_SECONDS, DeviceSpec, Overlap, Verifier
 
 pytestmark = pytest.mark.chaos
 
@@ -146,3 +146,153 @@ def test_delay_per_phase_from_puback_and_first_attempt_and_the_publish_outage() 
     assert report.phases["healed"] == [1, pytest.approx(0.5), pytest.approx(4.5)]
     assert report.publish_outage == pytest.approx(5.5)
     assert "phase two_down" in report.table()
+
+
+# ------------------------------------------------------------ overlapping connections
+
+#: A device whose token narrows between connections (a token refresh).
+JO = DeviceSpec("jo", "phone", ("KE", "UG"), tokens=(("KE", "UG"), ("KE",)))
+SEQS: dict[int | str, int] = {i: i for i in range(1, 10)}
+
+
+def jo_scene() -> Verifier:
+    v = Verifier("overlap")
+    v.device_created(JO, 0.0)
+    for i, region in enumerate(["KE-30", "UG-102", "KE", "UG", "KE-01"], start=1):
+        v.record_publish(body(i, region), float(i))
+    return v
+
+
+def test_an_unflagged_repeat_is_counted_on_any_connection_unless_after_a_gateway_kill() -> None:
+    v = jo_scene()
+    a = v.open_connection(JO.key, ("KE", "UG"), 5.0)
+    b = v.open_connection(JO.key, ("KE", "UG"), 5.0)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 6.0, a)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 6.1, b)  # again, unflagged
+    v.record_frame(JO.key, frame(2, body(2, "UG-102")), 6.2, a)
+    v.record_frame(JO.key, frame(2, body(2, "UG-102"), redelivered=True), 6.3, b)  # flagged
+    report = v.report(SEQS)
+    assert report.unflagged_repeats == 1
+    assert "unflagged_repeats = 1" in report.failures()
+    # the same repeat after a gateway kill is allowed (and counted apart)
+    v = jo_scene()
+    a = v.open_connection(JO.key, ("KE", "UG"), 5.0)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 6.0, a)
+    v.fault_end(v.fault_start("gateway_kill", 6.5), 7.0)
+    b = v.open_connection(JO.key, ("KE", "UG"), 7.1)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 7.2, b)
+    report = v.report(SEQS)
+    assert (report.unflagged_repeats, report.unflagged_repeats_after_kill) == (0, 1)
+    # ... but not one received for the first time after the kill began
+    v = jo_scene()
+    v.fault_end(v.fault_start("gateway_kill", 5.5), 6.0)
+    a = v.open_connection(JO.key, ("KE", "UG"), 6.0)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 6.1, a)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 6.2, a)
+    assert v.report(SEQS).unflagged_repeats == 1
+
+
+def test_misdelivery_is_judged_against_the_token_of_the_connection() -> None:
+    v = jo_scene()
+    wide = v.open_connection(JO.key, ("KE", "UG"), 5.0)
+    narrow = v.open_connection(JO.key, ("KE",), 5.0)
+    v.record_frame(JO.key, frame(2, body(2, "UG-102")), 6.0, wide)  # its token allows it
+    v.record_frame(JO.key, frame(2, body(2, "UG-102"), redelivered=True), 6.1, narrow)  # not
+    v.record_frame(JO.key, frame(3, body(3, "KE")), 6.2, narrow)
+    report = v.report(SEQS)
+    assert report.misdeliveries == 1
+    assert any("misdelivery: jo/phone #2" in e for e in report.examples)
+
+
+def test_loss_counts_only_alerts_every_token_of_the_device_allows() -> None:
+    v = jo_scene()
+    wide = v.open_connection(JO.key, ("KE", "UG"), 0.5)
+    v.connection_closed(wide, 2.5, 1000)
+    narrow = v.open_connection(JO.key, ("KE",), 2.5)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 1.5, wide)
+    v.record_frame(JO.key, frame(5, body(5, "KE-01")), 6.0, narrow)
+    # never got: 2 (UG-102) and 4 (UG), allowed by KE,UG only: may be passed over;
+    # 3 (KE), allowed by both tokens: lost
+    assert v.expected(JO.key) == {1, 3, 5}
+    report = v.report(SEQS)
+    assert report.lost == 1
+    assert v.missing(JO.key) == {3}
+    # no connection skipped 3 within what it received (each got one alert): the device did
+    assert report.connection_gaps == 0
+
+
+def test_an_ack_that_settled_what_the_acking_connection_never_received() -> None:
+    v = Verifier("split")
+    spec = DeviceSpec("kim", "phone", ("KE",))
+    v.device_created(spec, 0.0)
+    for i in range(1, 6):
+        v.record_publish(body(i, "KE"), float(i))
+    acking = v.open_connection(spec.key, ("KE",), 5.0)
+    silent = v.open_connection(spec.key, ("KE",), 5.0, acks=False)
+    # two sessions read one queue: the backlog is split between them
+    for seq in (1, 3, 5):
+        v.record_frame(spec.key, frame(seq, body(seq, "KE")), 6.0, acking)
+        v.record_ack(acking, seq)
+    for seq in (2, 4):
+        v.record_frame(spec.key, frame(seq, body(seq, "KE")), 6.0, silent)
+    seqs: dict[int | str, int] = {i: i for i in range(1, 6)}
+    report = v.report(seqs)
+    assert report.lost == 0  # the device (the union) has them all
+    assert report.connection_gaps == 3  # acking lacks 2, 4; silent lacks 3
+    assert report.settled_unseen == 2  # acking's ack of 5 settled 2 and 4
+    assert {"connection_gaps = 3", "settled_unseen = 2"} <= set(report.failures())
+    # the device-level order is not judged for overlapping connections; per connection
+    assert report.order_violations == 0 and report.connection_order == 0
+
+
+def test_first_receipts_out_of_order_on_one_connection() -> None:
+    v = jo_scene()
+    a = v.open_connection(JO.key, ("KE",), 5.0)
+    v.record_frame(JO.key, frame(3, body(3, "KE")), 6.0, a)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 6.1, a)
+    v.record_frame(JO.key, frame(3, body(3, "KE"), redelivered=True), 6.2, a)  # a resend
+    assert v.report(SEQS).connection_order == 1
+
+
+def test_overlaps_exactly_one_survives_the_others_closed_with_4009() -> None:
+    v = jo_scene()
+    ok = [v.open_connection(JO.key, ("KE", "UG"), 5.0) for _ in range(2)]
+    v.connection_closed(ok[0], 5.1, 4009)
+    v.record_overlap(Overlap("concurrent_connect", JO.key, [c.id for c in ok], 5.0, [ok[1].id]))
+    both = [v.open_connection(JO.key, ("KE", "UG"), 6.0) for _ in range(2)]
+    v.record_overlap(
+        Overlap("concurrent_connect", JO.key, [c.id for c in both], 6.0, [c.id for c in both])
+    )
+    gone = [v.open_connection(JO.key, ("KE", "UG"), 7.0) for _ in range(2)]
+    for c in gone:
+        v.connection_closed(c, 7.1, 4009)
+    v.record_overlap(Overlap("concurrent_connect", JO.key, [c.id for c in gone], 7.0, []))
+    old, new = v.open_connection(JO.key, ("KE", "UG"), 8.0), v.open_connection(JO.key, ("KE",), 9)
+    v.connection_closed(new, 9.1, 4009)  # the newer one lost: wrong
+    v.record_overlap(Overlap("token_overlap", JO.key, [old.id, new.id], 9.0, [old.id], new.id))
+    odd = [v.open_connection(JO.key, ("KE", "UG"), 10.0) for _ in range(2)]
+    v.connection_closed(odd[0], 10.1, 1011)  # closed, but not as replaced
+    v.record_overlap(
+        Overlap("concurrent_connect", JO.key, [c.id for c in odd], 10.0, [odd[1].id], settled=11)
+    )
+    report = v.report(SEQS)
+    assert report.overlaps == {"concurrent_connect": 4, "token_overlap": 1}
+    assert report.overlap_violations == 4  # both open, none left, the wrong one, 1011
+    assert report.replaced == 4
+
+
+def test_a_takeover_that_waits_is_slow() -> None:
+    v = jo_scene()
+    fast = v.open_connection(JO.key, ("KE",), 5.0, prompt=True)
+    v.connection_established(fast, 5.1)
+    slow = v.open_connection(JO.key, ("KE",), 6.0, prompt=True)
+    v.connection_established(slow, 6.0 + TAKEOVER_SECONDS + 3)  # waited out a timeout
+    lost_race = v.open_connection(JO.key, ("KE",), 7.0, prompt=True)
+    v.connection_closed(lost_race, 7.1, 4009)  # closed before it was established: fine
+    never = v.open_connection(JO.key, ("KE",), 8.0, prompt=True)
+    v.connection_closed(never, 20.0, 1011)  # never established, not replaced: slow
+    together = v.open_connection(JO.key, ("KE",), 9.0)  # one of several at once: not judged
+    v.connection_established(together, 19.0)
+    report = v.report(SEQS)
+    assert report.slow_takeovers == 2
+    assert report.worst_takeover == pytest.approx(TAKEOVER_SECONDS + 3)
