@@ -83,6 +83,11 @@ async def test_a_connected_device_keeps_its_record_current(
         consumer = names.device_consumer("quin", "desk")
         client = await Client.connect(running.ws_url, token("quin"), client_id="desk")
         await client.next("connection_established")
+
+        async def recorded() -> bool:  # a new device's position follows the hello
+            return await record_floor(running, consumer) is not None
+
+        await eventually(recorded, what="the new device's record")
         connected_floor = await record_floor(running, consumer)
         seqs = [(await append(js, names, alert("KE-30"))).seq for _ in range(3)]
         await client.alerts(3, ack=True)
