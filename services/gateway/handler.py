@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -32,7 +33,7 @@ from tocsin.schemas import (
 from tocsin.schemas.subscription import FILTER_KEYS, FilterError, Filters
 
 from .context import Gateway
-from .ownership import Busy, Superseded
+from .ownership import Busy, State, Superseded
 from .queue import Opened, QueueError
 from .records import Record
 from .session import Device, Session
@@ -193,6 +194,14 @@ async def _leave(gw: Gateway, session: Session, opened: bool) -> None:
     record (floor, highest seq sent, subscription) is written without owner."""
     claim = session.claim
     assert claim is not None
+    if opened and claim.state is State.SUSPENDED:
+        # Ended while NATS was away: its position (the highest seq sent above all, which
+        # tells the next connection what is a repeat) exists only here. Close the socket,
+        # wait for the reconnect's reclaim (bounded), then save and let go as usual.
+        await session.shut()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(gw.settings.takeover_seconds):
+                await claim.settled.wait()
     if opened and claim.owning:
         try:
             await session.checkpoint()

@@ -87,10 +87,13 @@ class Claim:
     found: Record | None  # the device's record before the claim
     state: State = State.OWNING
     usable: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Set while the claim is not SUSPENDED: what a session that ended off NATS waits for.
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.epoch = self.seq
         self.usable.set()
+        self.settled.set()
 
     @property
     def owning(self) -> bool:
@@ -111,6 +114,10 @@ class Claim:
             self.usable.set()
         else:
             self.usable.clear()
+        if state is State.SUSPENDED:
+            self.settled.clear()
+        else:
+            self.settled.set()
 
 
 class Holder(Protocol):

@@ -183,6 +183,16 @@ def test_an_unflagged_repeat_is_counted_on_any_connection_unless_after_a_gateway
     v.record_frame(JO.key, frame(1, body(1, "KE-30")), 7.2, b)
     report = v.report(SEQS)
     assert (report.unflagged_repeats, report.unflagged_repeats_after_kill) == (0, 1)
+    # ... also when the first receipt came after the kill, on a connection opened before
+    # it: a stalled reader takes in what the dead gateway wrote before it died
+    v = jo_scene()
+    a = v.open_connection(JO.key, ("KE", "UG"), 5.0)
+    v.fault_end(v.fault_start("gateway_kill", 6.5), 7.0)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 7.3, a)
+    b = v.open_connection(JO.key, ("KE", "UG"), 7.4)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 7.5, b)
+    report = v.report(SEQS)
+    assert (report.unflagged_repeats, report.unflagged_repeats_after_kill) == (0, 1)
     # ... but not one received for the first time after the kill began
     v = jo_scene()
     v.fault_end(v.fault_start("gateway_kill", 5.5), 6.0)

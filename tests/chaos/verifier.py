@@ -34,7 +34,8 @@ connection carries the token it used, so a device may change tokens between conn
   ``kill -9`` only (alerts acked within the last checkpoint interval come again, possibly
   unflagged: docs/architecture.md §11), so a repeat is *excused* when it arrives inside a
   ``gateway_kill`` fault window (from the kill to ``RECOVERY_SECONDS`` after the restart)
-  and the device's first receipt of it came before the kill. Both numbers are reported;
+  and the device's first receipt of it came on a connection opened before the kill (a
+  stalled reader reads what the dead gateway wrote long after the kill). Both numbers are reported;
   only the unexcused ones fail a scenario.
 * **connection order**: per connection, the alerts it receives for the first time (on that
   connection) come in increasing ``ALERTS`` sequence. Sound because one session sends its
@@ -377,14 +378,18 @@ class Verifier:
         )
         return all(a.closed is not None and a.closed <= b.opened for a, b in pairwise(conns))
 
-    def _excused(self, first_at: float, at: float) -> bool:
-        """An unflagged repeat the contract allows, of an alert the device had before the
-        fault: after a gateway kill (the last checkpoint and record are behind), and after
-        a NATS node kill (a queue rebuilt from a record whose last write, the release, did
-        not reach DEVICES while it re-elected: docs/architecture.md, failure modes)."""
+    def _excused(self, first: Receipt, at: float) -> bool:
+        """An unflagged repeat the contract allows, of an alert the device may have been
+        sent before the fault: after a gateway kill (the last checkpoint and record are
+        behind), and after a NATS node kill (a queue rebuilt from a record whose last
+        write, the release, did not reach DEVICES while it re-elected: docs/architecture.md,
+        failure modes). "Sent before" is judged by the connection of the first receipt: a
+        client that stopped reading takes in what the dead gateway wrote after the kill."""
+        conn = self.connections.get(first.conn)
+        sent_by = min(first.at, conn.opened) if conn is not None else first.at
         for f in self.faults:
             healed = (f.end if f.end is not None else math.inf) + RECOVERY_SECONDS
-            if f.kind in EXCUSING and first_at < f.start <= at <= healed:
+            if f.kind in EXCUSING and sent_by < f.start <= at <= healed:
                 return True
         return False
 
@@ -410,7 +415,7 @@ class Verifier:
                 if counts[rec.alert_id] > 1:
                     if not rec.redelivered:
                         earlier = first[(device, rec.alert_id)]
-                        if self._excused(earlier.at, rec.at):
+                        if self._excused(earlier, rec.at):
                             r.unflagged_repeats_after_kill += 1
                         else:
                             r.unflagged_repeats += 1

@@ -111,3 +111,34 @@ async def test_handshake_while_nats_is_down_closes_with_4503_and_keeps_the_posit
     assert [f["seq"] for f in frames] == [later.seq]  # nothing rewound, nothing lost
     assert acked.seq < later.seq
     await again.close()
+
+
+@pytest.mark.slow
+async def test_a_connection_that_ends_while_nats_is_down_saves_what_it_sent_once_back(
+    own: OwnNats, names: Names
+) -> None:
+    """Its record is written after the reconnect: the next connection gets the unacked
+    alerts flagged ``redelivered`` (they were sent), not as new ones."""
+    server, running, js = own.server, own.gateway, own.js
+    tok = token("sami")
+    client = await Client.connect(running.ws_url, tok)
+    await client.next("connection_established")
+    sent = [(await append(js, names, alert())).seq for _ in range(2)]
+    frames = await client.alerts(2)  # not acked
+    assert [(f["seq"], f["redelivered"]) for f in frames] == [(s, False) for s in sent]
+
+    async def ready(expected: int) -> bool:
+        async with aiohttp.ClientSession() as http, http.get(f"{running.http}/readyz") as r:
+            return r.status == expected
+
+    server.stop()
+    await eventually(lambda: ready(503), timeout=20, what="the gateway to see NATS gone")
+    await client.close()  # the session ends while its gateway is off NATS
+    server.start()
+    await eventually(lambda: ready(200), timeout=20, what="the gateway to reconnect")
+    again = await Client.connect(running.ws_url, tok)
+    hello = await again.next("connection_established", timeout=20)
+    assert hello["pending"] == 2
+    frames = await again.alerts(2, ack=True)
+    assert [(f["seq"], f["redelivered"]) for f in frames] == [(s, True) for s in sent]
+    await again.close()

@@ -267,7 +267,9 @@ def alerts(draw: st.DrawFn) -> dict[str, Any]:
     sub = draw(st.one_of(st.none(), st.from_regex(r"\A[A-Z0-9]{1,3}\Z")))
     body: dict[str, Any] = {
         "alert_id": draw(
-            st.one_of(st.integers(1, 2**53 - 1), st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,20}\Z"))
+            st.one_of(
+                st.integers(1, 2**53 - 1), st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,20}\Z")
+            )
         ),
         "alert_level": draw(st.sampled_from(["low", "medium", "high", "critical", "emergency"])),
         "alert_type": draw(st.sampled_from(DEFAULT_ALERT_TYPES)),
