@@ -6,14 +6,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test chaos schemas lint venv clean help
+.PHONY: run test check chaos schemas lint venv clean help
 
 help:
 	@echo "make run      start nats-server (embedded), ingest and one gateway; Ctrl-C stops"
 	@echo "make test     run the test suite (PYTEST_ARGS='-k name' to narrow it)"
 	@echo "make chaos    the long fault-injection suite (TOCSIN_CHAOS_SECONDS per scenario, default 60)"
 	@echo "make schemas  regenerate schemas/json/ from the pydantic models"
-	@echo "make lint     ruff"
+	@echo "make check    ruff check, ruff format --check and mypy --strict (what CI runs first)"
+	@echo "make lint     ruff only"
 	@echo "make clean    remove .venv and the local data in .tocsin/"
 
 run: $(VENV)/.installed
@@ -27,6 +28,11 @@ chaos: $(VENV)/.installed-test
 
 schemas: $(VENV)/.installed
 	$(BIN)/python -m tocsin.schemas.export
+
+check: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

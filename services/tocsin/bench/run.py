@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -730,6 +731,12 @@ def plots(series: dict[str, Any], stem: Path) -> list[str]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tocsin.cli.common import Fail
 
+    if importlib.util.find_spec("matplotlib") is None:  # checked before a minutes-long run
+        raise Fail(
+            "tocsin bench draws its plots with matplotlib, which is not installed: "
+            "pip install 'tocsin[bench]' (in a source tree: pip install -e '.[bench]')",
+            2,
+        )
     plan_name = "full" if args.full else "quick"
     plan = PLANS[plan_name]
     for flag, key, least in (("--connections", "connections", 2), ("--devices", "devices", 1)):
