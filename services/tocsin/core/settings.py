@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from tocsin.schemas.alert import ALERT_TYPE_PATTERN, DEFAULT_ALERT_TYPES
 
@@ -164,6 +169,25 @@ class Settings(BaseSettings):
     @property
     def accepted_alert_types(self) -> frozenset[str]:
         return frozenset(DEFAULT_ALERT_TYPES) | frozenset(self.alert_types)
+
+
+class _Isolated(Settings):
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def isolated_settings(**values: Any) -> Settings:
+    """Settings from ``values`` and the defaults only, whatever this process's environment
+    holds: for children whose settings the caller decides (``tocsin bench``)."""
+    return _Isolated(**values)
 
 
 class SettingsError(SystemExit):

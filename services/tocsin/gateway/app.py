@@ -19,7 +19,7 @@ from tocsin.schemas import Close
 
 from . import metrics
 from .context import Gateway
-from .handler import GATEWAY, websocket
+from .handler import GATEWAY, WS_PATH, websocket
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def create_app(settings: Settings) -> web.Application:
     def js() -> nats.js.JetStreamContext:
         return app[GATEWAY].js
 
-    app.router.add_get("/api/v1/alerts/ws", websocket)
+    app.router.add_get(WS_PATH, websocket)
     app.router.add_post(
         "/api/v1/alerts",
         publish_handler(

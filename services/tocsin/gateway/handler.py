@@ -42,6 +42,8 @@ from .subscriptions import decide, response
 log = logging.getLogger(__name__)
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+#: Where the WebSocket is served (CONTRACT §6).
+WS_PATH = "/api/v1/alerts/ws"
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
 #: Frames above this are refused by aiohttp itself (close 1009); up to it, an error frame.
 HARD_FRAME_LIMIT = 1024 * 1024
