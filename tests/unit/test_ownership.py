@@ -7,8 +7,8 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from tocsin.gateway.context import drop_unsent
+from tocsin.gateway.device import Record
 from tocsin.gateway.ownership import Claim, Lost, State, Suspended
-from tocsin.gateway.records import Record
 from tocsin.schemas.subscription import Subscription
 
 
@@ -57,7 +57,8 @@ def test_an_unreadable_record_counts_as_none(bad: bytes) -> None:
 
 
 def test_releasing_drops_the_gateway_too() -> None:
-    record = Record("ada", "phone", 3).owned_by("s1", "g1").owned_by(None, "g1")
+    record = Record(user="ada", client_id="phone", floor=3).owned_by("s1", "g1")
+    record = record.owned_by(None, "g1")
     assert record.owner is None and record.gateway is None
 
 

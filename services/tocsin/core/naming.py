@@ -20,6 +20,23 @@ from dataclasses import dataclass
 
 from tocsin.schemas.alert import is_region, region_contains
 
+# --- headers and metadata keys (every one tocsin writes or reads) ---------------------
+#: JetStream's idempotency key: the alert id (``ALERTS`` drops a repeat in its window).
+MSG_ID_HEADER = "Nats-Msg-Id"
+#: JetStream's per-message TTL, whole seconds (the stream allows message TTLs).
+TTL_HEADER = "Nats-TTL"
+#: A write conditional on the sequence of the subject's last message (device records).
+EXPECTED_LAST_HEADER = "Nats-Expected-Last-Subject-Sequence"
+#: When an alert expires, unix seconds: the gateway checks it without parsing the JSON.
+EXPIRES_HEADER = "Tocsin-Expires"
+#: Why the ingest service dead-lettered an event, and the validation errors (JSON).
+REASON_HEADER = "Tocsin-Reason"
+ERRORS_HEADER = "Tocsin-Errors"
+#: Consumer metadata: the device's subscription (groups and filters) as compact JSON.
+SUBSCRIPTION_KEY = "tocsin.subscription"
+#: Consumer metadata of versions before device records: the highest seq sent (read only).
+SENT_KEY = "tocsin.sent"
+
 _SAFE = re.compile(r"[A-Za-z0-9@+\-]")
 #: NATS refuses longer consumer names (error 10102).
 MAX_CONSUMER_NAME = 255

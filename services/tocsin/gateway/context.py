@@ -23,6 +23,7 @@ from .live import LiveFeed
 from .ownership import Lost, Owners, State
 from .queue import DeviceQueues
 from .records import DeviceRecords
+from .registry import Sessions
 
 if TYPE_CHECKING:
     from .session import Session
@@ -53,7 +54,7 @@ class Gateway:
             nc, self.records, self.names, self.instance, settings.takeover_seconds, self.spawn
         )
         self.feed = LiveFeed(js, self.names)
-        self.sessions: set[Session] = set()
+        self.sessions = Sessions()  # the registry: open sessions, totals of closed ones
         self.collector = Collector()
         self._ticker: asyncio.Task[None] | None = None
         self.shutting_down = False

@@ -33,10 +33,10 @@ from tocsin.schemas import (
 from tocsin.schemas.subscription import FILTER_KEYS, FilterError, Filters
 
 from .context import Gateway
+from .device import Device, Record
 from .ownership import Busy, State, Superseded
 from .queue import Opened, QueueError
-from .records import Record
-from .session import Device, Session
+from .session import Session
 from .subscriptions import decide, response
 
 log = logging.getLogger(__name__)
@@ -117,11 +117,7 @@ async def serve(gw: Gateway, session: Session) -> None:
             device.filters,
             claim.found,
         )
-        session.subscription = opened.subscription
-        w = session.window
-        w.floor = session.saved_floor = session.recorded_floor = opened.floor
-        w.next_seq = opened.floor + 1
-        session.high_water = opened.sent_high
+        session.resume(opened.position, opened.subscription)
         if session.closing:  # asked to leave while opening: let go at once
             return
         claim.check()  # suspended while opening (NATS lost): reconnect
@@ -213,7 +209,7 @@ async def _leave(gw: Gateway, session: Session, opened: bool) -> None:
     record = (
         session.current_record()
         if opened
-        else claim.found or Record(device.user_id, device.client_id)
+        else claim.found or Record.new(device.user_id, device.client_id)
     )
     try:
         await gw.owners.release(claim, record)

@@ -18,8 +18,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from tocsin.core.naming import Names
-from tocsin.ingest.pipeline import EXPIRES_HEADER
+from tocsin.core.naming import EXPIRES_HEADER, Names
 from tocsin.schemas import Alert
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,9 @@
 """``GET /metrics``: the gateway's counters in Prometheus text format (version 0.0.4).
 
-Hand-written: a dozen families read from state the gateway keeps anyway, so a client
-library would add a dependency and a second copy of the numbers. Totals of connections
-that have closed are kept by :class:`TrackedSessions`, which stands in for
-``Gateway.sessions`` and adds up a session's counters when it leaves, so the ``_total``
-families never go down while the process lives.
+Hand-written: a dozen families read from state the gateway keeps anyway. This module only
+reads: the totals of connections that have closed are kept by the session registry
+(registry.py, ``Gateway.sessions``), so the ``_total`` families never go down while the
+process lives.
 
 The names are an interface (dashboards and alert rules use them): add, don't rename.
 """
@@ -24,18 +23,14 @@ from aiohttp import web
 from tocsin.schemas import Close
 
 from .handler import GATEWAY
+from .registry import REASONS, close_reason
 
 if TYPE_CHECKING:
     from .context import Gateway
-    from .session import Session
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MODES = ("catchup", "live")
 ACK_MODES = ("client", "auto")
-#: ``reason`` of a close the server did not choose (the client closed or went away).
-CLIENT_CLOSED = "client"
-#: Every reason is exported from the start (at 0), so that rate() sees the first close.
-REASONS = (CLIENT_CLOSED, *(code.name.lower() for code in Close))
 
 
 def _process_start_time() -> float:
@@ -56,75 +51,12 @@ def _process_start_time() -> float:
 PROCESS_START = _process_start_time()
 
 
-class Totals:
-    """What closed sessions did, and how they ended."""
-
-    def __init__(self) -> None:
-        self.opened = 0
-        self.sent = 0
-        self.redelivered = 0
-        self.acks = 0
-        self.closes: Counter[str] = Counter()
-
-    def session_left(self, session: Session) -> None:
-        self.sent += session.sent
-        self.redelivered += session.redelivered
-        self.acks += session.acks
-        code = session.closing[0] if session.closing else None
-        self.closes[_reason(code)] += 1
-
-
-def _reason(code: int | None) -> str:
-    if code is None:
-        return CLIENT_CLOSED
-    try:
-        return str(Close(code).name).lower()
-    except ValueError:
-        return str(code)
-
-
-class TrackedSessions(set["Session"]):
-    """``Gateway.sessions``, counting sessions in and adding up their counters on the way out
-    (the handler adds a session once it is served and discards it when it ends)."""
-
-    def __init__(self, totals: Totals, sessions: Iterable[Session] = ()) -> None:
-        super().__init__(sessions)
-        self.totals = totals
-
-    def add(self, session: Session) -> None:
-        if session not in self:
-            self.totals.opened += 1
-            super().add(session)
-
-    def discard(self, session: object) -> None:
-        if session in self:
-            super().discard(session)
-            self.totals.session_left(session)  # type: ignore[arg-type]
-
-    def remove(self, session: object) -> None:
-        if session not in self:
-            raise KeyError(session)
-        self.discard(session)
-
-
-TOTALS: web.AppKey[Totals] = web.AppKey("metrics_totals", Totals)
-
-
 def setup(app: web.Application) -> None:
-    """Serve ``/metrics`` and start counting once the gateway exists (after its cleanup_ctx)."""
-
-    async def track(app: web.Application) -> None:
-        gw = app[GATEWAY]
-        totals = Totals()
-        gw.sessions = TrackedSessions(totals, gw.sessions)
-        app[TOTALS] = totals
-
-    app.on_startup.append(track)
     app.router.add_get("/metrics", metrics)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = render(request.app[GATEWAY], request.app[TOTALS])
+    text = render(request.app[GATEWAY])
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -173,7 +105,8 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-def render(gw: Gateway, totals: Totals) -> str:
+def render(gw: Gateway) -> str:
+    totals = gw.sessions.totals
     sessions = list(gw.sessions)
     by_mode: Counter[tuple[str, str]] = Counter((s.mode.value, s.device.ack_mode) for s in sessions)
     out = Exposition()
@@ -220,7 +153,7 @@ def render(gw: Gateway, totals: Totals) -> str:
         "tocsin_gateway_heartbeat_closes_total",
         "counter",
         "Sessions closed with 4000 because the client was silent for two heartbeats.",
-        totals.closes[_reason(Close.HEARTBEAT_TIMEOUT)],
+        totals.closes[close_reason(Close.HEARTBEAT_TIMEOUT)],
     )
     out.one(
         "tocsin_gateway_alerts_sent_total",

@@ -38,8 +38,9 @@ from nats.js.errors import ServiceUnavailableError
 from tocsin.core.naming import Names
 from tocsin.schemas import Close
 
+from .device import Record
 from .queue import QueueError
-from .records import Conflict, DeviceRecords, Record
+from .records import Conflict, DeviceRecords
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class Owners:
                 await self._ask_legacy(name, holder.id, deadline)
                 let_go.add(("", seq))
             if owner is None or (owner, seq) in let_go:
-                mine = (record or Record(user, client_id)).owned_by(holder.id, self.instance)
+                mine = (record or Record.new(user, client_id)).owned_by(holder.id, self.instance)
                 try:
                     new = await self._retrying(
                         functools.partial(self.records.write, name, mine, seq), deadline

@@ -23,20 +23,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, 
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from tocsin.core.coarse import coarse_filters
-from tocsin.core.naming import Names
+from tocsin.core.naming import SENT_KEY, SUBSCRIPTION_KEY, Names
 from tocsin.core.settings import Settings
 from tocsin.schemas.subscription import Filters, Subscription
 
-from .records import Record
+from .device import Position, Record
 from .recovery import truncation_target
 
 log = logging.getLogger(__name__)
-
-
-#: The highest seq sent, as versions before device records kept it (read, no longer written).
-SENT_KEY = "tocsin.sent"
-#: The device's subscription (groups and filters) as compact JSON: the fine filter's source.
-SUBSCRIPTION_KEY = "tocsin.subscription"
 
 
 def _own_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
@@ -65,11 +59,10 @@ class Opened:
     """What :meth:`DeviceQueues.open` found: where delivery resumes and what was skipped."""
 
     consumer: str
-    floor: int  # last acknowledged stream sequence (0: none yet)
+    position: Position  # where delivery resumes; ``sent``: what earlier connections sent
     pending: int  # alerts waiting in the backlog, after truncation
     dropped: int  # alerts skipped because the backlog was over the cap
     created: bool  # first time this device was seen: it starts at the live edge
-    sent_high: int = 0  # highest seq an earlier connection sent (its record, at its close)
     subscription: Subscription = field(default_factory=Subscription)
 
 
@@ -168,9 +161,7 @@ class DeviceQueues:
                 stream = await self._js.stream_info(self._stream)
                 last = stream.state.last_seq
                 await self._create(name, user, client_id, last + 1, subscription, regions)
-                return Opened(
-                    name, floor=last, pending=0, dropped=0, created=True, subscription=subscription
-                )
+                return Opened(name, Position(last), 0, 0, True, subscription)
             await self._create_from(name, user, client_id, regions, recorded)
             info = await self._js.consumer_info(self._stream, name)
         except UNREACHABLE as exc:
@@ -196,12 +187,10 @@ class DeviceQueues:
             after = await self.reset(name, target)
             dropped, pending = before - after, after
             floor = target - 1
-        sent_high = int((info.config.metadata or {}).get(SENT_KEY, "0") or 0)
+        sent = int((info.config.metadata or {}).get(SENT_KEY, "0") or 0)
         if recorded is not None:
-            sent_high = max(sent_high, recorded.sent)
-        return Opened(
-            name, floor, pending, dropped, False, sent_high=sent_high, subscription=subscription
-        )
+            sent = max(sent, recorded.sent)
+        return Opened(name, Position(floor, sent), pending, dropped, False, subscription)
 
     async def _create(
         self,
@@ -263,10 +252,11 @@ class DeviceQueues:
                     with contextlib.suppress(*UNREACHABLE, NotFoundError):
                         await self._js.delete_consumer(self._stream, name)
                 try:
-                    return await self._js.consumer_info(self._stream, name)
+                    info: ConsumerInfo = await self._js.consumer_info(self._stream, name)
                 except NotFoundError:
                     await self._create_from(name, user, client_id, regions, recorded)
-                    return await self._js.consumer_info(self._stream, name)
+                    info = await self._js.consumer_info(self._stream, name)
+                return info
             except nats.errors.TimeoutError:
                 timed_out = True
             except UNREACHABLE:  # no responders, 503: no leader yet; nothing to delete

@@ -1,4 +1,4 @@
-"""A device's record in ``DEVICES``: its position, subscription and owner, one message each.
+"""Reads and writes of device records in ``DEVICES`` (the record itself: device.py).
 
 The record is the last message on ``tocsin.devices.<consumer>`` (the stream keeps one per
 subject). It rebuilds a device queue whose node is gone (queue.py), and it says which
@@ -11,83 +11,26 @@ refused (10071). That refusal is what fences a session that lost its device.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 
-from tocsin.core.naming import Names
-from tocsin.schemas.subscription import Subscription
+from tocsin.core.naming import EXPECTED_LAST_HEADER, Names
+
+from .device import Record
 
 log = logging.getLogger(__name__)
 
 #: JetStream's "wrong last sequence": the record changed since the writer read it.
 WRONG_LAST_SEQUENCE = 10071
-EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
 #: How long one record read or write may take.
 RECORD_TIMEOUT = 2.0
 
 
 class Conflict(Exception):
     """The record was written by someone else since the sequence the writer based it on."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """A device's record, checked. ``floor`` None: the device's queue was never opened (its
-    first connection got as far as claiming it); such a record rebuilds nothing."""
-
-    user: str
-    client_id: str
-    floor: int | None = None
-    sent: int = 0
-    subscription: Subscription = field(default_factory=Subscription)
-    owner: str | None = None  # the session id that owns the device, None: nobody
-    gateway: str | None = None  # the gateway instance of that session
-    legacy: bool = False  # written by a version before ownership (no ``owner`` key)
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "user": self.user,
-            "client_id": self.client_id,
-            "floor": self.floor,
-            "sent": self.sent,
-            "subscription": self.subscription.as_dict(),
-            "owner": self.owner,
-            "gateway": self.gateway,
-        }
-
-    def owned_by(self, owner: str | None, gateway: str | None) -> Record:
-        return replace(self, owner=owner, gateway=gateway if owner else None, legacy=False)
-
-    @classmethod
-    def parse(cls, name: str, data: bytes) -> Record | None:
-        """The record, checked; an unreadable one counts as none (logged). Records written
-        before ownership existed have no ``owner``: nobody owns them."""
-        try:
-            body = orjson.loads(data or b"{}")
-            floor = body["floor"]
-            owner = body.get("owner")
-            gateway = body.get("gateway")
-            if not (owner is None or isinstance(owner, str)):
-                raise ValueError(f"owner: {owner!r}")
-            if not (gateway is None or isinstance(gateway, str)):
-                raise ValueError(f"gateway: {gateway!r}")
-            return cls(
-                user=str(body["user"]),
-                client_id=str(body["client_id"]),
-                floor=None if floor is None else int(floor),
-                sent=int(body.get("sent", 0)),
-                subscription=Subscription.model_validate(body["subscription"]),
-                owner=owner,
-                gateway=gateway,
-                legacy="owner" not in body,
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("%s: unreadable record in DEVICES (%s); treated as none", name, exc)
-            return None
 
 
 class DeviceRecords:
@@ -126,7 +69,7 @@ class DeviceRecords:
                 self._names.device_record_subject(name),
                 orjson.dumps(record.body()),
                 timeout=RECORD_TIMEOUT,
-                headers={EXPECTED_LAST: str(expected)},
+                headers={EXPECTED_LAST_HEADER: str(expected)},
             )
         except BadRequestError as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:

@@ -17,21 +17,19 @@ import random
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 from nats.errors import TimeoutError as NatsTimeout
 
-from tocsin.core.auth import Claims
 from tocsin.core.naming import matches
 from tocsin.schemas import Alert, Close, ConnectionStats, Error, ErrorCode
-from tocsin.schemas.subscription import Filters, Subscription
+from tocsin.schemas.subscription import Subscription
 
+from .device import Device, Position, Record, checkpoint_due, record_due
 from .live import LiveAlert, alert_frame, expires_of
 from .ownership import Claim, Lost, Suspended
 from .queue import RECORD_SECONDS
-from .records import Record
 from .window import InFlight, Window
 
 if TYPE_CHECKING:
@@ -53,18 +51,6 @@ CLOSE_SECONDS = 5.0
 class Mode(enum.StrEnum):
     CATCHUP = "catchup"
     LIVE = "live"
-
-
-@dataclass(frozen=True)
-class Device:
-    claims: Claims
-    client_id: str
-    ack_mode: Literal["client", "auto"]
-    filters: Filters | None = None  # from the connect's query: replace the stored filters
-
-    @property
-    def user_id(self) -> str:
-        return self.claims.sub
 
 
 class Session:
@@ -97,6 +83,8 @@ class Session:
         self.buffer: list[LiveAlert] = []
         self.waiting: deque[LiveAlert] = deque()  # live, not yet judged: the window was full
         self.buffer_overflow = False
+        # The device's position (device.Position) lives in the window (floor, next seq)
+        # and here, as plain ints for the hot paths; resume() sets them, position reads them.
         self.saved_floor = 0  # the floor JetStream knows
         self.high_water = 0  # highest seq sent to this device, by any of its connections
         self.out: deque[tuple[int, bytes]] = deque()
@@ -117,7 +105,7 @@ class Session:
         self.next_checkpoint = now + random.uniform(0, gw.settings.checkpoint_seconds)
         self.next_sweep = now + random.random()  # the ticker's once-a-second visit (context)
         self.next_record = now + RECORD_SECONDS  # the record was written at connect
-        self.recorded_floor = -1  # the floor the device's record holds (set by the handler)
+        self.recorded_floor = -1  # the floor the device's record holds (resume() sets it)
         self.recorded_at = now
         self.sent = self.redelivered = self.acks = 0
 
@@ -465,20 +453,33 @@ class Session:
                 self.rewind = True
 
     def record_due(self, now_mono: float) -> bool:
-        """Rewrite the record at most every RECORD_SECONDS: when the floor moved since, or
-        every quarter retention anyway (DEVICES keeps records for the retention: a device
-        connected for days with no alerts must not outlive its record)."""
+        """Rewrite the record at most every RECORD_SECONDS, when device.record_due says so."""
         if now_mono < self.next_record or not self.owning:
             return False
         refresh = self.gw.settings.retention_seconds / 4
-        return self.window.floor != self.recorded_floor or now_mono - self.recorded_at >= refresh
+        return record_due(
+            self.window.floor, self.recorded_floor, now_mono - self.recorded_at, refresh
+        )
+
+    # ------------------------------------------------------------ the device's position
+    def resume(self, position: Position, subscription: Subscription) -> None:
+        """Start from where the device's queue was opened: the queue and the record both
+        hold ``position``'s floor, and the device was sent up to ``position.sent``."""
+        self.subscription = subscription
+        self.window.floor = self.saved_floor = self.recorded_floor = position.floor
+        self.window.next_seq = position.next_seq
+        self.high_water = position.sent
+
+    @property
+    def position(self) -> Position:
+        return Position(self.window.floor, self.high_water)
 
     def current_record(self) -> Record:
         """The device's record as this session knows it. Its floor never passes what the
         device acked, so a queue rebuilt from it loses nothing (it may repeat what was acked
         since it was written)."""
         d = self.device
-        return Record(d.user_id, d.client_id, self.window.floor, self.high_water, self.subscription)
+        return Record.new(d.user_id, d.client_id).positioned(self.position, self.subscription)
 
     async def record(self) -> None:
         """Write the device's record (records.py), as its owner: at connect when the device
@@ -509,7 +510,11 @@ class Session:
         self.claim.check()
 
     def needs_checkpoint(self) -> bool:
-        return self.mode is Mode.LIVE and self.window.floor > self.saved_floor and self.owning
+        return (
+            self.mode is Mode.LIVE
+            and checkpoint_due(self.window.floor, self.saved_floor)
+            and self.owning
+        )
 
     async def checkpoint(self) -> int:
         """Point the queue just past the acked floor (JetStream then knows the position, and

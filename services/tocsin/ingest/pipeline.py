@@ -13,14 +13,18 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from pydantic import ValidationError
 
-from tocsin.core.naming import Names
+from tocsin.core.naming import (
+    ERRORS_HEADER,
+    EXPIRES_HEADER,
+    MSG_ID_HEADER,
+    REASON_HEADER,
+    TTL_HEADER,
+    Names,
+)
 from tocsin.core.topology import MAX_ALERT_BYTES
 from tocsin.schemas import Alert
 
 #: Headers tocsin puts on every ``ALERTS`` message.
-EXPIRES_HEADER = "Tocsin-Expires"  # unix seconds; the gateway checks it without parsing JSON
-REASON_HEADER = "Tocsin-Reason"
-ERRORS_HEADER = "Tocsin-Errors"
 
 
 class Reason(StrEnum):
@@ -111,12 +115,12 @@ async def append_alert(
     js: JetStreamContext, names: Names, alert: Alert, now: float | None = None
 ) -> PubAck:
     """Append to ``ALERTS``; idempotent by ``alert_id`` within the duplicate window."""
-    headers = {"Nats-Msg-Id": alert.msg_id}
+    headers = {MSG_ID_HEADER: alert.msg_id}
     if alert.expiry_time is not None:
         expires = alert.expiry_time.timestamp()
         headers[EXPIRES_HEADER] = f"{expires:.3f}"
         # JetStream TTLs are whole seconds: round up, the gateway checks the exact time.
-        headers["Nats-TTL"] = str(
+        headers[TTL_HEADER] = str(
             max(1, math.ceil(expires - (time.time() if now is None else now)))
         )
     subject = names.alert_subject(alert.location.region, alert.alert_level.value, alert.alert_type)
