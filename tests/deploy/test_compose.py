@@ -167,7 +167,9 @@ def test_every_tocsin_variable_is_a_settings_field_and_the_values_parse(
 def test_the_services_run_the_production_settings(services: dict[str, dict[str, Any]]) -> None:
     for name in TOCSIN_SERVICES:
         env = environment(services[name])
-        settings = Settings(**{k.removeprefix("TOCSIN_").lower(): v for k, v in env.items()})
+        # The strings as the environment gives them: Settings parses each to its field's type.
+        values: dict[str, Any] = {k.removeprefix("TOCSIN_").lower(): v for k, v in env.items()}
+        settings = Settings(**values)
         assert settings.replicas == 3, name
         assert len(settings.nats_url) == len(NATS_NODES), name
         hosts = {url.split("//")[1].split(":")[0] for url in settings.nats_url}
@@ -268,7 +270,7 @@ def duration_seconds(text: str) -> float:
 def test_nats_stop_grace_covers_the_shutdown_of_every_device_consumer(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    # ~10 ms per consumer on SIGTERM (NATS-NOTES); one node may hold every device queue.
+    # ~10 ms per consumer on SIGTERM (measured on nats-server 2.15); one node may hold every device queue.
     devices = Settings().max_devices
     for node in NATS_NODES:
         assert duration_seconds(services[node]["stop_grace_period"]) >= devices * 0.010
