@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from nats.aio.client import Client as NatsClient
 
-from tocsin.gateway.context import drop_unsent
 from tocsin.gateway.device import Record
 from tocsin.gateway.ownership import Claim, Lost, State, Suspended
 from tocsin.schemas.subscription import Subscription
@@ -76,13 +74,3 @@ def test_a_claim_acts_only_while_owning() -> None:
     with pytest.raises(Lost):
         claim.check()
     assert not claim.usable.is_set()
-
-
-def test_nats_py_still_keeps_unsent_commands_where_drop_unsent_looks() -> None:
-    """drop_unsent reaches into nats-py (no public call forgets what was buffered for a
-    lost connection): an upgrade that moves it must fail here, not silently resend."""
-    nc = NatsClient()
-    nc._pending.append(b"PUB x 1\r\n1\r\n")
-    nc._pending_data_size = 13
-    drop_unsent(nc)
-    assert nc._pending == [] and nc._pending_data_size == 0

@@ -106,7 +106,7 @@ class Stack:
     def stop(self) -> None:
         stop_all([c for c in (self.ceiling, self.gateway) if c is not None], 60)
         if self.nats is not None:
-            # The store is thrown away: a graceful stop costs ~10 ms per consumer (measured on nats-server 2.15).
+            # The store is thrown away: a graceful stop costs ~10 ms per consumer (nats 2.15).
             self.nats.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 
 from tocsin.core.auth import TokenVerifier
 from tocsin.core.naming import Names
+from tocsin.core.natspy import drop_unsent
 from tocsin.core.settings import Settings
 from tocsin.schemas import Close
 
@@ -167,14 +168,3 @@ class Gateway:
     @property
     def background_tasks_running(self) -> bool:
         return self._ticker is not None and not self._ticker.done() and self.feed.running
-
-
-def drop_unsent(nc: Client) -> None:
-    """Forget what nats-py buffered for a connection that is gone: it would send it on the
-    next connection (``Client._pending``), and a session's request written before its
-    gateway lost NATS would then reach the device's queue after another session claimed it.
-    nats-py has no public call for this; tests/unit/test_ownership.py checks the attribute
-    is still there."""
-    pending = nc._pending
-    pending.clear()
-    nc._pending_data_size = 0

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from tocsin.core.naming import EXPIRES_HEADER, Names
+from tocsin.core.natspy import ordered_resume_after
 from tocsin.schemas import Alert
 
 log = logging.getLogger(__name__)
@@ -92,11 +93,8 @@ class LiveFeed:
             pending_msgs_limit=1_000_000,
             pending_bytes_limit=1 << 30,
         )
-        # nats-py recreates an ordered consumer from the last sequence it saw + 1; before
-        # the first alert that is 0, which would replay the whole stream after a reconnect.
-        jsi = getattr(self._sub, "_jsi", None)
-        if jsi is not None and getattr(jsi, "_sseq", None) == 0:
-            jsi._sseq = self.last_seq
+        # Before the first alert, a reconnect would replay the whole stream (natspy.py).
+        ordered_resume_after(self._sub, self.last_seq)
 
     async def stop(self) -> None:
         if self._sub is not None:
