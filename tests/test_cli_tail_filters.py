@@ -21,9 +21,10 @@ from tocsin.cli.common import Fail
 from tocsin.cli.tail import Subscribing, subscribing
 from tocsin.core.embedded import free_port
 from tocsin.core.naming import Names
+from tocsin.core.supervisor import settings_env
 from tocsin.schemas.subscription import Filters
 
-from .support import RunningGateway, alert, append, eventually, settings_env, token
+from .support import RunningGateway, alert, append, eventually, token
 from .test_cli import SECRET, clean_env, lines, tocsin
 
 #: A process's deadline: it starts Python and imports tocsin before it connects.

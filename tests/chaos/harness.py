@@ -46,10 +46,11 @@ from tocsin.core.embedded import (
 )
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
+from tocsin.core.supervisor import settings_env
 from tocsin.core.topology import apply_topology
 
 from ..conftest import SECRET
-from ..support import GatewayProcess, settings_env, spawn_tocsin
+from ..support import GatewayProcess, spawn_tocsin
 from .proxy import RoundRobinProxy
 from .verifier import Connection, DeviceSpec, Fault, Overlap, Report, Token, Verifier
 
@@ -229,6 +230,7 @@ class Scene:
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 msg = await self.js.get_msg(stream, seq)
+                assert msg.data is not None, f"{stream} seq {seq} has no payload"
                 seqs[orjson.loads(msg.data)["alert_id"]] = seq
         return seqs
 
@@ -372,6 +374,15 @@ def transport_of(ws: aiohttp.ClientWebSocketResponse) -> asyncio.Transport | Non
     return None if conn is None else conn.transport
 
 
+def live_transport(ws: aiohttp.ClientWebSocketResponse) -> asyncio.Transport:
+    """The transport of a connection still open; ConnectionResetError once it is gone (the
+    session ends, as on any error of its connection)."""
+    transport = transport_of(ws)
+    if transport is None:
+        raise ConnectionResetError("the WebSocket's connection is gone")
+    return transport
+
+
 @dataclass
 class DeviceClient:
     """One device's client: reconnects whenever its connection ends, dedupes by alert_id,
@@ -502,7 +513,7 @@ class DeviceClient:
         ack = self.acks
         lifetime = time.monotonic() + self.rng.uniform(0.3, 1.5)
         if slow:  # a small receive window: a stopped reader backs up into the gateway
-            sock = ws._conn.transport.get_extra_info("socket") if ws._conn else None  # type: ignore[union-attr]
+            sock = live_transport(ws).get_extra_info("socket") if ws._conn else None
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             next_pause = time.monotonic() + self.rng.uniform(0.3, 1.0)
@@ -513,11 +524,11 @@ class DeviceClient:
                 self._kick.clear()
                 self._open_fault = self.verifier.fault_start("reconnect_queue_node_down", now)
                 self._kicked_at = now
-                ws._conn.transport.abort()  # type: ignore[union-attr]
+                live_transport(ws).abort()
                 return  # and reconnect at once
             if churn and established and not self.load_over.is_set() and now > lifetime:
                 fault = self.verifier.fault_start("client_drop", now)
-                ws._conn.transport.abort()  # type: ignore[union-attr]  # abrupt: no close frame
+                live_transport(ws).abort()  # abrupt: no close frame
                 self._open_fault = fault
                 await asyncio.sleep(self.rng.uniform(0.05, 1.0))  # reconnect after a while
                 return
@@ -553,7 +564,7 @@ class DeviceClient:
     async def pause(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """Stop reading the socket for a while (the kernel buffers fill up), then resume."""
         self.pauses -= 1
-        transport = ws._conn.transport  # type: ignore[union-attr]
+        transport = live_transport(ws)
         fault = self.verifier.fault_start("slow_client", time.monotonic())
         transport.pause_reading()
         try:

@@ -270,7 +270,7 @@ def duration_seconds(text: str) -> float:
 def test_nats_stop_grace_covers_the_shutdown_of_every_device_consumer(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    # ~10 ms per consumer on SIGTERM (measured on nats-server 2.15); one node may hold every device queue.
+    # ~10 ms per consumer on SIGTERM (nats-server 2.15); one node may hold every device queue.
     devices = Settings().max_devices
     for node in NATS_NODES:
         assert duration_seconds(services[node]["stop_grace_period"]) >= devices * 0.010

@@ -40,8 +40,9 @@ from tocsin.core.auth import Claims, Role
 from tocsin.core.coarse import coarse_filters
 from tocsin.core.naming import Names, matches
 from tocsin.core.settings import Settings
+from tocsin.gateway.device import Device
 from tocsin.gateway.live import LiveAlert, LiveFeed, alert_frame
-from tocsin.gateway.session import Device, Mode, Session
+from tocsin.gateway.session import Mode, Session
 from tocsin.gateway.window import InFlight, Window
 from tocsin.ingest.pipeline import encode_alert
 from tocsin.schemas import Alert, AlertFrame, Ping, server_frame_adapter

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from tocsin.gateway.device import Position, Record, checkpoint_due, record_due
-from tocsin.schemas.subscription import Filters, LocationFilter, Subscription
+from tocsin.schemas.subscription import Subscription
 
 
 def test_a_position_resumes_after_its_floor() -> None:
@@ -25,9 +25,8 @@ def test_decisions_on_a_position() -> None:
 
 
 def test_the_stored_record_keeps_its_shape_and_reads_back() -> None:
-    sub = Subscription(
-        groups=frozenset({"region:KE"}),
-        filters=Filters(location_filter=LocationFilter(regions=("KE-30",))),
+    sub = Subscription.model_validate(
+        {"groups": ["region:KE"], "filters": {"location_filter": {"regions": ["KE-30"]}}}
     )
     record = Record.new("ada", "phone").positioned(Position(7, 9), sub).owned_by("s1", "g1")
     body = record.body()
