@@ -35,7 +35,7 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield external
         return
     if os.environ.get("TOCSIN_TEST_NATS") == "docker":
-        from testcontainers.community.nats import NatsContainer  # type: ignore[import-untyped]
+        from testcontainers.community.nats import NatsContainer
 
         with NatsContainer(jetstream=True) as container:
             yield container.nats_uri()

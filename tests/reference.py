@@ -51,7 +51,8 @@ def ref_group(text: str, a: dict[str, Any]) -> bool:
         return LEVELS.index(a["level"]) >= LEVELS.index(value)
     if kind == "priority":
         return PRIORITIES.index(a["priority"]) >= PRIORITIES.index(value)
-    return a["type"] == value
+    type_: str = a["type"]
+    return type_ == value
 
 
 def ref_lon_in(lon: float, west: float, east: float) -> bool:
@@ -86,7 +87,7 @@ def ref_location(spec: dict[str, Any], a: dict[str, Any]) -> bool:
                 return False
             return abs(point[0]) == 90 or ref_lon_in(point[1], west, east)
         center = (spec["near"]["lat"], spec["near"]["lon"])
-        radius = spec["near"]["radius_km"]
+        radius: float = spec["near"]["radius_km"]
         if ref_same_place(point, center):
             return True
         d = ref_distance(point, center)

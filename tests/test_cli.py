@@ -291,7 +291,7 @@ def _stream_peers(nats_port: int, stream: str) -> tuple[int, list[str]]:
             await nc.close()
         cluster = info.cluster
         assert cluster is not None
-        peers = [cluster.leader or ""] + [r.name for r in cluster.replicas or []]
+        peers = [cluster.leader or ""] + [r.name or "" for r in cluster.replicas or []]
         return info.config.num_replicas or 1, sorted(peers)
 
     return asyncio.run(ask())

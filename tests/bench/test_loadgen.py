@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Awaitable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,7 +174,7 @@ def test_the_parser_reads_every_kind_of_frame_whatever_the_split() -> None:
         assert {"type": "pong", "ts": 1764064800.123} in texts
         acks = [t["seq"] for t in texts if t["type"] == "ack"]
         assert acks == sorted(set(acks)) and acks[-1] == 14  # cumulative, increasing
-        pong_text = [f.data for f in sent if f.data.startswith(b'{"type":"pong"')]
+        pong_text = [f.data for f in sent if bytes(f.data).startswith(b'{"type":"pong"')]
         assert pong_text == [b'{"type":"pong","ts":1764064800.123}']  # ts bytes copied
         assert w.decoded_types() == {
             "alert": 5,
@@ -352,7 +352,7 @@ async def test_broadcast_acks_pings_and_close_codes(server: BareServer) -> None:
         assert all(server.closed[f"c{i}"] == 1000 for i in range(10, n))
 
 
-async def _equals(value: Any, expected: Any) -> bool:
+async def _equals(value: Awaitable[int], expected: int) -> bool:
     return (await value) == expected
 
 

@@ -61,7 +61,7 @@ class RoundRobinProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         try:
             backend = await self._connect_backend()
             if backend is None:
@@ -86,7 +86,7 @@ class RoundRobinProxy:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     @staticmethod
     async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

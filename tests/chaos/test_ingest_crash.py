@@ -10,6 +10,7 @@ from pathlib import Path
 import nats
 import orjson
 import pytest
+from nats.js.api import ConsumerInfo
 
 from ..support import alert, eventually
 from .harness import Scene
@@ -58,9 +59,9 @@ async def test_events_held_by_a_killed_ingest_are_stored_soon_after_restart(
         await scene.stop()
 
 
-async def eventually_consumer(scene: Scene):  # type: ignore[no-untyped-def]
+async def eventually_consumer(scene: Scene) -> ConsumerInfo:
     assert scene.js is not None
-    found = []
+    found: list[ConsumerInfo] = []
 
     async def exists() -> bool:
         assert scene.js is not None

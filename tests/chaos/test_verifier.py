@@ -16,7 +16,9 @@ KE = DeviceSpec("ann", "phone", ("KE",))
 UG_HIGH = DeviceSpec("ben", "phone", ("UG",), groups=("level:high",), risk_threshold=0.5)
 
 
-def body(alert_id: int, region: str, level: str = "high", risk: float | None = 0.9) -> dict:
+def body(
+    alert_id: int, region: str, level: str = "high", risk: float | None = 0.9
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "alert_id": alert_id,
         "alert_level": level,
@@ -29,11 +31,11 @@ def body(alert_id: int, region: str, level: str = "high", risk: float | None = 0
     return out
 
 
-def frame(seq: int, b: dict, redelivered: bool = False) -> dict:
+def frame(seq: int, b: dict[str, Any], redelivered: bool = False) -> dict[str, Any]:
     return {"type": "alert", "seq": seq, "redelivered": redelivered, "alert": b}
 
 
-def scene() -> tuple[Verifier, list[dict]]:
+def scene() -> tuple[Verifier, list[dict[str, Any]]]:
     v = Verifier("synthetic")
     v.device_created(KE, 0.0)
     v.device_created(UG_HIGH, 0.0)

@@ -212,12 +212,14 @@ async def test_the_config_forms_a_cluster_whose_r3_stream_survives_a_killed_node
             await js.publish(f"deploycheck.{i}", b"x")
         info = await js.stream_info("DEPLOYCHECK")
         assert info.config.num_replicas == 3
-        replicas = {info.cluster.leader, *(r.name for r in info.cluster.replicas or [])}
+        placed = info.cluster
+        assert placed is not None, "an R3 stream in a cluster has cluster info"
+        replicas = {placed.leader, *(r.name for r in placed.replicas or [])}
         assert replicas == set(NODES)
 
         # Kill the node that leads the stream: the two others elect a new leader. Ask
         # them directly (the first connection may have been to the victim).
-        victim = next(n for n in cluster if n.name == info.cluster.leader)
+        victim = next(n for n in cluster if n.name == placed.leader)
         victim.kill()
         survivors = await nats.connect([n.url for n in cluster if n is not victim])
         try:

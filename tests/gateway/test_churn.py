@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
@@ -70,7 +71,7 @@ async def test_random_disconnects_lose_nothing_and_keep_order(
 
         async def drained(user: str) -> bool:
             consumer = names.device_consumer(user, "phone")
-            info = await js.consumer_info(names.alerts_stream, consumer)
+            info: ConsumerInfo = await js.consumer_info(names.alerts_stream, consumer)
             return info.num_pending == 0 and info.num_ack_pending == 0
 
         async def settle_auto(user: str) -> None:

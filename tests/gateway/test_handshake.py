@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import aiohttp
 import jwt
@@ -11,9 +12,10 @@ import pytest
 from nats.js import JetStreamContext
 
 from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
 
 from ..conftest import SECRET
-from ..support import Client, RunningGateway, alert, append, token
+from ..support import Client, GatewayProcess, RunningGateway, alert, append, token
 
 
 async def handshake(url: str, **params: str) -> tuple[int, dict[str, object]]:
@@ -139,7 +141,9 @@ async def test_binary_frames_are_refused_politely(gateway: RunningGateway) -> No
     await client.close()
 
 
-async def test_missing_pongs_close_the_socket(make_settings, js: JetStreamContext) -> None:  # type: ignore[no-untyped-def]
+async def test_missing_pongs_close_the_socket(
+    make_settings: Callable[..., Settings], js: JetStreamContext
+) -> None:
     from ..support import start_gateway
 
     running = await start_gateway(make_settings(heartbeat_seconds=1.0))
@@ -160,8 +164,8 @@ async def test_missing_pongs_close_the_socket(make_settings, js: JetStreamContex
 
 
 async def test_a_stalled_gateway_does_not_blame_its_clients(
-    make_settings, js: JetStreamContext
-) -> None:  # type: ignore[no-untyped-def]
+    make_settings: Callable[..., Settings], js: JetStreamContext
+) -> None:
     """While the gateway's loop is blocked (a long GC pause, a starved CPU) the clients' pongs
     wait unread in socket buffers. The first heartbeat check after the stall must not close a
     client for silence that was the gateway's own (CI saw it once on a loaded machine)."""
@@ -192,8 +196,8 @@ async def test_a_stalled_gateway_does_not_blame_its_clients(
 
 
 async def test_any_frame_from_the_client_counts_as_alive(
-    make_settings, js: JetStreamContext
-) -> None:  # type: ignore[no-untyped-def]
+    make_settings: Callable[..., Settings], js: JetStreamContext
+) -> None:
     """A client busy acking a burst may answer a ping late; what it sends still shows it is
     there. Only a client that sends nothing at all for two heartbeats is closed."""
     from ..support import start_gateway
@@ -225,8 +229,10 @@ async def test_any_frame_from_the_client_counts_as_alive(
 
 @pytest.mark.slow
 async def test_a_slow_handshake_is_not_the_clients_silence(
-    make_settings, js: JetStreamContext, gateway_process
-) -> None:  # type: ignore[no-untyped-def]
+    make_settings: Callable[..., Settings],
+    js: JetStreamContext,
+    gateway_process: Callable[[Settings], GatewayProcess],
+) -> None:
     """Heartbeats count from the end of the handshake. Here the handshake waits for a
     gateway that is frozen (SIGSTOP) for 3 s while it owns the device: longer than two
     heartbeats, during which no ping could be sent. Once it thaws it lets the device go; the

@@ -102,7 +102,8 @@ async def test_handshake_while_nats_is_down_closes_with_4503_and_keeps_the_posit
             return False
         finally:
             await probe.close()
-        return hello["type"] == "connection_established"
+        kind: str = hello["type"]
+        return kind == "connection_established"
 
     await eventually(back_in, timeout=20, what="the gateway to serve again")
     again = await Client.connect(running.ws_url, tok)

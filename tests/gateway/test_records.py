@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import orjson
 import pytest
 from nats.js import JetStreamContext
 
 from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
 
 from ..support import Client, RunningGateway, alert, append, eventually, token
 
@@ -68,8 +71,11 @@ async def test_an_unreadable_record_counts_as_none(
 
 
 async def test_a_connected_device_keeps_its_record_current(
-    make_settings, js: JetStreamContext, names: Names, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+    make_settings: Callable[..., Settings],
+    js: JetStreamContext,
+    names: Names,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Records are rewritten after checkpoints while a device stays connected: a dashboard
     connected for days must not outlive its record (DEVICES keeps records for the
     retention), and a rebuild should repeat little."""
@@ -102,5 +108,5 @@ async def test_a_connected_device_keeps_its_record_current(
         await running.stop()
 
 
-async def _is(floor: object, want: int) -> bool:
-    return await floor == want  # type: ignore[misc]
+async def _is(floor: Awaitable[int | None], want: int) -> bool:
+    return await floor == want

@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
+from nats.js.api import ConsumerInfo, PubAck
 
 from tocsin.core.naming import Names
 
@@ -352,8 +352,9 @@ async def gone(gateway: RunningGateway, consumers: set[str]) -> None:
 
 
 async def stored(js: JetStreamContext, names: Names, device: Device) -> dict[str, Any]:
-    info = await js.consumer_info(names.alerts_stream, device.consumer(names))
-    return json.loads((info.config.metadata or {})[SUBSCRIPTION_KEY])
+    info: ConsumerInfo = await js.consumer_info(names.alerts_stream, device.consumer(names))
+    subscription: dict[str, Any] = json.loads((info.config.metadata or {})[SUBSCRIPTION_KEY])
+    return subscription
 
 
 @PROPERTY_SETTINGS
@@ -376,8 +377,8 @@ async def test_backlog_replay_equals_the_reference(
         clients = []
         await gone(gateway, {d.consumer(names) for d in group})
         for device in group:
-            want = {"groups": device.judged["groups"], "filters": shown_filters(device.judged)}
-            assert await stored(js, names, device) == want
+            recorded = {"groups": device.judged["groups"], "filters": shown_filters(device.judged)}
+            assert await stored(js, names, device) == recorded
         bodies = [body_of(a) for a in batch]
         acks = await publish(js, names, bodies)
         for device, refilter in zip(group, refilters, strict=False):

@@ -297,12 +297,12 @@ async def test_a_client_that_stops_reading_is_closed_and_frees_its_device(
             for _ in range(80):
                 await append(js, names, big_alert())
             await eventually(
-                lambda c=consumer: sessions_of([gateway], c) == 0,  # type: ignore[misc]
+                lambda c=consumer: sessions_of([gateway], c) == 0,
                 timeout=30,
                 what="the stalled session to end",
             )
             again = await Conn.open(gateway.ws_url, token(user))
-            await eventually(lambda a=again: a.client.established, what="a new connection")  # type: ignore[misc]
+            await eventually(lambda a=again: a.client.established, what="a new connection")
             stalled.abandon()
             await again.close()
     finally:
@@ -361,12 +361,14 @@ async def test_a_quick_reconnect_never_waits_for_the_old_connection(
     tok = token(device())
     for i in range(TRIALS * 5):
         conn = await Conn.open(url(gws, i), tok)
-        await eventually(lambda c=conn: c.client.established, what=f"connection {i}")  # type: ignore[misc]
+        await eventually(lambda c=conn: c.client.established, what=f"connection {i}")
         if goodbye == "close":
             await conn.close()
         else:
             assert conn.client.ws._conn is not None
-            conn.client.ws._conn.transport.abort()
+            transport = conn.client.ws._conn.transport
+            assert transport is not None
+            transport.abort()
             await conn.close()
     sent = await append(js, names, alert())
     final = await Conn.open(url(gws, 0), tok)

@@ -86,6 +86,7 @@ async def test_publish_returns_202_and_alert_is_in_alerts_at_seq(
     msg = await js.get_msg(names.alerts_stream, reply["seq"])
     assert msg.subject == f"{names.namespace}.alerts.KE.KE-30.medium.data_quality"
     assert msg.headers is not None and msg.headers["Nats-Msg-Id"] == str(body["alert_id"])
+    assert msg.data is not None
     kept = orjson.loads(msg.data)
     assert {k: kept[k] for k in body} == body
     assert await count(js, names.alerts_stream) == 1

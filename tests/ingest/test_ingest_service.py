@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -85,6 +85,13 @@ async def stored(js: JetStreamContext, stream: str) -> list[RawStreamMsg]:
     return out
 
 
+def payload(msg: RawStreamMsg) -> dict[str, Any]:
+    """The alert a stored message carries (every message in ALERTS has a body)."""
+    assert msg.data is not None, f"seq {msg.seq} has no payload"
+    body: dict[str, Any] = orjson.loads(msg.data)
+    return body
+
+
 async def wait_count(js: JetStreamContext, stream: str, n: int, within: float = DEADLINE) -> None:
     async def reached() -> bool:
         return await count(js, stream) >= n
@@ -136,7 +143,7 @@ async def test_valid_event_lands_in_alerts_and_ingest_drains(
     assert msg.headers is not None
     assert msg.headers["Nats-Msg-Id"] == str(body["alert_id"])
     assert "Nats-TTL" not in msg.headers and "Tocsin-Expires" not in msg.headers
-    kept = orjson.loads(msg.data)
+    kept = payload(msg)
     assert {k: kept[k] for k in body} == body  # plus defaults filled in (priority, ...)
     assert Alert.model_validate(kept) == Alert.model_validate(body)
     await wait_drained(js, names, 1)
@@ -171,9 +178,7 @@ async def test_events_published_while_down_are_processed_on_start(
     elapsed = time.monotonic() - started
 
     msgs = await stored(js, names.alerts_stream)
-    assert sorted(orjson.loads(m.data)["alert_id"] for m in msgs) == sorted(
-        b["alert_id"] for b in bodies
-    )
+    assert sorted(payload(m)["alert_id"] for m in msgs) == sorted(b["alert_id"] for b in bodies)
     assert {m.headers["Nats-Msg-Id"] for m in msgs if m.headers} == {
         str(b["alert_id"]) for b in bodies
     }
@@ -227,7 +232,7 @@ async def test_restart_resumes_without_loss_or_duplicates(
     await ingest_service.start()  # same durable consumer, a fresh process-like app
     await wait_count(js, names.alerts_stream, 10)
     await wait_drained(js, names, 10)
-    ids = [orjson.loads(m.data)["alert_id"] for m in await stored(js, names.alerts_stream)]
+    ids = [payload(m)["alert_id"] for m in await stored(js, names.alerts_stream)]
     assert sorted(ids) == sorted(b["alert_id"] for b in first + second)
 
 
@@ -250,7 +255,7 @@ def _too_large() -> bytes:
     return body[:-1] + b" " * (64 * 1024) + b"}"  # valid JSON, over the 64 KiB limit
 
 
-INVALID = {
+INVALID: dict[str, tuple[Callable[[], bytes], str, str]] = {
     "not-json": (lambda: b"<alert><id>7</id></alert>", "invalid_json", ""),
     "not-object": (lambda: b"[1, 2, 3]", "invalid_json", ""),
     "unknown-field": (lambda: _pretty(alert(severity="bad")), "invalid_alert", "severity"),
@@ -299,7 +304,7 @@ async def test_mixed_batch_only_valid_events_reach_alerts(
     await wait_count(js, names.dlq_stream, len(INVALID))
     await wait_count(js, names.alerts_stream, len(valid))
     await wait_drained(js, names, len(events))
-    ids = {orjson.loads(m.data)["alert_id"] for m in await stored(js, names.alerts_stream)}
+    ids = {payload(m)["alert_id"] for m in await stored(js, names.alerts_stream)}
     assert ids == {b["alert_id"] for b in valid}
     reasons = sorted(
         m.headers["Tocsin-Reason"] for m in await stored(js, names.dlq_stream) if m.headers
@@ -414,7 +419,7 @@ async def test_same_alert_id_twice_over_nats_and_once_over_http_is_stored_once(
     await wait_drained(js, names, 4)
 
     msgs = await stored(js, names.alerts_stream)
-    assert [orjson.loads(m.data)["alert_id"] for m in msgs] == [body["alert_id"], other["alert_id"]]
+    assert [payload(m)["alert_id"] for m in msgs] == [body["alert_id"], other["alert_id"]]
     assert msgs[1].seq == first["seq"]
     assert await count(js, names.dlq_stream) == 0
 
@@ -437,7 +442,7 @@ async def test_expiring_alert_carries_ttl_and_expires_headers(
     assert 1 <= int(ttl) and math.floor(remaining) - 5 <= int(ttl) <= math.ceil(remaining)
     assert float(msg.headers["Tocsin-Expires"]) == pytest.approx(expires.timestamp(), abs=1e-3)
     assert msg.headers["Nats-Msg-Id"] == str(body["alert_id"])
-    stored_expiry = datetime.fromisoformat(orjson.loads(msg.data)["expiry_time"])
+    stored_expiry = datetime.fromisoformat(payload(msg)["expiry_time"])
     assert stored_expiry == expires
     await wait_drained(js, names, 1)
 

@@ -240,8 +240,8 @@ def test_alert_frame_carries_the_alert() -> None:
         '{"type": "alert", "seq": 1, "alert": ' + CONTRACT_ALERT_JSON + "}"
     )
     assert frame.type == "alert"
-    assert frame.alert == contract_alert()  # type: ignore[union-attr]
-    assert frame.redelivered is False  # type: ignore[union-attr]
+    assert frame.alert == contract_alert()
+    assert frame.redelivered is False
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from tocsin.schemas.alert import Alert
+from tocsin.schemas.alert import Alert, AlertLevel, Location, Priority
 from tocsin.schemas.subscription import (
     EARTH_RADIUS_KM,
     FilterError,
@@ -57,16 +57,18 @@ def alert(
     point: tuple[float, float] | None = None,
     risk: float | None = None,
 ) -> Alert:
-    location: dict[str, Any] = {"region": region}
-    if point is not None:
-        location |= {"lat": point[0], "lon": point[1]}
+    location = (
+        Location(region=region)
+        if point is None
+        else Location(region=region, lat=point[0], lon=point[1])
+    )
     return Alert(
         alert_id=1,
-        alert_level=level,
+        alert_level=AlertLevel(level),
         alert_type=type_,
         title="t",
         message="m",
-        priority=priority,
+        priority=Priority(priority),
         location=location,
         risk_score=risk,
     )

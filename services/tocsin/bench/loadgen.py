@@ -597,13 +597,17 @@ class Worker:
             for idx, path, ack in pending:
                 client = WsClient(self, idx, path, ack)
                 waiter = client.waiter = loop.create_future()
+
+                def protocol(c: WsClient = client) -> WsClient:
+                    return c
+
                 reason: str | None
                 try:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         raise TimeoutError
                     async with asyncio.timeout(remaining):
-                        await loop.create_connection(lambda c=client: c, self.host, self.port)
+                        await loop.create_connection(protocol, self.host, self.port)
                         reason = await waiter
                 except TimeoutError:
                     reason = f"no connection_established within {timeout:g} s"
@@ -832,9 +836,18 @@ class WorkerGone(RuntimeError):
 class _Handle:
     """The parent's end of one worker: its process, its pipe and the replies awaited."""
 
-    def __init__(self, index: int, proc: Any, conn: Connection, loop: Any) -> None:
+    def __init__(
+        self,
+        index: int,
+        proc: multiprocessing.process.BaseProcess,
+        conn: Connection,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        if proc.pid is None:
+            raise ValueError(f"load generator worker {index} has not been started")
         self.index = index
         self.proc = proc
+        self.pid: int = proc.pid
         self.conn = conn
         self.loop = loop
         self.pending: dict[int, asyncio.Future[Any]] = {}
@@ -860,20 +873,20 @@ class _Handle:
     def _deliver(self, msg: tuple[int, bool, Any] | None) -> None:
         if msg is None:
             self.gone = True
-            error = WorkerGone(f"load generator worker {self.index} (pid {self.proc.pid}) ended")
+            error = WorkerGone(f"load generator worker {self.index} (pid {self.pid}) ended")
             for fut in self.pending.values():
                 if not fut.done():
                     fut.set_exception(error)
             self.pending.clear()
             return
         req, ok, payload = msg
-        fut = self.pending.pop(req, None)
-        if fut is None or fut.done():
+        waiting = self.pending.pop(req, None)
+        if waiting is None or waiting.done():
             return
         if ok:
-            fut.set_result(payload)
+            waiting.set_result(payload)
         else:
-            fut.set_exception(RuntimeError(f"worker {self.index}: {payload}"))
+            waiting.set_exception(RuntimeError(f"worker {self.index}: {payload}"))
 
     def expect(self, req: int) -> asyncio.Future[Any]:
         fut = self.pending[req] = self.loop.create_future()
@@ -1070,7 +1083,7 @@ class LoadGen:
 
     @property
     def pids(self) -> list[int]:
-        return [h.proc.pid for h in self._handles]
+        return [h.pid for h in self._handles]
 
 
 __all__ = [

@@ -51,12 +51,12 @@ def build_alert(args: argparse.Namespace) -> dict[str, Any]:
         except OSError as exc:
             raise Fail(f"--json: cannot read {args.json}: {exc.strerror}", 2) from None
         try:
-            body = json.loads(text)
+            given_body: object = json.loads(text)
         except json.JSONDecodeError as exc:
             raise Fail(f"--json: not JSON: {exc}", 2) from None
-        if not isinstance(body, dict):
+        if not isinstance(given_body, dict):
             raise Fail("--json: the alert must be a JSON object", 2)
-        return body
+        return given_body
     if not args.region:
         raise Fail("--region is required (or pass a whole alert with --json FILE|-)", 2)
     now = datetime.now(UTC)

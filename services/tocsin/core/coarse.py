@@ -141,7 +141,10 @@ def boxes(subscription: Subscription, token_regions: tuple[str, ...] | None) -> 
 
 
 def _values(axis: Axis) -> list[str | None]:
-    return [None] if axis is None else sorted(axis)
+    if axis is None:
+        return [None]
+    values: list[str | None] = [*sorted(axis)]
+    return values
 
 
 def coarse_filters(

@@ -114,6 +114,8 @@ async def apply_topology(
 
 
 async def _apply_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    if config.name is None:  # every config of stream_configs is named
+        raise ValueError("nats: stream name is required")
     try:
         await js.stream_info(config.name)
     except NotFoundError:

@@ -67,9 +67,6 @@ MAX_LIST = 64
 _TYPE_RE = re.compile(ALERT_TYPE_PATTERN)
 _LEVEL_RANK: dict[str, int] = {level: level.rank for level in AlertLevel}
 _PRIORITY_RANK: dict[str, int] = {p: p.rank for p in Priority}
-_CONFIG = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
 _GROUP_VALUES: dict[str, Callable[[str], bool]] = {
     "region": is_region,
     "level": lambda v: v in AlertLevel._value2member_map_,
@@ -96,7 +93,7 @@ def _split_group(text: str) -> tuple[str, str]:
 class Group(BaseModel):
     """One ``subscribe`` group; on the wire and in JSON the string ``<kind>:<value>``."""
 
-    model_config = _CONFIG
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: Literal["region", "level", "priority", "type"]
     value: str
@@ -169,7 +166,7 @@ def in_bbox(lat: float, lon: float, bbox: tuple[float, float, float, float]) -> 
 
 
 class Near(BaseModel):
-    model_config = _CONFIG
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     lat: float = Field(ge=-90, le=90)
     lon: float = Field(ge=-180, le=180)
@@ -177,7 +174,7 @@ class Near(BaseModel):
 
 
 class LocationFilter(BaseModel):
-    model_config = _CONFIG
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     regions: tuple[str, ...] | None = None
     bbox: tuple[float, float, float, float] | None = None
@@ -241,7 +238,7 @@ class FilterError(ValueError):
 class Filters(BaseModel):
     """The narrowing filters; the keys are the query parameters of CONTRACT §6."""
 
-    model_config = _CONFIG
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     location_filter: LocationFilter | None = None
     risk_threshold: float | None = Field(default=None, ge=0, le=1)
@@ -324,7 +321,7 @@ class Filters(BaseModel):
 class Subscription(BaseModel):
     """A device's groups and filters; :meth:`matches` is the delivery decision."""
 
-    model_config = _CONFIG
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     groups: frozenset[Group] = frozenset()
     filters: Filters = Filters()
