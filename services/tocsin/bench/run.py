@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import importlib
 import importlib.util
 import json
 import os
@@ -675,10 +676,10 @@ def write_report(report: dict[str, Any], series: dict[str, Any], out_dir: Path) 
 
 
 def plots(series: dict[str, Any], stem: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # An optional dependency (tocsin[bench]): imported by name, so that the package type-
+    # checks where it is not installed (cmd_bench says how to add it before a run).
+    importlib.import_module("matplotlib").use("Agg")
+    plt: Any = importlib.import_module("matplotlib.pyplot")
 
     def save(kind: str, fig: Any, ax: Any, xlabel: str, ylabel: str) -> str:
         ax.set_xlabel(xlabel)
