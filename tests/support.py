@@ -30,6 +30,7 @@ from tocsin.core.supervisor import (
 from tocsin.gateway.local import LocalGateway, start_local_gateway
 from tocsin.ingest.pipeline import append_alert
 from tocsin.schemas import Alert
+from tocsin.schemas.samples import alert_body
 
 DEADLINE = 10.0
 
@@ -52,23 +53,7 @@ async def eventually(
         await asyncio.sleep(0.02)
 
 
-_next_id = [int(time.time() * 1000)]
-
-
-def alert(region: str = "KE-30", **fields: Any) -> dict[str, Any]:
-    _next_id[0] += 1
-    body: dict[str, Any] = {
-        "alert_id": _next_id[0],
-        "alert_level": "high",
-        "alert_type": "outbreak_risk",
-        "title": "Malaria outbreak risk rising",
-        "message": "Risk model predicts a rise in cases",
-        "priority": "urgent",
-        "location": {"region": region},
-        "risk_score": 0.8,
-    }
-    body.update(fields)
-    return body
+alert = alert_body  # one builder for tests, benchmarks and demos (tocsin.schemas.samples)
 
 
 async def append(js: JetStreamContext, names: Names, body: dict[str, Any]) -> PubAck:

@@ -165,12 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     # A value like -1.3,36.8,50 is a value, not an unknown option (no flag looks like a number).
     p._negative_number_matcher = re.compile(r"^-\.?\d")
     p.set_defaults(func=cmd_tail)
+    from tocsin.bench.scenarios import SCENARIOS  # names and help only: imports nothing heavy
+
     p = sub.add_parser(
         "bench",
         help="measure connections, broadcast, throughput, targeting, catch-up, memory",
         description="Starts its own nats-server, gateway and ceiling broadcaster on loopback "
         "and drives them from load generator processes; prints the table and writes it as "
-        "Markdown, JSON and PNG plots.",
+        "Markdown, JSON and PNG plots. With a SCENARIO first, runs that focused benchmark "
+        "instead, with its own options (tocsin bench SCENARIO --help).",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes, under 2 minutes")
@@ -191,11 +194,43 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TOCSIN_NAME=VALUE",
         help="a gateway setting for this run, e.g. TOCSIN_CHECKPOINT_SECONDS=60 (repeatable)",
     )
-    p.set_defaults(func=_cmd_bench)
+    p.set_defaults(func=_cmd_bench, scenario=None)
+    scenarios = p.add_subparsers(
+        dest="scenario",
+        metavar="[SCENARIO]",
+        title="scenarios (each with its own options, after its name)",
+    )
+    for name, text in SCENARIOS.items():
+        # Everything after the name is the scenario's: its own parser reads it (and -h).
+        s = scenarios.add_parser(name, help=text, add_help=False, prefix_chars="\0")
+        s.add_argument("scenario_argv", nargs=argparse.REMAINDER)
     return parser
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.scenario is not None:
+        given = [
+            flag
+            for flag, value in (
+                ("--quick", args.quick),
+                ("--full", args.full),
+                ("--connections", args.connections is not None),
+                ("--devices", args.devices is not None),
+                ("--out", args.out != "benchmarks/results"),
+                ("--profile", args.profile),
+                ("--set", args.set),
+            )
+            if value
+        ]
+        if given:
+            raise Fail(
+                f"{', '.join(given)}: options of the table run; a scenario's own options go "
+                f"after its name (tocsin bench {args.scenario} --help)",
+                2,
+            )
+        from tocsin.bench.scenarios import run_scenario
+
+        return run_scenario(args.scenario, args.scenario_argv)
     from tocsin.bench.run import cmd_bench  # matplotlib and the load generator load lazily
 
     return cmd_bench(args)

@@ -1,14 +1,15 @@
 """Replicas benchmark: what R1 and R3 device consumers cost on a 3-node cluster, and what
 happens to each when a node dies (issue 5, part 3: ``TOCSIN_DEVICE_REPLICAS``).
 
-Run from the repository root::
+Run::
 
-    .venv/bin/python benchmarks/replicas.py [--consumers N] [--out DIR]
+    tocsin bench replicas [--consumers N] [--skip-loss] [--out DIR]
 
-Every phase runs on ``NatsCluster`` (3 nats-server processes on loopback, file storage) with
-tocsin's topology at R3 (``apply_topology``: ALERTS, INGEST, DLQ, all R3). Device consumers
-are built by ``DeviceQueues`` of ``services/gateway/queue.py`` (``_config`` + ``_with_filters``
-+ ``coarse_filters``: ack_policy all, backoff, max_deliver, metadata, inactive_threshold,
+(or ``python -m tocsin.bench.scenarios.replicas``). Every phase runs on ``NatsCluster``
+(3 nats-server processes on loopback, file storage) with tocsin's topology at R3
+(``apply_topology``: ALERTS, INGEST, DLQ, all R3). Device consumers are built by
+``DeviceQueues`` of ``tocsin.gateway.queue`` (``_config`` + ``_with_filters`` +
+``coarse_filters``: ack_policy all, backoff, max_deliver, metadata, inactive_threshold,
 filter ``alerts.KE.>``), with ``num_replicas`` 1 or 3. One fresh cluster per replica count:
 
 1. **Creation.** N/2 consumers one at a time, then N/2 with 50 in flight
@@ -33,7 +34,8 @@ and whether their ack floor survived.
 The client, the publisher and the three servers share the machine's cores (2 here), and
 other processes may run meanwhile: absolute numbers carry that noise, compare R1 with R3
 within one run. Every phase is bounded and reports an abort instead of hanging. Results:
-stdout and ``benchmarks/results/replicas-<date>[-nN].md`` with a JSON twin.
+stdout and ``benchmarks/results/replicas-<date>[-nN].md`` (under the current directory, or
+``--out``) with a JSON twin.
 """
 
 from __future__ import annotations
@@ -42,28 +44,24 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import nats
-from delivery import (
-    REPO,
-    code_version,
-    fmt,
-    nats_log_summary,
-    percentile,
-    progress,
-    server_version,
-)
+import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig
@@ -72,20 +70,27 @@ from nats.js.errors import APIError
 from tocsin.bench.procs import usage
 from tocsin.core.coarse import coarse_filters
 from tocsin.core.embedded import NatsCluster, NatsServer
-from tocsin.core.naming import Names
-from tocsin.core.settings import Settings
+from tocsin.core.naming import SUBSCRIPTION_KEY, Names
+from tocsin.core.settings import isolated_settings
 from tocsin.core.topology import apply_topology
-from tocsin.gateway.queue import SUBSCRIPTION_KEY, DeviceQueues
+from tocsin.gateway.queue import DeviceQueues
 from tocsin.schemas.subscription import Subscription
+
+from .common import (
+    code_version,
+    fmt,
+    nats_log_summary,
+    out_option,
+    percentile,
+    progress,
+    run_async,
+    server_version,
+    write_results,
+)
 
 NAMESPACE = "rb"
 REGIONS = ("KE",)
 CLIENT_ID = "phone"
-CONCURRENCY = 50  # creations in flight
-OPEN_SAMPLE = 50  # creations through DeviceQueues.open()
-IDLE_SECONDS = 10.0
-ALERTS = 100  # M: published per replica count, pending on every consumer
-READERS = 100  # K: consumers that fetch and ack all M
 READER_CONCURRENCY = 20
 BATCH = 50
 PHASE_LIMIT = 240.0
@@ -97,6 +102,20 @@ LOSS_ALERTS = 20
 LOSS_ACKED = 10
 LOSS_EXTRA = 5  # published while the node is down
 WATCH_SECONDS = 8.0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one replica count's run repeats besides N; the command line always uses these
+    defaults (the tests shrink them)."""
+
+    concurrency: int = 50  # creations in flight
+    open_sample: int = 50  # creations through DeviceQueues.open()
+    idle_seconds: float = 10.0
+    alerts: int = 100  # M: published per replica count, pending on every consumer
+    readers: int = 100  # K: consumers that fetch and ack all M (at most N)
+    start_seconds: float = 2.0  # after the cluster is up, before the first view
+    settle_seconds: float = 3.0  # after the creations: replication and the Go GC settle
 
 
 # ---------------------------------------------------------------- helpers
@@ -116,7 +135,8 @@ def http_json(node: NatsServer, path: str, timeout: float = 5) -> dict[str, Any]
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     url = f"http://{node.host}:{node.monitor_port}{path}"
     with opener.open(url, timeout=timeout) as resp:
-        return json.loads(resp.read())
+        data: dict[str, Any] = json.loads(resp.read())
+        return data
 
 
 def node_view(node: NatsServer) -> dict[str, Any]:
@@ -160,7 +180,7 @@ class Fleet:
     def __init__(self, root: Path, label: str, device_replicas: int, max_devices: int) -> None:
         self.dir = root / label
         self.cluster = NatsCluster(self.dir, size=3, name=f"rb{label}")
-        self.settings = Settings(
+        self.settings = isolated_settings(
             namespace=NAMESPACE,
             replicas=3,
             device_replicas=device_replicas,
@@ -252,7 +272,8 @@ async def bounded(what: str, limit: float, coro: Awaitable[Any], aborted: list[s
 
 
 async def create_many(fleet: Fleet, first: int, count: int, concurrency: int) -> list[float]:
-    assert fleet.js is not None
+    js = fleet.js
+    assert js is not None
     start = await fleet.last_seq() + 1
     gate = asyncio.Semaphore(concurrency)
     took: list[float] = []
@@ -260,7 +281,7 @@ async def create_many(fleet: Fleet, first: int, count: int, concurrency: int) ->
     async def one(i: int) -> None:
         async with gate:
             t = time.perf_counter()
-            await fleet.js.add_consumer(fleet.stream, fleet.config(user_of(i), start))
+            await js.add_consumer(fleet.stream, fleet.config(user_of(i), start))
             took.append(time.perf_counter() - t)
 
     await asyncio.gather(*(one(i) for i in range(first, first + count)))
@@ -324,13 +345,16 @@ async def deliver(fleet: Fleet, consumers: list[str], count: int) -> dict[str, A
     }
 
 
-async def measure(root: Path, replicas: int, n: int, aborted: list[str]) -> dict[str, Any]:
+async def measure(
+    root: Path, replicas: int, n: int, aborted: list[str], sizes: Sizes = Sizes()
+) -> dict[str, Any]:
+    z = sizes
     label = f"r{replicas}"
     progress(f"--- R{replicas}: starting a 3-node cluster")
-    fleet = await Fleet(root, label, replicas, max_devices=n + OPEN_SAMPLE + 100).start()
+    fleet = await Fleet(root, label, replicas, max_devices=n + z.open_sample + 100).start()
     out: dict[str, Any] = {"replicas": replicas, "consumers": n}
     try:
-        await asyncio.sleep(2)
+        await asyncio.sleep(z.start_seconds)
         out["before"] = views(fleet.cluster)
         half = n // 2
         progress(f"R{replicas}: creating {half} consumers one at a time")
@@ -339,27 +363,27 @@ async def measure(root: Path, replicas: int, n: int, aborted: list[str]) -> dict
             f"R{replicas} sequential creation", PHASE_LIMIT, create_many(fleet, 0, half, 1), aborted
         )
         out["create_sequential"] = creation_summary(took or [], time.perf_counter() - t)
-        progress(f"R{replicas}: creating {n - half} consumers, {CONCURRENCY} in flight")
+        progress(f"R{replicas}: creating {n - half} consumers, {z.concurrency} in flight")
         t = time.perf_counter()
         took = await bounded(
             f"R{replicas} concurrent creation",
             PHASE_LIMIT,
-            create_many(fleet, half, n - half, CONCURRENCY),
+            create_many(fleet, half, n - half, z.concurrency),
             aborted,
         )
         out["create_concurrent"] = creation_summary(took or [], time.perf_counter() - t)
-        progress(f"R{replicas}: {OPEN_SAMPLE} more through DeviceQueues.open()")
+        progress(f"R{replicas}: {z.open_sample} more through DeviceQueues.open()")
         assert fleet.queues is not None
         opened: list[float] = []
         t = time.perf_counter()
-        for i in range(n, n + OPEN_SAMPLE):
+        for i in range(n, n + z.open_sample):
             t1 = time.perf_counter()
             await fleet.queues.open(user_of(i), CLIENT_ID, REGIONS)
             opened.append(time.perf_counter() - t1)
         out["create_open"] = creation_summary(opened, time.perf_counter() - t)
-        total = n + OPEN_SAMPLE
+        total = n + z.open_sample
         out["total_consumers"] = total
-        await asyncio.sleep(3)  # let replication and the Go GC settle
+        await asyncio.sleep(z.settle_seconds)  # let replication and the Go GC settle
         out["after"] = views(fleet.cluster)
         out["rss_kb_per_consumer"] = [
             (a["rss_mb"] - b["rss_mb"]) * 1024 / total
@@ -369,20 +393,22 @@ async def measure(root: Path, replicas: int, n: int, aborted: list[str]) -> dict
             (a["rss_mb"] - b["rss_mb"]) * 1024 / max(1, a["consumers"] - b["consumers"])
             for a, b in zip(out["after"], out["before"], strict=True)
         ]
-        progress(f"R{replicas}: idle CPU over {IDLE_SECONDS:.0f} s")
+        progress(f"R{replicas}: idle CPU over {z.idle_seconds:.0f} s")
         cpu0 = cpu_of(fleet.cluster)
-        await asyncio.sleep(IDLE_SECONDS)
+        await asyncio.sleep(z.idle_seconds)
         out["idle_cpu_pct"] = [
-            (b - a) * 100 / IDLE_SECONDS for a, b in zip(cpu0, cpu_of(fleet.cluster), strict=True)
+            (b - a) * 100 / z.idle_seconds for a, b in zip(cpu0, cpu_of(fleet.cluster), strict=True)
         ]
 
-        progress(f"R{replicas}: publishing {ALERTS} alerts, {READERS} consumers fetch + ack")
-        pub = await fleet.publish(ALERTS)
+        progress(f"R{replicas}: publishing {z.alerts} alerts, {z.readers} consumers fetch + ack")
+        pub = await fleet.publish(z.alerts)
         out["publish_ms_p50"] = percentile([x * 1000 for x in pub], 50)
         out["publish_ms_p99"] = percentile([x * 1000 for x in pub], 99)
-        readers = [fleet.names.device_consumer(user_of(i), CLIENT_ID) for i in range(READERS)]
+        readers = [
+            fleet.names.device_consumer(user_of(i), CLIENT_ID) for i in range(min(z.readers, n))
+        ]
         out["delivery"] = await bounded(
-            f"R{replicas} delivery", PHASE_LIMIT, deliver(fleet, readers, ALERTS), aborted
+            f"R{replicas} delivery", PHASE_LIMIT, deliver(fleet, readers, z.alerts), aborted
         )
 
         victim = fleet.spare_node()
@@ -565,7 +591,7 @@ async def node_loss(root: Path, aborted: list[str]) -> dict[str, Any]:
         # --- R3 consumers: re-election (the ones the dead node led) and fetch
         elected = await asyncio.gather(
             *(
-                watch(log, f"R3 {c} consumer_info", lambda c=c: r3_probe(c), 30, True)
+                watch(log, f"R3 {c} consumer_info", functools.partial(r3_probe, c), 30, True)
                 for c in r3_led
             )
         )
@@ -586,7 +612,7 @@ async def node_loss(root: Path, aborted: list[str]) -> dict[str, Any]:
         fetched = []
         for c in r3_led + r3_other[:1]:
             fetched.append(
-                await watch(log, f"R3 {c} fetch(1)", lambda c=c: fetch_probe(c), 15, True)
+                await watch(log, f"R3 {c} fetch(1)", functools.partial(fetch_probe, c), 15, True)
             )
         out["r3_first_fetch_s"] = fetched
 
@@ -711,13 +737,14 @@ def per_node(values: list[Any] | None, digits: int = 1) -> str:
 
 def report(results: dict[str, Any], when: dt.datetime) -> str:
     c = results["config"]
+    z = Sizes(**c["sizes"]) if "sizes" in c else Sizes()
     out = [
         f"# tocsin replicas benchmark (device consumers R1 vs R3), {when:%Y-%m-%d %H:%M}",
         "",
         f"{c['server']}; nats-py {c['nats_py']}; Python {c['python']}; {c['cores']} cores; "
         f"commit {c['commit']}. 3 nodes on loopback (file storage), topology at R3; "
-        f"N = {c['consumers']} device consumers (+{OPEN_SAMPLE} via DeviceQueues.open()), "
-        f"one fresh cluster per replica count; M = {ALERTS} alerts, K = {READERS} readers. "
+        f"N = {c['consumers']} device consumers (+{z.open_sample} via DeviceQueues.open()), "
+        f"one fresh cluster per replica count; M = {z.alerts} alerts, K = {z.readers} readers. "
         "The client and the 3 servers share the cores with other processes (other test suites "
         "may run meanwhile): compare R1 with R3 within this run. Node figures are n1 / n2 / n3.",
         "",
@@ -751,8 +778,8 @@ def report(results: dict[str, Any], when: dt.datetime) -> str:
         digits=2,
     )
     row("create, sequential: p99 ms", "create_sequential", "p99_ms", digits=2)
-    row(f"create, {CONCURRENCY} in flight: consumers/s", "create_concurrent", "per_s")
-    row(f"create, {CONCURRENCY} in flight: p99 ms", "create_concurrent", "p99_ms")
+    row(f"create, {z.concurrency} in flight: consumers/s", "create_concurrent", "per_s")
+    row(f"create, {z.concurrency} in flight: p99 ms", "create_concurrent", "p99_ms")
     row(
         "DeviceQueues.open() (new device): ms each", "create_open", "wall_ms_per_consumer", digits=2
     )
@@ -775,7 +802,7 @@ def report(results: dict[str, Any], when: dt.datetime) -> str:
     node_row("RSS KB per consumer created, per node", "rss_kb_per_consumer")
     node_row("RSS KB per consumer hosted, per node", "rss_kb_per_hosted_consumer")
     row("RSS KB per consumer, whole cluster", "rss_sum_kb_per_consumer")
-    node_row(f"idle CPU % per node ({IDLE_SECONDS:.0f} s)", "idle_cpu_pct", 2)
+    node_row(f"idle CPU % per node ({z.idle_seconds:.0f} s)", "idle_cpu_pct", 2)
     row("idle CPU %, whole cluster", "idle_cpu_sum", digits=2)
     row("publish p50 ms (R3 stream)", "publish_ms_p50", digits=2)
     row("delivery: deliveries/s (fetch 50 + ack_sync)", "delivery", "deliveries_per_s", digits=0)
@@ -859,18 +886,19 @@ def report(results: dict[str, Any], when: dt.datetime) -> str:
     return "\n".join(out) + "\n"
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
+async def run(consumers: int, skip_loss: bool = False, sizes: Sizes = Sizes()) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="tocsin-replicas-"))
     results: dict[str, Any] = {
         "config": {
             "server": server_version(),
             "nats_py": importlib.metadata.version("nats-py"),
             "python": platform.python_version(),
-            "cores": __import__("os").cpu_count(),
+            "cores": os.cpu_count(),
             "commit": code_version(),
-            "consumers": args.consumers,
-            "alerts": ALERTS,
-            "readers": READERS,
+            "consumers": consumers,
+            "alerts": sizes.alerts,
+            "readers": min(sizes.readers, consumers),
+            "sizes": asdict(sizes),
         },
         "runs": [],
         "aborted": [],
@@ -878,10 +906,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         for replicas in (1, 3):
-            r = await measure(root, replicas, args.consumers, results["aborted"])
+            r = await measure(root, replicas, consumers, results["aborted"], sizes)
             results["nats_logs"][f"R{replicas}"] = r.pop("nats_log", {})
             results["runs"].append(r)
-        if not args.skip_loss:
+        if not skip_loss:
             loss = await bounded(
                 "node loss", 400, node_loss(root, results["aborted"]), results["aborted"]
             )
@@ -893,24 +921,34 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Replicas benchmark: what R1 and R3 device consumers cost on a 3-node "
+        "cluster, and what happens to each when a node dies (docs/operations.md).",
+    )
     parser.add_argument("--consumers", type=int, default=1_000, help="N per replica count")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    out_option(parser)
     parser.add_argument("--skip-loss", action="store_true", help="no node-loss phase")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     if not 100 <= args.consumers <= 3_000:
         parser.error("--consumers must be between 100 and 3,000 (2 cores)")
     when = dt.datetime.now()
-    results = asyncio.run(run(args))
+    try:
+        results = run_async(run(args.consumers, args.skip_loss))
+    except asyncio.CancelledError:  # SIGTERM: everything it started is stopped
+        return 143
     text = report(results, when)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"replicas-{when:%Y-%m-%d}" + (f"-n{args.consumers}" if args.consumers != 1_000 else "")
-    (args.out / f"{stem}.md").write_text(text)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    progress(f"written: {args.out / stem}.md and .json")
+    write_results(args.out, stem, text, results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,18 +1,22 @@
 """Ownership benchmark: what claiming a device costs per WebSocket handshake
-(docs/architecture.md §9), run unchanged against the code before and after ownership.
+(docs/architecture.md §9).
 
-Run with the venv whose ``tocsin`` is to be measured::
+Run::
 
-    .venv/bin/python benchmarks/ownership.py --label new-1 [--devices 200]
-    /tmp/oldvenv/bin/python benchmarks/ownership.py --label old-1
-    .venv/bin/python benchmarks/ownership.py --compare benchmarks/results/ownership-*.json
+    tocsin bench ownership --label new-1 [--devices 200]
+    tocsin bench ownership --compare benchmarks/results/ownership-*.json
+
+(or ``python -m tocsin.bench.scenarios.ownership``). It measures the ``tocsin`` it is part
+of; the runs of 2026-12-01 compared the code before and after ownership with the script
+this module was (``benchmarks/ownership.py`` before it moved here), run under a venv of
+each version; ``--compare`` reads their JSON as it reads new ones.
 
 One process: a nats-server of its own (``NatsServer``, loopback, temporary store), the
-topology (``apply_topology``), one gateway in this process (``create_app`` on an
-``AppRunner``/``TCPSite`` at 127.0.0.1, default settings except a namespace and
-``checkpoint_seconds=300``, so no periodic save lands in a phase) and aiohttp WebSocket
-clients in the same event loop. Only settings fields both versions have are used. After a
-warm-up of 10 devices, each phase is bounded in count and in time (``--seconds``):
+topology (``apply_topology``), one gateway in this process
+(``tocsin.gateway.local.start_local_gateway``: ``create_app`` on an ``AppRunner``/``TCPSite``
+at 127.0.0.1, default settings except a namespace and ``checkpoint_seconds=300``, so no
+periodic save lands in a phase) and aiohttp WebSocket clients in the same event loop.
+After a warm-up of 10 devices, each phase is bounded in count and in time (``--seconds``):
 
 a. **new**: N devices (``--devices``, 200), one after the other: connect, wait for
    ``connection_established``, close, wait until the gateway has let the session go;
@@ -41,8 +45,8 @@ A phase's counts are read once the gateway has no session and the monitor has se
 new for 100 ms. Before the phases, 2 s of idle traffic are counted as a baseline.
 
 Everything shares the machine's cores with whatever else runs: compare runs made in the
-same minutes, alternating old and new. Results: stdout and
-``benchmarks/results/ownership-<date>-<label>.md`` with a JSON twin.
+same minutes. Results: stdout and ``benchmarks/results/ownership-<date>-<label>.md``
+(under the current directory, or ``--out``) with a JSON twin.
 """
 
 from __future__ import annotations
@@ -59,10 +63,7 @@ import logging
 import math
 import os
 import platform
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -74,36 +75,33 @@ import aiohttp
 import nats
 import nats.aio.client
 import orjson
-from aiohttp import web
 
 import tocsin
-from tocsin.core.auth import mint_token
-from tocsin.core.embedded import NatsServer, free_port, server_binary
 from tocsin.core.naming import Names
-from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology
-from tocsin.gateway.app import create_app
-from tocsin.gateway.handler import GATEWAY
+from tocsin.gateway.local import LocalGateway, start_local_gateway
 from tocsin.ingest.pipeline import append_alert
-from tocsin.schemas import Alert
 
-SECRET = "ownership-benchmark-secret-0123456789abcdef"
-RESULTS = Path(__file__).resolve().parent / "results"
+from . import common
+from .common import (
+    LocalNats,
+    code_version,
+    gateway_settings,
+    make_alert,
+    new_secret,
+    out_option,
+    percentile,
+    progress,
+    run_async,
+    server_version,
+    token,
+    write_results,
+)
+
 GATEWAY_CLIENT = "tocsin-gateway"  # the name create_app gives its NATS connection
 CONNECT_TIMEOUT = 20.0  # longer than the default TOCSIN_TAKEOVER_SECONDS (15)
 CONCURRENCY = 20
 QUIET = 0.1
-#: Phase e: one alert every device's token (region KE) receives.
-ALERT = {
-    "alert_id": 1,
-    "alert_level": "high",
-    "alert_type": "outbreak_risk",
-    "title": "Malaria outbreak risk rising",
-    "message": "Risk model predicts a rise in cases",
-    "priority": "urgent",
-    "location": {"region": "KE-30"},
-    "risk_score": 0.8,
-}
 PHASES = ("new", "known", "takeover", "concurrent", "backlog")
 
 
@@ -220,7 +218,7 @@ class Tap:
                 tap.counts[tap.classify.kind(subject)] += 1
             await original(client, subject, *args, **kwargs)
 
-        nats.aio.client.Client.publish = publish  # type: ignore[method-assign]
+        nats.aio.client.Client.publish = publish  # type: ignore[method-assign, assignment]
 
     def remove(self) -> None:
         if self._original is not None:
@@ -230,14 +228,6 @@ class Tap:
 # ---------------------------------------------------------------- clients
 class Refused(Exception):
     """The socket closed before ``connection_established``."""
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))]
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -253,19 +243,21 @@ def summary(values: list[float]) -> dict[str, float]:
 
 @dataclass
 class Bench:
-    url: str
+    gateway: LocalGateway
     http: aiohttp.ClientSession
-    app: web.Application
     monitor: Monitor
     tap: Tap
     seconds: float
+    secret: str
     tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.gateway.ws_url
 
     def token(self, sub: str) -> str:
         if sub not in self.tokens:
-            self.tokens[sub] = mint_token(
-                SECRET, sub, roles=("health_worker",), regions=("KE",), ttl_seconds=24 * 3600
-            )
+            self.tokens[sub] = token(self.secret, sub, ("KE",))
         return self.tokens[sub]
 
     async def handshake(self, sub: str) -> tuple[aiohttp.ClientWebSocketResponse, float]:
@@ -289,7 +281,7 @@ class Bench:
                     raise Refused(f"closed {ws.close_code} before connection_established")
 
     def gateway_idle(self) -> bool:
-        gw = self.app[GATEWAY]
+        gw = self.gateway.gw
         owners = getattr(gw, "owners", None)  # the ownership code only
         return not gw.sessions and not (owners is not None and owners.holders)
 
@@ -526,35 +518,21 @@ async def concurrent(bench: Bench, phase: Phase, subs: list[str], rounds: int) -
 def package_version() -> dict[str, Any]:
     """Which tocsin this is: where it lives, its commit, and a digest of its sources."""
     root = Path(tocsin.__file__).resolve().parent
-    repo = root.parent
-
-    def git(*args: str) -> str:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                ["git", *args], cwd=repo, capture_output=True, text=True, timeout=10, check=False
-            )
-            return out.stdout.strip()
-        return ""
-
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    dirty = git("status", "--porcelain", "--", "services", "schemas")
     return {
         "package": str(root),
-        "commit": git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if dirty else ""),
+        "commit": code_version(),
         "sources_sha256": digest.hexdigest()[:16],
         "ownership": importlib.util.find_spec("tocsin.gateway.ownership") is not None,
     }
 
 
 def environment() -> dict[str, Any]:
-    out = subprocess.run(
-        [server_binary(), "--version"], capture_output=True, text=True, timeout=10, check=False
-    )
     return {
         "python": platform.python_version(),
-        "nats_server": out.stdout.strip() or out.stderr.strip(),
+        "nats_server": server_version(),
         "nats_py": importlib.metadata.version("nats-py"),
         "aiohttp": importlib.metadata.version("aiohttp"),
         "cores": os.cpu_count(),
@@ -563,114 +541,101 @@ def environment() -> dict[str, Any]:
     }
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    names = Names(args.namespace)
+@dataclass(frozen=True)
+class Options:
+    label: str = "run"
+    devices: int = 200  # N, phases a and b
+    takeovers: int = 50  # T, phase c (at most N)
+    rounds: int = 10  # rounds of CONCURRENCY at once; 0: none
+    seconds: float = 120  # time budget per phase
+    namespace: str = "bench"
+    watch_device_subjects: bool = False
+    warmup: int = 10  # devices of the warm-up, twice each
+
+
+async def run(opts: Options) -> dict[str, Any]:
+    names = Names(opts.namespace)
     classify = Classifier(names)
     env = environment()
     phases = {name: Phase(name) for name in PHASES}
     idle: dict[str, int] = {}
-    main_task = asyncio.current_task()
-    assert main_task is not None
-    # SIGTERM (timeout, kill): unwind through the finally below, which stops nats-server.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-    with tempfile.TemporaryDirectory(prefix="tocsin-ownership-") as tmp:
-        server = NatsServer(Path(tmp) / "nats")
-        monitor = Monitor("", classify, args.watch_device_subjects)
+    secret = new_secret()
+    with LocalNats("tocsin-ownership-") as server:
+        monitor = Monitor(server.url, classify, opts.watch_device_subjects)
         tap = Tap(classify)
-        runner: web.AppRunner | None = None
+        gateway: LocalGateway | None = None
         http: aiohttp.ClientSession | None = None
         try:
-            server.start()
-            monitor.url = server.url
-            port = free_port()
-            settings = Settings(
-                nats_url=[server.url],
-                namespace=args.namespace,
-                jwt_secret=SECRET,
-                http_host="127.0.0.1",
-                http_port=port,
-                data_dir=Path(tmp) / "data",
-                checkpoint_seconds=300,
+            settings = gateway_settings(
+                server.url, opts.namespace, secret, server.dir / "data", checkpoint_seconds=300
             )
             await monitor.start()
             assert monitor.nc is not None
             await apply_topology(monitor.nc.jetstream(), settings, names)
-            tap.install()
-            runner = web.AppRunner(
-                create_app(settings), shutdown_timeout=settings.shutdown_grace_seconds
-            )
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
+            tap.install()  # before the gateway connects: its connection's publishes count
+            gateway = await start_local_gateway(settings)
             http = aiohttp.ClientSession()
-            url = f"ws://127.0.0.1:{port}/api/v1/alerts/ws"
-            bench = Bench(url, http, runner.app, monitor, tap, args.seconds)
+            bench = Bench(gateway, http, monitor, tap, opts.seconds, secret)
 
             warm = Phase("warm-up")
-            await sequential(bench, warm, [f"warm{i}" for i in range(10)])
-            await sequential(bench, warm, [f"warm{i}" for i in range(10)])
+            await sequential(bench, warm, [f"warm{i}" for i in range(opts.warmup)])
+            await sequential(bench, warm, [f"warm{i}" for i in range(opts.warmup)])
             if warm.failed:
-                raise SystemExit(f"warm-up failed: {dict(warm.errors)}")
+                raise RuntimeError(f"warm-up failed: {dict(warm.errors)}")
 
             m0, _ = await bench.settle()
             await asyncio.sleep(2)
             m1, _ = await bench.settle()
             idle = dict(delta(m1, m0))
 
-            devices = [f"dev{i:05d}" for i in range(args.devices)]
+            devices = [f"dev{i:05d}" for i in range(opts.devices)]
             progress("new devices, one after the other")
             await sequential(bench, phases["new"], devices)
             progress("the same devices again")
             await sequential(bench, phases["known"], devices)
             progress("takeovers")
-            await takeovers(bench, phases["takeover"], devices[: args.takeovers])
-            if args.rounds:
-                progress(f"{CONCURRENCY} concurrent handshakes x {args.rounds}")
-                await concurrent(bench, phases["concurrent"], devices, args.rounds)
+            await takeovers(bench, phases["takeover"], devices[: opts.takeovers])
+            if opts.rounds:
+                progress(f"{CONCURRENCY} concurrent handshakes x {opts.rounds}")
+                await concurrent(bench, phases["concurrent"], devices, opts.rounds)
             progress("one alert queued for every device, then the same devices again")
-            await append_alert(monitor.nc.jetstream(), names, Alert.model_validate(ALERT))
+            await append_alert(monitor.nc.jetstream(), names, make_alert("KE-30"))
             await sequential(bench, phases["backlog"], devices, alert=True)
         finally:
             if http is not None:
                 await http.close()
-            if runner is not None:
-                await runner.cleanup()
+            if gateway is not None:
+                await gateway.stop()
             tap.remove()
             await monitor.stop()
-            server.stop()
     env["loadavg_end"] = os.getloadavg()[0]
     results = {}
     for name, phase in phases.items():
-        if name == "concurrent" and not args.rounds:
+        if name == "concurrent" and not opts.rounds:
             continue
         results[name] = phase.result(classify, phase.handshakes)
     return {
-        "label": args.label,
+        "label": opts.label,
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "environment": env,
         "parameters": {
-            "devices": args.devices,
-            "takeovers": args.takeovers,
+            "devices": opts.devices,
+            "takeovers": opts.takeovers,
             "concurrent": CONCURRENCY,
-            "rounds": args.rounds,
-            "seconds_per_phase": args.seconds,
-            "namespace": args.namespace,
+            "rounds": opts.rounds,
+            "seconds_per_phase": opts.seconds,
+            "namespace": opts.namespace,
             "checkpoint_seconds": 300,
-            "watch_device_subjects": args.watch_device_subjects,
+            "watch_device_subjects": opts.watch_device_subjects,
         },
         "idle_2s": idle,
         "phases": results,
     }
 
 
-def progress(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------- output
 def fmt(value: float, digits: int = 1) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return "—"
-    return f"{value:,.{digits}f}"
+    return common.fmt(float(value), digits, nan="—")
 
 
 def report(data: dict[str, Any]) -> str:
@@ -830,41 +795,58 @@ def compare(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--label", default="run", help="old*/new*: ends up in the file names")
-    parser.add_argument("--devices", type=int, default=200, help="N, phases a and b")
-    parser.add_argument("--takeovers", type=int, default=50, help="T, phase c (at most N)")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds of 20 at once; 0: none")
-    parser.add_argument("--seconds", type=float, default=120, help="time budget per phase")
-    parser.add_argument("--namespace", default="bench")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Ownership benchmark: what claiming a device costs per WebSocket "
+        "handshake, in time and NATS operations (docs/benchmarks.md#ownership).",
+    )
+    d = Options()
+    parser.add_argument("--label", default=d.label, help="old*/new*: ends up in the file names")
+    parser.add_argument("--devices", type=int, default=d.devices, help="N, phases a and b")
+    parser.add_argument("--takeovers", type=int, default=d.takeovers, help="T, phase c (at most N)")
+    parser.add_argument(
+        "--rounds", type=int, default=d.rounds, help=f"rounds of {CONCURRENCY} at once; 0: none"
+    )
+    parser.add_argument("--seconds", type=float, default=d.seconds, help="time budget per phase")
+    parser.add_argument("--namespace", default=d.namespace)
+    out_option(parser)
     parser.add_argument(
         "--watch-device-subjects",
         action="store_true",
         help="let the monitor subscribe to tocsin.device.> too (distorts the old code)",
     )
     parser.add_argument("--compare", type=Path, nargs="+", help="JSON results: print tables")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     if args.compare:
         print(compare(args.compare))
-        return
+        return 0
     if args.devices < 1 or args.devices > 100_000:
         parser.error("--devices: 1 to 100,000")
-    args.takeovers = max(0, min(args.takeovers, args.devices))
-    args.rounds = max(0, min(args.rounds, 1000))
-    for key in [k for k in os.environ if k.startswith("TOCSIN_")]:
-        del os.environ[key]  # only this script's settings
+    opts = Options(
+        label=args.label,
+        devices=args.devices,
+        takeovers=max(0, min(args.takeovers, args.devices)),
+        rounds=max(0, min(args.rounds, 1000)),
+        seconds=args.seconds,
+        namespace=args.namespace,
+        watch_device_subjects=args.watch_device_subjects,
+    )
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    data = asyncio.run(run(args))
+    try:
+        data = run_async(run(opts))
+    except asyncio.CancelledError:  # SIGTERM: everything it started is stopped
+        return 143
     text = report(data)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"ownership-{dt.date.today().isoformat()}-{args.label}"
-    (args.out / f"{stem}.md").write_text(text)
-    (args.out / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    print(f"written: {args.out / stem}.md and .json", file=sys.stderr)
+    write_results(args.out, f"ownership-{dt.date.today().isoformat()}-{opts.label}", text, data)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

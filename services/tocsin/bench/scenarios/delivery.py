@@ -1,11 +1,12 @@
 """Delivery benchmark: tocsin's live path against per-device durable pull consumers.
 
-Run from the repository root::
+Run::
 
-    .venv/bin/python benchmarks/delivery.py [--devices N] [--quick] [--compress]
+    tocsin bench delivery [--devices N] [--quick] [--compress] [--out DIR]
 
-One run starts its own nats-server (temp store, loopback), applies the topology under a
-unique namespace, starts an in-process gateway and measures:
+(or ``python -m tocsin.bench.scenarios.delivery``). One run starts its own nats-server
+(temp store, loopback), applies the topology under a unique namespace, starts an
+in-process gateway and measures:
 
 1. **Broadcast via the gateway.** D WebSocket clients (region KE, ``ack_mode=auto``) in
    this process; each alert is read once by the gateway's ordered consumer and fanned out
@@ -37,7 +38,8 @@ receipt. The gateway is observed, not changed: ``LiveFeed.dispatch`` and
 is of one core; the machine's cores are shared by the clients, the gateway and
 nats-server, so absolute latencies include their contention: compare rows, not machines.
 Every phase is bounded (120 s) and reports an abort instead of hanging. Results go to
-stdout and to ``benchmarks/results/delivery-<date>[-quick].md`` with a JSON twin.
+stdout and to ``benchmarks/results/delivery-<date>[-quick].md`` (under the current
+directory, or ``--out``) with a JSON twin.
 """
 
 from __future__ import annotations
@@ -46,182 +48,76 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import gc
-import json
-import logging
 import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
 import nats
+import nats.errors
 import orjson
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from tocsin.core.embedded import NatsServer, server_binary
 from tocsin.core.naming import Names
-from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology
-from tocsin.gateway.session import Mode
+from tocsin.gateway.local import LocalGateway, start_local_gateway
 from tocsin.ingest.pipeline import append_alert
-from tocsin.schemas import Alert
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from .common import (
+    BROADCAST_DEADLINE,
+    CLIENT_ID,
+    CONNECT_CONCURRENCY,
+    Broadcast,
+    InProcessBench,
+    LocalNats,
+    Meter,
+    Recorder,
+    WsDevice,
+    close_devices,
+    code_version,
+    fmt,
+    live_sessions,
+    make_alert,
+    out_option,
+    parse_sets,
+    percentile,
+    read_socket,
+    run_async,
+    server_version,
+    set_option,
+    token,
+    wait_for,
+    write_results,
+    ws_params,
+)
 
-from tests.conftest import SECRET  # noqa: E402
-from tests.support import RunningGateway, alert, start_gateway, token  # noqa: E402
-
-PHASE_LIMIT = 120.0  # seconds; a phase that takes longer is aborted and reported
-BROADCASTS = 20
-BROADCAST_DEADLINE = 20.0  # seconds for all devices to get one broadcast
-QUEUED = 100  # alerts waiting for a reconnecting device
-CATCHUP_REPEATS = 10
-RESETS = 1_000
-RESET_CONCURRENCY = 64
-RESETS_SERIAL = 100
-CONNECT_CONCURRENCY = 50
 FETCH_TIMEOUT = 30.0  # the long poll of the durable-consumer path
 REGION = "KE"
-CLIENT_ID = "bench"
 
 
-# ---------------------------------------------------------------- measuring
+@dataclass(frozen=True)
+class Sizes:
+    """What a run repeats; the command line always uses these defaults (the tests shrink
+    them to run every phase in seconds)."""
 
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(p / 100 * len(ordered)) - 1))]
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` from /proc/<pid>/stat."""
-    rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_rss_mb(pid: int | str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return math.nan
-
-
-@dataclass
-class Usage:
-    wall: float = 0.0
-    cpu: float = 0.0
-    nats_cpu: float = 0.0
-    rss_mb: float = 0.0
-    nats_rss_mb: float = 0.0
-    status: str = "ok"
-
-
-class Meter:
-    """CPU seconds and RSS of this process and of nats-server, accumulated per phase."""
-
-    def __init__(self, nats_pid: int) -> None:
-        self.nats_pid = nats_pid
-        self.phases: dict[str, Usage] = {}
-
-    def snap(self) -> tuple[float, float, float]:
-        return time.perf_counter(), time.process_time(), proc_cpu_seconds(self.nats_pid)
-
-    def add(self, phase: str, start: tuple[float, float, float]) -> None:
-        end = self.snap()
-        usage = self.phases.setdefault(phase, Usage())
-        usage.wall += end[0] - start[0]
-        usage.cpu += end[1] - start[1]
-        usage.nats_cpu += end[2] - start[2]
-        usage.rss_mb = proc_rss_mb("self")
-        usage.nats_rss_mb = proc_rss_mb(self.nats_pid)
-
-
-class GcPauses:
-    """Pauses of Python's cyclic garbage collector in this process, per generation."""
-
-    def __init__(self) -> None:
-        self.pauses: list[tuple[int, float]] = []
-        self._start = 0.0
-
-    def __enter__(self) -> GcPauses:
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        gc.callbacks.remove(self._callback)
-
-    def _callback(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.pauses.append((info["generation"], time.perf_counter() - self._start))
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            f"gen{g}": {"count": len(ms), "total_ms": sum(ms), "max_ms": max(ms, default=0.0)}
-            for g in (0, 1, 2)
-            for ms in [[p * 1000 for gen, p in self.pauses if gen == g]]
-        }
-
-
-class LogCollector(logging.Handler):
-    """Counts every warning or error anything in this process logs (the gateway included)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.counts: Counter[str] = Counter()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage().splitlines()[0][:160] if record.getMessage() else ""
-        self.counts[f"{record.levelname} {record.name}: {text}"] += 1
+    broadcasts: int = 20  # K per path, after one warm-up each
+    queued: int = 100  # alerts waiting for a reconnecting device
+    catchup_repeats: int = 10
+    resets: int = 1_000
+    reset_concurrency: int = 64
+    resets_serial: int = 100
 
 
 # ---------------------------------------------------------------- broadcasts
-
-
-@dataclass
-class Broadcast:
-    expected: int
-    t0: float = 0.0
-    times: list[float] = field(default_factory=list)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-class Recorder:
-    """Receipt times per alert_id; a broadcast is done when every device has it."""
-
-    def __init__(self) -> None:
-        self.open: dict[int | str, Broadcast] = {}
-        self.stray = 0  # receipts of an alert no longer (or never) waited for
-        self.extra = 0  # receipts beyond one per device
-        self.frames: Counter[str] = Counter()  # non-alert frames by type
-
-    def hit(self, alert_id: int | str, t: float) -> None:
-        b = self.open.get(alert_id)
-        if b is None:
-            self.stray += 1
-            return
-        b.times.append(t)
-        if len(b.times) == b.expected:
-            b.done.set()
-        elif len(b.times) > b.expected:
-            self.extra += 1
 
 
 @dataclass
@@ -274,7 +170,7 @@ async def broadcast(
     ``feed_times`` (stream seq -> when the gateway's live feed dispatched it), if given,
     adds the stage "publish -> gateway feed" to ``stats``.
     """
-    model = Alert.model_validate(alert(REGION))
+    model = make_alert(REGION)
     b = Broadcast(expected)
     rec.open[model.alert_id] = b
     b.t0 = time.perf_counter()
@@ -307,39 +203,13 @@ async def broadcast(
 # ---------------------------------------------------------------- WebSocket devices
 
 
-def ws_params(tok: str, ack_mode: str) -> dict[str, str]:
-    return {"auth_token": tok, "client_id": CLIENT_ID, "ack_mode": ack_mode}
-
-
-async def read_socket(
-    ws: aiohttp.ClientWebSocketResponse, rec: Recorder, established: asyncio.Event
-) -> None:
-    """The one reader task of a socket: timestamp, parse, record; answer pings."""
-    async for msg in ws:
-        if msg.type is not aiohttp.WSMsgType.TEXT:
-            continue
-        t = time.perf_counter()
-        frame = orjson.loads(msg.data)
-        kind = frame["type"]
-        if kind == "alert":
-            rec.hit(frame["alert"]["alert_id"], t)
-        elif kind == "ping":
-            await ws.send_str(orjson.dumps({"type": "pong", "ts": frame["ts"]}).decode())
-        elif kind == "connection_established":
-            established.set()
-        else:
-            rec.frames[kind] += 1
-
-
-@dataclass
-class WsDevice:
-    ws: aiohttp.ClientWebSocketResponse
-    reader: asyncio.Task[None]
+# ---------------------------------------------------------------- WebSocket devices
 
 
 async def connect_devices(
     http: aiohttp.ClientSession,
-    gw: RunningGateway,
+    gw: LocalGateway,
+    secret: str,
     n: int,
     rec: Recorder,
     compress: int,
@@ -354,7 +224,7 @@ async def connect_devices(
             try:
                 ws = await http.ws_connect(
                     gw.ws_url,
-                    params=ws_params(token(f"live-{i}", (REGION,)), "auto"),
+                    params=ws_params(token(secret, f"live-{i}", (REGION,)), "auto"),
                     compress=compress,
                 )
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -368,32 +238,6 @@ async def connect_devices(
                 errors["no connection_established within 30 s"] += 1
 
     await asyncio.gather(*(one(i) for i in range(n)))
-
-
-def live_sessions(gw: RunningGateway) -> int:
-    return sum(1 for s in gw.gw.sessions if s.mode is Mode.LIVE)
-
-
-async def wait_for(check: Callable[[], bool], limit: float) -> bool:
-    """Poll ``check`` every 20 ms for at most ``limit`` seconds; whether it came true."""
-    deadline = time.monotonic() + limit
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
-
-
-async def close_devices(devices: list[WsDevice]) -> None:
-    gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
-
-    async def one(d: WsDevice) -> None:
-        async with gate:
-            await d.ws.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(d.reader, 10)
-
-    await asyncio.gather(*(one(d) for d in devices))
 
 
 # ---------------------------------------------------------------- durable pull consumers
@@ -419,6 +263,8 @@ async def start_pullers(
                 msgs = await psub.fetch(1, timeout=FETCH_TIMEOUT)
             except (TimeoutError, nats.errors.TimeoutError):
                 continue
+            except nats.errors.ConnectionClosedError:
+                return  # the run is over (or was stopped)
             except nats.errors.Error as exc:
                 pullers.errors[type(exc).__name__] += 1
                 await asyncio.sleep(0.1)
@@ -461,9 +307,14 @@ async def stop_pullers(pullers: Pullers) -> None:
 
 
 async def catch_up_once(
-    http: aiohttp.ClientSession, gw: RunningGateway, js: JetStreamContext, names: Names, user: str
+    http: aiohttp.ClientSession,
+    gw: LocalGateway,
+    js: JetStreamContext,
+    names: Names,
+    tok: str,
+    user: str,
+    queued: int,
 ) -> dict[str, float]:
-    tok = token(user, (REGION,))
     consumer = names.device_consumer(user, CLIENT_ID)
     ws = await http.ws_connect(gw.ws_url, params=ws_params(tok, "client"), compress=0)
     async for msg in ws:
@@ -474,8 +325,8 @@ async def catch_up_once(
     await ws.close()
     if not await wait_for(lambda: all(s.consumer != consumer for s in gw.gw.sessions), 10):
         raise RuntimeError(f"the first session of {user} did not end")
-    for _ in range(QUEUED):
-        await append_alert(js, names, Alert.model_validate(alert(REGION)))
+    for _ in range(queued):
+        await append_alert(js, names, make_alert(REGION))
 
     t0 = time.perf_counter()
     ws = await http.ws_connect(gw.ws_url, params=ws_params(tok, "client"), compress=0)
@@ -494,14 +345,14 @@ async def catch_up_once(
                 out["first_alert_ms"] = (t - t0) * 1000
             seen.add(frame["seq"])
             await ws.send_str(orjson.dumps({"type": "ack", "seq": frame["seq"]}).decode())
-            if len(seen) == QUEUED:
+            if len(seen) == queued:
                 out["all_ms"] = (t - t0) * 1000
                 break
         elif frame["type"] == "ping":
             await ws.send_str(orjson.dumps({"type": "pong", "ts": frame["ts"]}).decode())
     await ws.close()
-    if len(seen) < QUEUED:
-        raise RuntimeError(f"{user} got {len(seen)} of {QUEUED} queued alerts")
+    if len(seen) < queued:
+        raise RuntimeError(f"{user} got {len(seen)} of {queued} queued alerts")
     return out
 
 
@@ -509,7 +360,7 @@ async def catch_up_once(
 
 
 async def reset_cost(
-    gw: RunningGateway,
+    gw: LocalGateway,
     js: JetStreamContext,
     names: Names,
     consumers: list[str],
@@ -544,79 +395,31 @@ async def reset_cost(
 # ---------------------------------------------------------------- the run
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.quick: bool = args.quick
-        self.devices: int = args.devices or (200 if args.quick else 500)
-        self.compress = 15 if args.compress else 0
-        self.results: dict[str, Any] = {"aborted": [], "anomalies": []}
-        self.log = LogCollector()
+class DeliveryBench(InProcessBench):
+    def __init__(
+        self,
+        devices: int,
+        quick: bool = False,
+        compress: bool = False,
+        sizes: Sizes = Sizes(),
+        gateway: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(quick, gateway)
+        self.devices = devices
+        self.compress = 15 if compress else 0
+        self.sizes = sizes
 
-    async def bounded(self, name: str, work: Awaitable[Any], limit: float = PHASE_LIMIT) -> Any:
-        """Await ``work`` for at most ``limit`` seconds; on abort or failure say so, go on
-        (``self.failed`` then holds the reason)."""
-        progress(f"phase: {name}")
-        self.failed: str | None = None
-        t0 = time.perf_counter()
-        try:
-            async with asyncio.timeout(limit) as cm:
-                result = await work
-        except TimeoutError:
-            why = f"aborted after {limit:.0f} s" if cm.expired() else "a timeout inside"
-        except Exception as exc:
-            why = f"failed: {type(exc).__name__}: {exc}"
-        else:
-            progress(f"  done in {time.perf_counter() - t0:.1f} s")
-            return result
-        self.failed = why
-        self.results["aborted"].append(f"{name}: {why}")
-        progress(f"!! PHASE {name!r} {why}")
-        return None
-
-    async def phase(self, meter: Meter, name: str, work: Awaitable[Any]) -> Any:
-        """A bounded phase whose CPU, wall time and RSS are charged to ``name``."""
-        start = meter.snap()
-        result = await self.bounded(name, work)
-        meter.add(name, start)
-        if self.failed:
-            meter.phases[name].status = f"ABORTED: {self.failed}"
-        return result
-
-    async def run(self) -> dict[str, Any]:
-        logging.getLogger().addHandler(self.log)
-        logging.getLogger().setLevel(logging.WARNING)
-        with tempfile.TemporaryDirectory(prefix="tocsin-bench-") as tmp:
-            store = Path(tmp)
-            server = NatsServer(store_dir=store / "nats", log_file=store / "nats.log").start()
-            try:
-                with GcPauses() as pauses:
-                    await self.measure(server, store)
-            finally:
-                self.results["gc_pauses"] = pauses.summary()
-                server.kill()  # the store is thrown away; SIGTERM takes ~10 ms per consumer
-                self.results["nats_log"] = nats_log_summary(store / "nats.log")
-        self.results["gateway_log"] = dict(self.log.counts.most_common(20))
-        self.results["gateway_log_total"] = sum(self.log.counts.values())
-        return self.results
-
-    async def measure(self, server: NatsServer, store: Path) -> None:
-        assert server.process is not None
-        meter = Meter(server.process.pid)
+    async def measure(self, server: LocalNats) -> None:
+        meter = Meter(server.pid)
         ns = f"bench{uuid.uuid4().hex[:8]}"
-        settings = Settings(
-            nats_url=[server.url],
-            namespace=ns,
-            jwt_secret=SECRET,
-            http_port=0,
-            data_dir=store / "data",
-            shutdown_grace_seconds=5,
-        )
+        settings = self.settings(server, ns)
         raw_settings = settings.model_copy(update={"namespace": f"{ns}raw"})
         names, raw_names = Names(ns), Names(raw_settings.namespace)
         d = self.devices
         self.results["config"] = {
             "devices": d,
-            "broadcasts": BROADCASTS,
+            "broadcasts": self.sizes.broadcasts,
+            "sizes": asdict(self.sizes),
             "namespace": ns,
             "quick": self.quick,
             "ws_compression": bool(self.compress),
@@ -624,6 +427,7 @@ class Bench:
             "max_inflight": settings.max_inflight,
             "heartbeat_seconds": settings.heartbeat_seconds,
             "offline_queue_max": settings.offline_queue_max,
+            "gateway_set": self.gateway_values,
             "fetch_timeout_s": FETCH_TIMEOUT,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
@@ -636,7 +440,7 @@ class Bench:
         js = nc.jetstream()
         await apply_topology(js, settings, names)
         await apply_topology(js, raw_settings, raw_names)
-        gw = await start_gateway(settings)
+        gw = await start_local_gateway(settings)
         resets = count_resets(gw)
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         rec = Recorder()
@@ -647,7 +451,9 @@ class Bench:
             await self.phase(
                 meter,
                 f"connect {d} WebSockets",
-                connect_devices(http, gw, d, rec, self.compress, devices, connect_errors),
+                connect_devices(
+                    http, gw, self.secret, d, rec, self.compress, devices, connect_errors
+                ),
             )
             await self.phase(
                 meter,
@@ -676,24 +482,26 @@ class Bench:
             await self.phase(
                 meter, f"close {len(devices)} WebSockets (positions saved)", close_devices(devices)
             )
+            z = self.sizes
             self.results["catch_up"] = await self.phase(
-                meter, f"catch-up x{CATCHUP_REPEATS}", self.catch_ups(http, gw, js, names)
+                meter, f"catch-up x{z.catchup_repeats}", self.catch_ups(http, gw, js, names)
             )
             consumers = [names.device_consumer(f"live-{i}", CLIENT_ID) for i in range(d)]
             self.results["resets"] = [
                 await self.phase(
                     meter,
-                    f"checkpoints: {RESETS:,} resets, {RESET_CONCURRENCY} at a time",
-                    reset_cost(gw, js, names, consumers, RESETS, RESET_CONCURRENCY),
+                    f"checkpoints: {z.resets:,} resets, {z.reset_concurrency} at a time",
+                    reset_cost(gw, js, names, consumers, z.resets, z.reset_concurrency),
                 ),
                 await self.phase(
                     meter,
-                    f"checkpoints: {RESETS_SERIAL} resets, one at a time",
-                    reset_cost(gw, js, names, consumers, RESETS_SERIAL, 1),
+                    f"checkpoints: {z.resets_serial} resets, one at a time",
+                    reset_cost(gw, js, names, consumers, z.resets_serial, 1),
                 ),
             ]
         finally:
             self.results["phases"] = {k: vars(v) for k, v in meter.phases.items()}
+            await stop_pullers(pullers)  # done already, unless the run was cut short
             await http.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(gw.stop(), 30)
@@ -703,7 +511,7 @@ class Bench:
     async def broadcasts(
         self,
         meter: Meter,
-        gw: RunningGateway,
+        gw: LocalGateway,
         js: JetStreamContext,
         names: Names,
         raw_names: Names,
@@ -729,7 +537,8 @@ class Bench:
             "durables": (raw_names, n_pull, durable, settle_durables),
         }
         order = ["gateway", "durables"]  # the warm-up, not measured
-        for i in range(BROADCASTS):
+        k = self.sizes.broadcasts
+        for i in range(k):
             order += ["gateway", "durables"] if i % 4 in (0, 3) else ["durables", "gateway"]
         before = resets["n"]
         feed_times = time_feed(gw)
@@ -751,13 +560,13 @@ class Bench:
                 meter.add(
                     "warm-up (1 broadcast per path)"
                     if warm
-                    else f"broadcasts via {kind} (K={BROADCASTS}, incl. settling)",
+                    else f"broadcasts via {kind} (K={k}, incl. settling)",
                     start,
                 )
 
         await self.bounded(f"{len(order)} broadcasts, alternating paths", rounds())
         for kind, (_, _, stats, _) in paths.items():
-            usage = meter.phases.get(f"broadcasts via {kind} (K={BROADCASTS}, incl. settling)")
+            usage = meter.phases.get(f"broadcasts via {kind} (K={k}, incl. settling)")
             if usage and stats.broadcasts:
                 stats.cpu_ms = usage.cpu * 1000 / stats.broadcasts
                 stats.nats_cpu_ms = usage.nats_cpu * 1000 / stats.broadcasts
@@ -765,15 +574,17 @@ class Bench:
         self.results["checkpoint_resets_during_broadcasts"] = resets["n"] - before
 
     async def catch_ups(
-        self, http: aiohttp.ClientSession, gw: RunningGateway, js: JetStreamContext, names: Names
+        self, http: aiohttp.ClientSession, gw: LocalGateway, js: JetStreamContext, names: Names
     ) -> list[dict[str, float]]:
         runs = []
-        for i in range(CATCHUP_REPEATS):
-            runs.append(await catch_up_once(http, gw, js, names, f"catchup-{i}"))
+        for i in range(self.sizes.catchup_repeats):
+            user = f"catchup-{i}"
+            tok = self.token(user, (REGION,))
+            runs.append(await catch_up_once(http, gw, js, names, tok, user, self.sizes.queued))
         return runs
 
 
-def count_resets(gw: RunningGateway) -> Counter[str]:
+def count_resets(gw: LocalGateway) -> Counter[str]:
     """Count the gateway's consumer resets (checkpoints) by wrapping its queue object."""
     queues = gw.gw.queues
     original = queues.reset
@@ -787,7 +598,7 @@ def count_resets(gw: RunningGateway) -> Counter[str]:
     return counter
 
 
-def time_feed(gw: RunningGateway) -> dict[int, float]:
+def time_feed(gw: LocalGateway) -> dict[int, float]:
     """When the gateway's live feed dispatches each alert (stream seq -> perf_counter)."""
     feed = gw.gw.feed
     original = feed.dispatch
@@ -801,47 +612,7 @@ def time_feed(gw: RunningGateway) -> dict[int, float]:
     return times
 
 
-def code_version() -> str:
-    """The commit measured, and whether the package or test helpers had local changes."""
-
-    def git(*args: str) -> str:
-        out = subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False
-        )
-        return out.stdout.strip()
-
-    dirty = git("status", "--porcelain", "--", "services", "schemas", "tests/support.py")
-    return git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if dirty else "")
-
-
-def server_version() -> str:
-    out = subprocess.run(
-        [server_binary(), "--version"], capture_output=True, text=True, timeout=10, check=False
-    )
-    return out.stdout.strip() or out.stderr.strip()
-
-
-def nats_log_summary(path: Path) -> dict[str, int]:
-    counts: Counter[str] = Counter()
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
-            for level in ("[WRN]", "[ERR]", "[FTL]"):
-                if level in line:
-                    counts[f"{level} {line.split(level, 1)[1].strip()[:120]}"] += 1
-    return dict(counts.most_common(20))
-
-
-def progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------- report
-
-
-def fmt(value: Any, digits: int = 1) -> str:
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:,.{digits}f}"
-    return str(value)
 
 
 def report(results: dict[str, Any], when: dt.datetime) -> str:
@@ -918,9 +689,10 @@ def report(results: dict[str, Any], when: dt.datetime) -> str:
             "",
         ]
     runs = results.get("catch_up") or []
+    queued = c.get("sizes", {}).get("queued", Sizes.queued)
     if runs:
         out += [
-            f"## Catch-up: {QUEUED} queued alerts, ack_mode=client, each acked "
+            f"## Catch-up: {queued} queued alerts, ack_mode=client, each acked "
             f"({len(runs)} fresh devices)",
             "",
             "| from the start of the handshake to | median ms | max ms |",
@@ -930,7 +702,7 @@ def report(results: dict[str, Any], when: dt.datetime) -> str:
             ("handshake_ms", "WebSocket upgrade done"),
             ("established_ms", "connection_established"),
             ("first_alert_ms", "first alert"),
-            ("all_ms", f"all {QUEUED} alerts"),
+            ("all_ms", f"all {queued} alerts"),
         ):
             vals = [r[key] for r in runs if key in r]
             out.append(f"| {label} | {fmt(statistics.median(vals))} | {fmt(max(vals))} |")
@@ -1003,23 +775,12 @@ def report(results: dict[str, Any], when: dt.datetime) -> str:
     return "\n".join(out) + "\n"
 
 
-def write(
-    results: dict[str, Any], text: str, when: dt.datetime, quick: bool, devices: int, default: int
-) -> Path:
-    folder = REPO / "benchmarks" / "results"
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = f"delivery-{when:%Y-%m-%d}" + ("-quick" if quick else "")
-    if devices != default:
-        stem += f"-d{devices}"
-    if results["config"]["ws_compression"]:
-        stem += "-deflate"
-    (folder / f"{stem}.md").write_text(text)
-    (folder / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return folder / f"{stem}.md"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Delivery benchmark: tocsin's live path against per-device durable pull "
+        "consumers, catch-up of 100 queued alerts and checkpoint cost (docs/benchmarks.md).",
+    )
     parser.add_argument("--devices", type=int, default=0, help="devices (default 500; quick 200)")
     parser.add_argument("--quick", action="store_true", help="200 devices")
     parser.add_argument(
@@ -1027,17 +788,37 @@ def main() -> None:
         action="store_true",
         help="let clients negotiate permessage-deflate (browsers always do)",
     )
-    args = parser.parse_args()
-    if args.devices < 0 or args.devices > 10_000:
+    set_option(parser)
+    out_option(parser)
+    return parser
+
+
+def stem(when: dt.datetime, quick: bool, devices: int, compress: bool) -> str:
+    """``delivery-<date>[-quick][-d<N>][-deflate]``: -d only for a size not the default."""
+    out = f"delivery-{when:%Y-%m-%d}" + ("-quick" if quick else "")
+    if devices != (200 if quick else 500):
+        out += f"-d{devices}"
+    return out + ("-deflate" if compress else "")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if not 0 <= args.devices <= 10_000:
         parser.error("--devices must be between 1 and 10,000")
-    bench = Bench(args)
+    gateway = parse_sets(parser, args.set)
+    devices = args.devices or (200 if args.quick else 500)
+    bench = DeliveryBench(devices, quick=args.quick, compress=args.compress, gateway=gateway)
     when = dt.datetime.now()
-    results = asyncio.run(bench.run())
+    try:
+        results = run_async(bench.run())
+    except asyncio.CancelledError:  # SIGTERM: everything it started is stopped
+        return 143
     text = report(results, when)
     print(text)
-    path = write(results, text, when, bench.quick, bench.devices, 200 if args.quick else 500)
-    progress(f"written: {path.relative_to(REPO)} and .json")
+    write_results(args.out, stem(when, args.quick, devices, args.compress), text, results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,13 +1,14 @@
 """Subscriptions benchmark: what a subscription change costs, and what the fine filter adds
 to a broadcast per device (issue 3).
 
-Run from the repository root::
+Run::
 
-    .venv/bin/python benchmarks/subscriptions.py [--devices N] [--quick]
+    tocsin bench subscriptions [--devices N] [--quick] [--out DIR]
 
-It reuses ``benchmarks/delivery.py`` (imported: the script's folder is on ``sys.path``): its
-own nats-server (temp store, loopback), topology under a unique namespace, an in-process
-gateway, the WebSocket reader, the recorders, the bounded phases and the CPU meter.
+(or ``python -m tocsin.bench.scenarios.subscriptions``). It shares with the delivery
+scenario (:mod:`.common`): its own nats-server (temp store, loopback), topology under a
+unique namespace, an in-process gateway, the WebSocket reader, the recorders, the bounded
+phases and the CPU meter.
 
 1. **Subscription change round trip.** One device (ack_mode=auto, token KE) sends, per
    round, ``subscribe`` [region:KE-30, level:high], ``update_filters`` (two filter sets,
@@ -33,7 +34,7 @@ gateway, the WebSocket reader, the recorders, the bounded phases and the CPU met
 Clients, gateway and publisher share one process and event loop; nats-server is a second
 process; all over loopback on the same cores. Every phase is bounded (120 s) and reports an
 abort instead of hanging. Results: stdout and ``benchmarks/results/subscriptions-<date>
-[-quick].md`` with a JSON twin.
+[-quick].md`` (under the current directory, or ``--out``) with a JSON twin.
 """
 
 from __future__ import annotations
@@ -42,54 +43,60 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import json
+import functools
 import os
 import platform
 import statistics
+import sys
 import time
 import timeit
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
 import nats
 import orjson
-from delivery import (
+from nats.js import JetStreamContext
+
+from tocsin.core.coarse import coarse_filters
+from tocsin.core.naming import Names
+from tocsin.core.topology import apply_topology
+from tocsin.gateway.local import LocalGateway, start_local_gateway
+from tocsin.gateway.session import Mode
+from tocsin.ingest.pipeline import append_alert
+from tocsin.schemas import Alert
+from tocsin.schemas.samples import alert_body
+from tocsin.schemas.subscription import Subscription
+
+from .common import (
     BROADCAST_DEADLINE,
     CONNECT_CONCURRENCY,
-    REPO,
-    Bench,
     Broadcast,
+    InProcessBench,
+    LocalNats,
     Meter,
     Recorder,
     WsDevice,
     close_devices,
     code_version,
+    cpu_model,
     fmt,
+    make_alert,
+    out_option,
+    parse_sets,
     percentile,
     progress,
     read_socket,
+    run_async,
     server_version,
+    set_option,
     wait_for,
+    write_results,
     ws_params,
 )
-from nats.js import JetStreamContext
-
-from tests.conftest import SECRET
-from tests.support import RunningGateway, alert, start_gateway, token
-from tocsin.core.coarse import coarse_filters
-from tocsin.core.embedded import NatsServer
-from tocsin.core.naming import Names
-from tocsin.core.settings import Settings
-from tocsin.core.topology import apply_topology
-from tocsin.gateway.session import Mode
-from tocsin.ingest.pipeline import append_alert
-from tocsin.schemas import Alert
-from tocsin.schemas.subscription import Subscription
 
 CHANGE_GROUPS = ["region:KE-30", "level:high"]
 FILTER_SETS = [{"risk_threshold": 0.5}, {"risk_threshold": 0.7, "alert_types": ["flood"]}]
@@ -104,7 +111,7 @@ def sub(groups: list[str], **filters: Any) -> Subscription:
 
 
 def broadcast_alert() -> Alert:
-    return Alert.model_validate(alert("KE-30", alert_level="high", risk_score=0.8))
+    return make_alert("KE-30", alert_level="high", risk_score=0.8)
 
 
 # ---------------------------------------------------------------- observing the gateway
@@ -117,7 +124,7 @@ def api_kind(subject: str) -> str:
     return ".".join(parts[:3] if parts[1:2] == ["DURABLE"] else parts[:2])
 
 
-def observe(gw: RunningGateway) -> tuple[Counter[str], dict[int, float]]:
+def observe(gw: LocalGateway) -> tuple[Counter[str], dict[int, float]]:
     """Count the gateway's NATS requests and DeviceQueues.subscribe calls; time each
     LiveFeed.dispatch (stream seq -> seconds). Wrappers around the running instance."""
     g, counts, dispatch = gw.gw, Counter[str](), dict[int, float]()
@@ -136,11 +143,9 @@ def observe(gw: RunningGateway) -> tuple[Counter[str], dict[int, float]]:
         feed_dispatch(live)
         dispatch[live.seq] = time.perf_counter() - t
 
-    g.nc.request, g.queues.subscribe, g.feed.dispatch = (
-        counted_request,
-        counted_subscribe,
-        timed_dispatch,
-    )
+    g.nc.request = counted_request  # type: ignore[method-assign]
+    g.queues.subscribe = counted_subscribe  # type: ignore[method-assign, assignment]
+    g.feed.dispatch = timed_dispatch  # type: ignore[method-assign, assignment]
     return counts, dispatch
 
 
@@ -194,7 +199,7 @@ class Cohort:
     devices: list[WsDevice] = field(default_factory=list)
     connects: int = 0  # fresh device ids per connect: no backlog to catch up on
 
-    def sessions(self, gw: RunningGateway) -> list[Any]:
+    def sessions(self, gw: LocalGateway) -> list[Any]:
         return [s for s in gw.gw.sessions if s.device.user_id.startswith(f"{self.name}-")]
 
 
@@ -233,12 +238,34 @@ async def must(check: Callable[[], bool], what: str, limit: float = 30) -> None:
         raise RuntimeError(f"not within {limit:.0f} s: {what}")
 
 
-class SubBench(Bench):
-    def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(args)
-        self.devices = max(2, args.devices or (100 if args.quick else 300))
-        self.rounds = 50 if args.quick else 100
-        self.k = 20 if args.quick else 40
+@dataclass(frozen=True)
+class Sizes:
+    """What a run repeats besides D; the command line takes these from ``--quick`` (the
+    tests shrink them)."""
+
+    rounds: int = 100  # subscribe / update_filters / unsubscribe, idle and busy
+    k: int = 40  # broadcasts per cohort step
+    micro_loops: int | None = None  # calls per timeit repeat; None: timeit's autorange
+    micro_repeats: int = 5
+
+    @classmethod
+    def of(cls, quick: bool) -> Sizes:
+        return cls(rounds=50, k=20) if quick else cls()
+
+
+class SubBench(InProcessBench):
+    def __init__(
+        self,
+        devices: int,
+        quick: bool = False,
+        sizes: Sizes | None = None,
+        gateway: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(quick, gateway)
+        self.devices = max(2, devices)
+        self.sizes = sizes or Sizes.of(quick)
+        self.rounds = self.sizes.rounds
+        self.k = self.sizes.k
 
     async def bcast(
         self, js: JetStreamContext, names: Names, cohorts: list[Cohort], dispatch: dict[int, float]
@@ -299,14 +326,14 @@ class SubBench(Bench):
                 if took is not None:
                     every.dispatch.append(took)
 
-    async def connect(self, http: aiohttp.ClientSession, gw: RunningGateway, c: Cohort) -> None:
+    async def connect(self, http: aiohttp.ClientSession, gw: LocalGateway, c: Cohort) -> None:
         gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
         answered = c.rec.frames["subscription_response"]
         c.connects += 1
 
         async def one(i: int) -> None:
             async with gate:
-                tok = token(f"{c.name}-{c.connects}-{i}", ("KE",))
+                tok = self.token(f"{c.name}-{c.connects}-{i}", ("KE",))
                 ws = await http.ws_connect(gw.ws_url, params={**ws_params(tok, "auto"), **c.query})
                 established = asyncio.Event()
                 c.devices.append(
@@ -331,15 +358,16 @@ class SubBench(Bench):
             f"cohort {c.name}: {c.size} sessions live with their subscription",
         )
 
-    async def disconnect(self, gw: RunningGateway, c: Cohort) -> None:
+    async def disconnect(self, gw: LocalGateway, c: Cohort) -> None:
         await close_devices(c.devices)
         c.devices.clear()
         await must(lambda: not c.sessions(gw), f"cohort {c.name}: sessions ended")
 
     async def changes(
-        self, http: aiohttp.ClientSession, gw: RunningGateway, counts: Counter[str]
+        self, http: aiohttp.ClientSession, gw: LocalGateway, counts: Counter[str]
     ) -> dict[str, Any]:
-        ws = await http.ws_connect(gw.ws_url, params=ws_params(token("changer", ("KE",)), "auto"))
+        params = ws_params(self.token("changer", ("KE",)), "auto")
+        ws = await http.ws_connect(gw.ws_url, params=params)
         ch = Changer(ws)
         try:
             await asyncio.wait_for(ch.established.wait(), 30)
@@ -351,11 +379,12 @@ class SubBench(Bench):
             }
             bad: Counter[str] = Counter()
             for i in range(self.rounds):
-                for frame in (
+                frames: list[dict[str, Any]] = [
                     {"type": "subscribe", "groups": CHANGE_GROUPS},
                     {"type": "update_filters", "filters": FILTER_SETS[i % 2]},
                     {"type": "unsubscribe", "groups": CHANGE_GROUPS},
-                ):
+                ]
+                for frame in frames:
                     took, response = await ch.change(frame)
                     times[frame["type"]].append(took)
                     if response["status"] != "ok" or response["action"] != frame["type"]:
@@ -391,7 +420,7 @@ class SubBench(Bench):
     async def busy_changes(
         self,
         http: aiohttp.ClientSession,
-        gw: RunningGateway,
+        gw: LocalGateway,
         counts: Counter[str],
         js: JetStreamContext,
         names: Names,
@@ -418,18 +447,10 @@ class SubBench(Bench):
         out["broadcasts_per_s"] = out_n / (time.perf_counter() - t0)
         return out
 
-    async def measure(self, server: NatsServer, store: Path) -> None:
-        assert server.process is not None
-        meter = Meter(server.process.pid)
+    async def measure(self, server: LocalNats) -> None:
+        meter = Meter(server.pid)
         ns = f"bench{uuid.uuid4().hex[:8]}"
-        settings = Settings(
-            nats_url=[server.url],
-            namespace=ns,
-            jwt_secret=SECRET,
-            http_port=0,
-            data_dir=store / "data",
-            shutdown_grace_seconds=5,
-        )
+        settings = self.settings(server, ns)
         names = Names(ns)
         half = self.devices // 2
         a = Cohort("cohortA", half, Subscription(), [], {})
@@ -448,14 +469,19 @@ class SubBench(Bench):
             "code": code_version(),
             "checkpoint_seconds": settings.checkpoint_seconds,
             "max_inflight": settings.max_inflight,
+            "gateway_set": self.gateway_values,
+            "sizes": asdict(self.sizes),
             "namespace": ns,
         }
         progress(f"machine: {c['cpus']} CPUs, Python {c['python']}, {c['nats_server']}")
-        self.results["micro"] = await self.phase(meter, "micro", asyncio.to_thread(micro))
+        z = self.sizes
+        self.results["micro"] = await self.phase(
+            meter, "micro", asyncio.to_thread(micro, z.micro_loops, z.micro_repeats)
+        )
         nc = await nats.connect(server.url, name="bench-publisher")
         js = nc.jetstream()
         await apply_topology(js, settings, names)
-        gw = await start_gateway(settings)
+        gw = await start_local_gateway(settings)
         counts, dispatch = observe(gw)
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         rows = {
@@ -495,8 +521,8 @@ class SubBench(Bench):
                     "1. changes during back-to-back broadcasts to A + B",
                     self.busy_changes(http, gw, counts, js, names, [a, b], dispatch),
                 )
-            for c in (a, b):
-                await self.phase(meter, f"close cohort {c.name}", self.disconnect(gw, c))
+            for cohort in (a, b):
+                await self.phase(meter, f"close cohort {cohort.name}", self.disconnect(gw, cohort))
         finally:
             self.results["rows"] = {
                 k: r.summary(
@@ -517,20 +543,17 @@ class SubBench(Bench):
 # ---------------------------------------------------------------- micro
 
 
-def cpu_model() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    return next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "?")
-
-
-def per_call_us(fn: Callable[[], object]) -> dict[str, float]:
+def per_call_us(fn: Callable[[], object], loops: int | None, repeats: int) -> dict[str, float]:
+    """µs per call of ``fn``: best and median of ``repeats`` timings of ``loops`` calls
+    (``None``: as many as timeit's autorange takes for 0.2 s)."""
     timer = timeit.Timer(fn)
-    n, _ = timer.autorange()
-    runs = [t / n * 1e6 for t in timer.repeat(5, n)]
+    n = loops if loops is not None else timer.autorange()[0]
+    runs = [t / n * 1e6 for t in timer.repeat(repeats, n)]
     return {"best_us": min(runs), "median_us": statistics.median(runs), "loops": n}
 
 
-def micro() -> dict[str, dict[str, float]]:
-    body = alert(
+def micro(loops: int | None = None, repeats: int = 5) -> dict[str, dict[str, float]]:
+    body = alert_body(
         "KE-30",
         location={"region": "KE-30", "lat": -0.09, "lon": 34.77},
         confidence_score=0.7,
@@ -560,7 +583,7 @@ def micro() -> dict[str, dict[str, float]]:
     out = {}
     for label, s in subs.items():
         assert s.matches(a, claims), label
-        out[label] = per_call_us(lambda s=s: s.matches(a, claims))
+        out[label] = per_call_us(functools.partial(s.matches, a, claims), loops, repeats)
     coarse = {
         "coarse_filters: cohort B": SUB_B,
         "coarse_filters: 12 regions + level:high": sub(
@@ -571,10 +594,10 @@ def micro() -> dict[str, dict[str, float]]:
     for label, s in coarse.items():
         n = len(coarse_filters(names, s, claims))
         out[f"{label} -> {n} subject{'s' * (n != 1)}"] = per_call_us(
-            lambda s=s: coarse_filters(names, s, claims)
+            functools.partial(coarse_filters, names, s, claims), loops, repeats
         )
     out[f"Alert.model_validate_json ({len(raw)} bytes)"] = per_call_us(
-        lambda: Alert.model_validate_json(raw)
+        functools.partial(Alert.model_validate_json, raw), loops, repeats
     )
     return out
 
@@ -720,28 +743,40 @@ def report(results: dict[str, Any], when: dt.datetime) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Subscriptions benchmark: what a subscription change costs, and what the "
+        "fine filter adds to a broadcast per device (docs/benchmarks.md).",
+    )
     parser.add_argument("--devices", type=int, default=0, help="devices (default 300; quick 100)")
     parser.add_argument("--quick", action="store_true", help="100 devices, fewer rounds")
-    args = parser.parse_args()
+    set_option(parser)
+    out_option(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
     if not 0 <= args.devices <= 2_000:
         parser.error("--devices must be between 2 and 2,000")
-    args.compress = False
-    bench = SubBench(args)
+    gateway = parse_sets(parser, args.set)
+    default = 100 if args.quick else 300
+    bench = SubBench(args.devices or default, quick=args.quick, gateway=gateway)
     when = dt.datetime.now()
-    results = asyncio.run(bench.run())
+    try:
+        results = run_async(bench.run())
+    except asyncio.CancelledError:  # SIGTERM: everything it started is stopped
+        return 143
     text = report(results, when)
     print(text)
-    folder = REPO / "benchmarks" / "results"
-    folder.mkdir(parents=True, exist_ok=True)
     stem = f"subscriptions-{when:%Y-%m-%d}" + ("-quick" if args.quick else "")
-    if args.devices and args.devices != (100 if args.quick else 300):
+    if args.devices and args.devices != default:
         stem += f"-d{args.devices}"
-    (folder / f"{stem}.md").write_text(text)
-    (folder / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    progress(f"written: benchmarks/results/{stem}.md and .json")
+    write_results(args.out, stem, text, results)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""The focused benchmarks beside ``tocsin bench``'s table: ``tocsin bench <scenario> [options]``.
+
+Each scenario is a module of this package with its own options, its own Markdown table and
+JSON twin (written to ``benchmarks/results/`` under the current directory unless ``--out``
+says otherwise), runnable as ``tocsin bench <scenario>`` or
+``python -m tocsin.bench.scenarios.<scenario>``; what they share is in :mod:`.common`.
+This module stays light (no NATS, aiohttp or gateway imports): the ``tocsin`` command
+builds its parser from :data:`SCENARIOS` and imports a scenario only to run it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: Scenario name -> one line of help (``tocsin bench --help``).
+SCENARIOS: dict[str, str] = {
+    "delivery": "the gateway's live path against per-device durable pull consumers, "
+    "catch-up and checkpoint cost (in-process gateway)",
+    "ownership": "what claiming a device costs per WebSocket handshake: times and NATS "
+    "operations (in-process gateway)",
+    "replicas": "R1 against R3 device consumers on a 3-node cluster, and a node's loss",
+    "subscriptions": "subscription change round trips and the fine filter's cost per device "
+    "on broadcast (in-process gateway)",
+}
+
+
+def run_scenario(name: str, argv: list[str]) -> int:
+    """Parse ``argv`` with scenario ``name``'s own options and run it; its exit code."""
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}; one of {', '.join(SCENARIOS)}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    code: int = module.main(argv, prog=f"tocsin bench {name}")
+    return code
