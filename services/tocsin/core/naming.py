@@ -217,6 +217,12 @@ class Names:
         asks it to let the device go (gateway/ownership.py)."""
         return f"{self._subject_prefix}tocsin.gateway.{instance}.takeover"
 
+    @property
+    def gateways_stats_subject(self) -> str:
+        """Every gateway answers a request here with its stats (the body of
+        ``GET /api/v1/alerts/stats``); ``tocsin status`` gathers the answers."""
+        return f"{self._subject_prefix}tocsin.gateways.stats"
+
 
 def matches(subject: str, pattern: str) -> bool:
     """NATS subject matching (``*`` one token, ``>`` one or more trailing tokens)."""
