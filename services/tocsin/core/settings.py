@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -95,6 +95,24 @@ class Settings(BaseSettings):
         "device go before it is closed with 4503",
     )
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="json: one JSON object per line; console: readable, for a terminal; "
+        "auto: console when stderr is a terminal, else json",
+    )
+    ingest_metrics_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="the ingest service's /metrics (and /healthz) on TOCSIN_HTTP_HOST; 0: off",
+    )
+    stats_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="how long the stats' JetStream figures (offline queues, cluster) are "
+        "reused before they are read again",
+    )
 
     _split = field_validator("nats_url", "alert_types", mode="before")(_csv)
 
