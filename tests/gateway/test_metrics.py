@@ -41,8 +41,25 @@ DOCUMENTED = {
     "tocsin_gateway_queues_rebuilt_total": "counter",
     "tocsin_gateway_device_claims_total": "counter",
     "tocsin_gateway_info": "gauge",
+    "tocsin_delivery_latency_seconds": "histogram",
+    "tocsin_gateway_handshake_seconds": "histogram",
+    "tocsin_gateway_catchup_seconds": "histogram",
+    "tocsin_gateway_healthy_connections": "gauge",
+    "tocsin_gateway_rate_limit_warnings_total": "counter",
+    "tocsin_offline_queued_messages": "gauge",
+    "tocsin_offline_queued_devices": "gauge",
+    "tocsin_device_consumers": "gauge",
+    "tocsin_stream_messages": "gauge",
+    "tocsin_dlq_messages": "gauge",
+    # prometheus_client's process collector
     "process_start_time_seconds": "gauge",
+    "process_cpu_seconds_total": "counter",
+    "process_resident_memory_bytes": "gauge",
+    "process_virtual_memory_bytes": "gauge",
+    "process_open_fds": "gauge",
+    "process_max_fds": "gauge",
 }
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
 @dataclass
@@ -123,14 +140,21 @@ def parse_exposition(text: str) -> dict[str, Family]:
             m = SAMPLE.match(line)
             if m is None:
                 raise ValueError(f"bad sample line: {line!r}")
-            family = enter(m[1])
-            labels = parse_labels(m[2])
+            name, labels = m[1], parse_labels(m[2])
+            for suffix in HISTOGRAM_SUFFIXES:  # a histogram's samples carry its name + suffix
+                base = name.removesuffix(suffix)
+                if base != name and families.get(base, Family()).kind == "histogram":
+                    name, labels = base, ((("", suffix),) + labels)
+                    break
+            family = enter(name)
             if labels in family.samples:
                 raise ValueError(f"{m[1]}: sample {labels} twice")
             family.samples[labels] = parse_value(m[3])
     for name, family in families.items():
         if family.kind == "counter" and not name.endswith("_total"):
             raise ValueError(f"{name}: counter not named *_total")
+        if family.kind == "histogram":
+            check_histogram(name, family)
         if family.kind in ("counter", "gauge") and not family.samples:
             raise ValueError(f"{name}: no samples")
         if family.kind == "counter" and any(
@@ -138,6 +162,31 @@ def parse_exposition(text: str) -> dict[str, Family]:
         ):
             raise ValueError(f"{name}: counter below zero")
     return families
+
+
+def check_histogram(name: str, family: Family) -> None:
+    """Per label set: cumulative buckets ending in +Inf, which equals _count; a _sum."""
+    series: dict[tuple[tuple[str, str], ...], dict[str, float]] = {}
+    buckets: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = {}
+    for labels, value in family.samples.items():
+        suffix, rest = labels[0][1], labels[1:]
+        if suffix == "_bucket":
+            le = dict(rest)["le"]
+            key = tuple(kv for kv in rest if kv[0] != "le")
+            buckets.setdefault(key, []).append((parse_value(le), value))
+        else:
+            series.setdefault(rest, {})[suffix] = value
+    for key, rows in buckets.items():
+        rows.sort()
+        counts = [c for _, c in rows]
+        if rows[-1][0] != math.inf or counts != sorted(counts):
+            raise ValueError(f"{name}{key}: buckets not cumulative up to +Inf")
+        if series.get(key, {}).get("_count") != counts[-1] or "_sum" not in series.get(key, {}):
+            raise ValueError(f"{name}{key}: _count is not the +Inf bucket, or no _sum")
+
+
+def histogram_count(families: dict[str, Family], name: str, **labels: str) -> float:
+    return families[name].samples[(("", "_count"), *sorted(labels.items()))]
 
 
 @pytest.mark.parametrize(

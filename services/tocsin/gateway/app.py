@@ -20,6 +20,7 @@ from tocsin.schemas import Close
 from . import metrics
 from .context import Gateway
 from .handler import GATEWAY, WS_PATH, websocket
+from .stats import stats_handler
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def create_app(settings: Settings) -> web.Application:
             js,
         ),  # type: ignore[arg-type]
     )
+    app.router.add_get("/api/v1/alerts/stats", stats_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     metrics.setup(app)  # GET /metrics; counts sessions once the gateway exists

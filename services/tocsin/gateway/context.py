@@ -25,6 +25,7 @@ from .ownership import Lost, Owners, State
 from .queue import DeviceQueues
 from .records import DeviceRecords
 from .registry import Sessions
+from .stats import Stats
 
 if TYPE_CHECKING:
     from .session import Session
@@ -59,6 +60,7 @@ class Gateway:
         self.collector = Collector()
         self._ticker: asyncio.Task[None] | None = None
         self.shutting_down = False
+        self.stats = Stats(self)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run ``coro`` in the background, keeping a reference until it ends."""
@@ -70,6 +72,10 @@ class Gateway:
     async def start(self) -> None:
         await self.owners.start()
         await self.feed.start()
+        await self.stats.start()
+        # The server has the responders' subscriptions (takeover, stats) once start returns:
+        # a request right after start-up finds them instead of "no responders".
+        await self.nc.flush()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
     async def stop(self) -> None:
@@ -78,6 +84,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         await self.feed.stop()
+        await self.stats.stop()
         await self.owners.stop()
 
     # --- the NATS connection comes and goes ----------------------------------------
@@ -128,6 +135,7 @@ class Gateway:
             # own phase. 10,000 idle sessions cost 26% of a core ticked every 0.25 s, and
             # the loop stalled up to ~75 ms at a time; it also yields every TICK_BATCH.
             self.collector.tick(now_mono, len(self.sessions))
+            self.sessions.task("collector").ran()
             for i, session in enumerate(list(self.sessions)):
                 if session.window.items or now_mono >= session.next_sweep:
                     session.next_sweep = now_mono + SWEEP_SECONDS
@@ -147,6 +155,7 @@ class Gateway:
                 for session in dirty:
                     session.next_checkpoint = now_mono + interval
                 checkpointing = self.spawn(self._checkpoint(dirty))
+            self.sessions.task("ticker").ran()
 
     async def _checkpoint(self, sessions: list[Session]) -> None:
         gate = asyncio.Semaphore(CHECKPOINT_CONCURRENCY)
@@ -158,13 +167,35 @@ class Gateway:
                         await session.checkpoint()
                     except Exception as exc:  # retried at the next tick; floor in memory
                         log.warning("checkpoint of %s failed: %s", session.consumer, exc)
+                        self.sessions.task("checkpoints").ran(exc)
                 # Also when the checkpoint failed (the queue's node down): the record is
                 # what a rebuild starts from.
                 if session.record_due(time.monotonic()):
                     await session.record()
 
         await asyncio.gather(*(one(s) for s in sessions))
+        self.sessions.task("checkpoints").ran()
 
     @property
     def background_tasks_running(self) -> bool:
         return self._ticker is not None and not self._ticker.done() and self.feed.running
+
+    def task_statuses(self) -> dict[str, dict[str, object]]:
+        """Each background task: running, its last pass, its last error. The ticker runs
+        heartbeats, resends and token expiry, and starts the checkpoints and record writes
+        and the collector's passes; the live feed is the ordered consumer on ALERTS."""
+        ticking = self._ticker is not None and not self._ticker.done()
+        running = {
+            "ticker": ticking,
+            "checkpoints": ticking,
+            "records": ticking,
+            "collector": ticking,
+            "live_feed": self.feed.running and self.nc.is_connected,
+            "offline_queues": self.nc.is_connected,
+        }
+        out = {}
+        for name, alive in running.items():
+            status = self.sessions.task(name)
+            status.running = alive
+            out[name] = status.as_dict()
+        return out

@@ -79,6 +79,7 @@ def parse_device(request: web.Request, gw: Gateway) -> Device | web.Response:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
+    arrived = time.monotonic()
     gw = request.app[GATEWAY]
     if gw.shutting_down:
         return json_error(
@@ -91,13 +92,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     session = Session(gw, ws, device, request.transport)
     try:
-        await serve(gw, session)
+        await serve(gw, session, arrived)
     except Exception:  # serve() closed the socket with 1011 or 4503
         log.exception("session %s failed", session.id)
     return ws
 
 
-async def serve(gw: Gateway, session: Session) -> None:
+async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> None:
     """Claim the device, open its queue, run the session until it ends, then save its
     position, let the device go and close the socket, in that order: a newer connection of
     the device waits for the release, never for the socket (docs/architecture.md §9)."""
@@ -136,6 +137,8 @@ async def serve(gw: Gateway, session: Session) -> None:
         if opened.dropped:
             session.send_control(BacklogTruncated(dropped=opened.dropped))
         session.established()
+        if arrived is not None:
+            gw.sessions.timings.handshake.observe(session.established_at - arrived)
         gw.sessions.add(session)  # from now on the ticker pings, redelivers, checkpoints
         session.catchup_needed.set()
         tasks = [

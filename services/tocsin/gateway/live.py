@@ -42,6 +42,7 @@ class LiveAlert:
     subject: str
     data: bytes
     expires: float | None
+    appended: float = 0.0  # unix time ALERTS stored it (0: unknown)
     frame: bytes = field(default=b"")
     _alert: Alert | None = None
 
@@ -122,8 +123,12 @@ class LiveFeed:
         return [self._by_country.setdefault(c, set()) for c in countries]
 
     async def _on_msg(self, msg: Msg) -> None:
-        seq = msg.metadata.sequence.stream
-        self.dispatch(LiveAlert(seq, msg.subject, msg.data, expires_of(msg.headers)))
+        meta = msg.metadata
+        stored = meta.timestamp.timestamp()
+        alert = LiveAlert(
+            meta.sequence.stream, msg.subject, msg.data, expires_of(msg.headers), stored
+        )
+        self.dispatch(alert)
 
     def dispatch(self, alert: LiveAlert) -> None:
         self.last_seq = alert.seq

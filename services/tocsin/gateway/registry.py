@@ -7,8 +7,11 @@ its counters are added to :class:`Totals`, so a counter never goes down.
 
 from __future__ import annotations
 
+import bisect
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tocsin.schemas import Close
@@ -31,6 +34,119 @@ def close_reason(code: int | None) -> str:
         return str(code)
 
 
+#: Delivery latency buckets (seconds): a loopback delivery takes ~1 ms, a backlog read
+#: tens, a 2G link's append → written is dominated by the gateway, not the link.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Handshake (request → connection_established queued) and catch-up (established → live).
+HANDSHAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0)
+CATCHUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0)
+#: avg_latency_ms of the stats: over this many most recent seconds.
+RECENT_SECONDS = 60
+
+
+class Histogram:
+    """Counts per bucket and a sum, for the hot path: one bisect and two additions per
+    observation, no lock (one event loop). ``/metrics`` exposes it as a Prometheus
+    histogram (cumulative buckets, ``+Inf`` = count)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, count at or below)`` for every bound and ``+Inf``."""
+        out, running = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(running)))
+        return out
+
+
+class RecentAverage:
+    """The mean of what was observed in the last ``seconds`` whole seconds (one slot per
+    second, reused as time passes): the stats' ``avg_latency_ms``."""
+
+    def __init__(self, seconds: int = RECENT_SECONDS) -> None:
+        self.seconds = seconds
+        self._second = [-1] * seconds
+        self._sum = [0.0] * seconds
+        self._count = [0] * seconds
+
+    def observe(self, value: float, now: float) -> None:
+        second = int(now)
+        slot = second % self.seconds
+        if self._second[slot] != second:
+            self._second[slot], self._sum[slot], self._count[slot] = second, 0.0, 0
+        self._sum[slot] += value
+        self._count[slot] += 1
+
+    def mean(self, now: float) -> float | None:
+        oldest = int(now) - self.seconds + 1
+        total = count = 0.0
+        for second, s, n in zip(self._second, self._sum, self._count, strict=True):
+            if second >= oldest:
+                total, count = total + s, count + n
+        return total / count if count else None
+
+
+@dataclass
+class TaskStatus:
+    """One background task of the gateway, as the stats show it."""
+
+    running: bool = False
+    last_run: float | None = None  # unix time its last pass ended
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+    def ran(self, error: BaseException | None = None) -> None:
+        self.last_run = time.time()
+        if error is not None:
+            self.last_error = f"{type(error).__name__}: {error}"[:500]
+            self.last_error_at = self.last_run
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "running": self.running,
+            "last_run": iso_time(self.last_run),
+            "last_error": self.last_error,
+            "last_error_at": iso_time(self.last_error_at),
+        }
+
+
+def iso_time(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+@dataclass
+class Timings:
+    """Latency of delivery by path, handshake and catch-up durations."""
+
+    live: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    backlog: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    handshake: Histogram = field(default_factory=lambda: Histogram(HANDSHAKE_BUCKETS))
+    catchup: Histogram = field(default_factory=lambda: Histogram(CATCHUP_BUCKETS))
+    recent: RecentAverage = field(default_factory=RecentAverage)
+
+    def delivered(self, live: bool, appended: float, now: float) -> None:
+        """An alert frame was written ``now``; ``appended``: when ALERTS stored it."""
+        latency = max(0.0, now - appended)
+        (self.live if live else self.backlog).observe(latency)
+        self.recent.observe(latency, now)
+
+
 class Totals:
     """What closed sessions did, and how they ended."""
 
@@ -39,12 +155,14 @@ class Totals:
         self.sent = 0
         self.redelivered = 0
         self.acks = 0
+        self.rate_limit_warnings = 0
         self.closes: Counter[str] = Counter()
 
     def session_left(self, session: Session) -> None:
         self.sent += session.sent
         self.redelivered += session.redelivered
         self.acks += session.acks
+        self.rate_limit_warnings += session.rate_limit_warnings
         code = session.closing[0] if session.closing else None
         self.closes[close_reason(code)] += 1
 
@@ -56,6 +174,32 @@ class Sessions(set["Session"]):
     def __init__(self, sessions: Iterable[Session] = ()) -> None:
         super().__init__(sessions)
         self.totals = Totals()
+        self.timings = Timings()
+        #: The gateway's background tasks by name (context.py keeps them up to date).
+        self.tasks: dict[str, TaskStatus] = {}
+
+    def task(self, name: str) -> TaskStatus:
+        return self.tasks.setdefault(name, TaskStatus())
+
+    # What every open session and every closed one did (counters never go down).
+    @property
+    def sent(self) -> int:
+        return self.totals.sent + sum(s.sent for s in self)
+
+    @property
+    def redelivered(self) -> int:
+        return self.totals.redelivered + sum(s.redelivered for s in self)
+
+    @property
+    def acks(self) -> int:
+        return self.totals.acks + sum(s.acks for s in self)
+
+    @property
+    def rate_limit_warnings(self) -> int:
+        return self.totals.rate_limit_warnings + sum(s.rate_limit_warnings for s in self)
+
+    def healthy(self, now_mono: float) -> int:
+        return sum(s.healthy(now_mono) for s in self)
 
     def add(self, session: Session) -> None:
         if session not in self:

@@ -88,6 +88,8 @@ class Session:
         self.saved_floor = 0  # the floor JetStream knows
         self.high_water = 0  # highest seq sent to this device, by any of its connections
         self.out: deque[tuple[int, bytes]] = deque()
+        #: seq -> (when ALERTS stored it, live): timed when its first frame is written.
+        self.appended: dict[int, tuple[float, bool]] = {}
         self.written_js: deque[tuple[int, Any]] = deque()  # ack_mode=auto, see _ack_written
         self.out_ready = asyncio.Event()
         self.room_ready = asyncio.Event()
@@ -107,7 +109,12 @@ class Session:
         self.next_record = now + RECORD_SECONDS  # the record was written at connect
         self.recorded_floor = -1  # the floor the device's record holds (resume() sets it)
         self.recorded_at = now
-        self.sent = self.redelivered = self.acks = 0
+        self.sent = self.redelivered = self.acks = self.rate_limit_warnings = 0
+        self.ping_ts: float | None = None  # the ts of the last ping sent
+        self.previous_ping_ts: float | None = None
+        self.answered_ts: float | None = None  # the newest ping ts a pong carried back
+        self.live_since: float | None = None  # monotonic: the first switch to live
+        self.established_at = now  # connection_established queued (established())
 
     # ------------------------------------------------------------ called by the feed
     def accepts(self, subject: str) -> bool:
@@ -135,7 +142,9 @@ class Session:
         if self._room() <= 0:
             return False
         if self._judge(alert.seq, alert.data, alert.expires, alert):
-            self._send_new(alert.seq, alert.data, alert.expires, alert.frame)
+            self._send_new(
+                alert.seq, alert.data, alert.expires, alert.frame, appended=alert.appended
+            )
         return True
 
     def _release(self) -> None:
@@ -194,9 +203,18 @@ class Session:
         return self.window.capacity - used
 
     def _send_new(
-        self, seq: int, data: bytes, expires: float | None, frame: bytes | None, js_msg: Any = None
+        self,
+        seq: int,
+        data: bytes,
+        expires: float | None,
+        frame: bytes | None,
+        js_msg: Any = None,
+        appended: float = 0.0,
+        live: bool = True,
     ) -> None:
         item = InFlight(seq, data, expires, time.monotonic(), 1, js_msg)
+        if appended:
+            self.appended[seq] = (appended, live)
         self.window.take(item, self.track)
         redelivered = seq <= self.high_water
         self.high_water = max(self.high_water, seq)
@@ -241,6 +259,9 @@ class Session:
                     self.frames_written += 1
                 if seq:
                     self.sent += bool(frame)
+                    timed = self.appended.pop(seq, None)
+                    if timed is not None and frame:
+                        self.gw.sessions.timings.delivered(timed[1], timed[0], time.time())
                     if not self.track:  # ack_mode=auto: written to the socket = delivered
                         self.window.ack(seq)
                         self.room_ready.set()
@@ -351,7 +372,8 @@ class Session:
             expires = expires_of(msg.headers)
             sent = self._judge(seq, msg.data, expires, subject=msg.subject)
             if sent:
-                self._send_new(seq, msg.data, expires, None, msg)
+                stored = msg.metadata.timestamp.timestamp()
+                self._send_new(seq, msg.data, expires, None, msg, stored, live=False)
             if not self.track:
                 self.written_js.append((seq, msg))  # acked once written (or passed over)
             elif not sent and self.window.floor >= seq:
@@ -371,9 +393,14 @@ class Session:
         self.buffer.clear()
         for alert in fresh:
             if self._judge(alert.seq, alert.data, alert.expires, alert):
-                self._send_new(alert.seq, alert.data, alert.expires, alert.frame)
+                self._send_new(
+                    alert.seq, alert.data, alert.expires, alert.frame, appended=alert.appended
+                )
         self.mode = Mode.LIVE
         self.catchup_needed.clear()
+        if self.live_since is None:
+            self.live_since = time.monotonic()
+            self.gw.sessions.timings.catchup.observe(self.live_since - self.established_at)
 
     # ------------------------------------------------------------ acks and timers
     async def on_ack(self, seq: int) -> None:
@@ -400,7 +427,7 @@ class Session:
         """The handshake is done: heartbeats count from here. Opening the queue may take
         seconds (a busy NATS, a queue rebuilt after a node loss) and no ping could be sent
         meanwhile, so that time is not the client's silence."""
-        now = time.monotonic()
+        now = self.established_at = time.monotonic()
         self.next_ping = now + self.gw.settings.heartbeat_seconds
         self.last_heard = max(self.last_heard, now)
 
@@ -427,6 +454,7 @@ class Session:
             # Ahead of queued alerts: behind a burst, a ping would arrive late and its pong
             # later still, closing a client that is only busy.
             self.out.appendleft((0, b'{"type":"ping","ts":%r}' % now))
+            self.previous_ping_ts, self.ping_ts = self.ping_ts, now
             self.out_ready.set()
         if self.window.items:
             self.window.drop_expired(now)
@@ -441,6 +469,18 @@ class Session:
     def on_pong(self, ts: float | None) -> None:
         if ts is not None:
             self.latency_ms = max(0.0, (time.time() - ts) * 1000)
+            if ts == self.ping_ts or ts == self.previous_ping_ts:
+                self.answered_ts = max(self.answered_ts or ts, ts)
+
+    def healthy(self, now_mono: float) -> bool:
+        """It answered its last ping, or that one is younger than a heartbeat and it
+        answered the one before (no ping yet: a new connection is healthy)."""
+        if self.ping_ts is None or self.answered_ts == self.ping_ts:
+            return True
+        fresh = now_mono < self.next_ping  # the last ping went out less than a heartbeat ago
+        return fresh and (
+            self.previous_ping_ts is None or self.answered_ts == self.previous_ping_ts
+        )
 
     async def resubscribe(self, subscription: Subscription) -> None:
         """Make ``subscription`` the device's: persisted with its queue's subject filters, then
@@ -490,6 +530,7 @@ class Session:
         self.recorded_floor, self.recorded_at = self.window.floor, now
         self.next_record = now + RECORD_SECONDS
         assert self.claim is not None
+        records = self.gw.sessions.task("records")
         try:
             await self.gw.owners.save(self.claim, self.current_record())
         except Lost:
@@ -498,6 +539,9 @@ class Session:
             pass  # written when the device is reclaimed
         except Exception as exc:
             log.warning("could not write the record of %s: %s", self.consumer, exc)
+            records.ran(exc)
+        else:
+            records.ran()
 
     @property
     def owning(self) -> bool:
