@@ -40,10 +40,13 @@ async def test_a_tiny_run_measures_every_row(tmp_path: Path) -> None:
         assert r["broadcast"][side]["latency_ms"]["n"] == 12 * 2  # every device, every alert
         assert r["sustained"]["best"][side] > 0
     assert r["catchup"]["all_100_ms"]["n"] == 1
+    assert r["scrapes"]["connections"] == 30 and r["scrapes"]["metrics_ms"]["n"] == 10
+    assert r["scrapes"]["stats_ms"]["n"] == 10 and r["scrapes"]["stats_cold_ms"] > 0
     assert r["broadcast"]["p99_ratio"] is not None and r["sustained"]["ratio"] is not None
     assert set(report["cpu_percent_of_one_core"]) == {
         "connect",
         "hold",
+        "scrapes",
         "targeted",
         "broadcast",
         "sustained",

@@ -302,6 +302,7 @@ async def run_bench(
     http = aiohttp.ClientSession()
     try:
         await _connections(run)
+        await _scrapes(run, http)
         await _targeted(run, js, names)
         await _broadcast_and_sustained(run, ceiling_gen, js, names, http)
         await _catchup(run, js, names)
@@ -374,6 +375,42 @@ async def _connections(run: Run) -> None:
         nats_rss_mib=round(after["nats-server"].rss_bytes / 2**20, 1),
     )
     run.results["connections"] = result
+
+
+#: Scrapes of /metrics and of the stats per kind, with every connection held.
+SCRAPES = 10
+
+
+async def _scrapes(run: Run, http: aiohttp.ClientSession) -> None:
+    """What an operator's scrapes cost with every connection open: ms per GET of /metrics
+    and of the stats. The first stats read after the cache expired lists every device
+    queue from JetStream (cold); the others reuse it (warm, TOCSIN_STATS_CACHE_SECONDS)."""
+    admin = mint_token(run.stack.secret, "bench-admin", roles=["admin"], ttl_seconds=3600)
+    headers = {"Authorization": f"Bearer {admin}"}
+
+    async def timed(path: str) -> float:
+        t0 = time.perf_counter()
+        async with http.get(run.stack.http + path, headers=headers) as resp:
+            await resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"{path}: HTTP {resp.status}")
+        return (time.perf_counter() - t0) * 1000
+
+    result: dict[str, Any] = {}
+
+    async def body() -> None:
+        cold = await timed("/api/v1/alerts/stats")
+        warm = [await timed("/api/v1/alerts/stats") for _ in range(SCRAPES)]
+        scrape = [await timed("/metrics") for _ in range(SCRAPES)]
+        result.update(
+            connections=run.results["connections"]["ok"],
+            stats_cold_ms=round(cold, 1),
+            stats_ms=summary(warm),
+            metrics_ms=summary(scrape),
+        )
+
+    await run.phase("scrapes", body)
+    run.results["scrapes"] = result
 
 
 async def _targeted(run: Run, js: Any, names: Names) -> None:
@@ -646,6 +683,22 @@ def table(report: dict[str, Any]) -> str:
         ),
         ("nats-server memory per durable consumer", "measured", f"{c['nats_kib_per_durable']} KiB"),
     ]
+    if "scrapes" in r:  # reports written before the scrapes phase have none
+        sc = r["scrapes"]
+        rows.append(
+            (
+                f"GET /metrics, {sc['connections']:,} connected: p50 / p90 / p99 / max ms",
+                "measured",
+                _fmt(sc["metrics_ms"]),
+            )
+        )
+        rows.append(
+            (
+                f"GET stats, {sc['connections']:,} connected: cold; warm p50 / p99 ms",
+                "measured",
+                f"{sc['stats_cold_ms']}; {sc['stats_ms']['p50']} / {sc['stats_ms']['p99']}",
+            )
+        )
     lines = ["| scenario | target | measured |", "|---|---|---|"]
     lines += [f"| {a} | {b_} | {m} |" for a, b_, m in rows]
     cpu = report["cpu_percent_of_one_core"]
