@@ -144,7 +144,7 @@ def parse_exposition(text: str) -> dict[str, Family]:
             for suffix in HISTOGRAM_SUFFIXES:  # a histogram's samples carry its name + suffix
                 base = name.removesuffix(suffix)
                 if base != name and families.get(base, Family()).kind == "histogram":
-                    name, labels = base, ((("", suffix),) + labels)
+                    name, labels = base, (("", suffix), *labels)
                     break
             family = enter(name)
             if labels in family.samples:

@@ -165,6 +165,33 @@ def build_parser() -> argparse.ArgumentParser:
     # A value like -1.3,36.8,50 is a value, not an unknown option (no flag looks like a number).
     p._negative_number_matcher = re.compile(r"^-\.?\d")
     p.set_defaults(func=cmd_tail)
+    from .status import GATEWAY_WAIT, TOP, cmd_status  # nats loads when the command runs
+
+    p = sub.add_parser(
+        "status",
+        help="streams, device queues, dead letters and every gateway's stats, in one summary",
+        description="Reads JetStream (TOCSIN_NATS_URL) and asks every gateway for its stats "
+        "over NATS; changes nothing. The nats CLI commands behind each part: "
+        "docs/operations.md, 'tocsin status and the nats CLI'.",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON document (stable keys: docs/operations.md)"
+    )
+    p.add_argument(
+        "--top",
+        type=int,
+        default=TOP,
+        metavar="N",
+        help="devices listed, most queued first (default: %(default)s)",
+    )
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=GATEWAY_WAIT,
+        metavar="SECONDS",
+        help="how long gateways have to answer (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_status)
     from tocsin.bench.scenarios import SCENARIOS  # names and help only: imports nothing heavy
 
     p = sub.add_parser(

@@ -36,6 +36,9 @@ ERRORS_HEADER = "Tocsin-Errors"
 SUBSCRIPTION_KEY = "tocsin.subscription"
 #: Consumer metadata of versions before device records: the highest seq sent (read only).
 SENT_KEY = "tocsin.sent"
+#: Consumer metadata naming a device queue's device (also when its name is a digest).
+USER_KEY = "tocsin.user"
+CLIENT_ID_KEY = "tocsin.client_id"
 
 _SAFE = re.compile(r"[A-Za-z0-9@+\-]")
 #: NATS refuses longer consumer names (error 10102).
@@ -192,6 +195,18 @@ class Names:
         if len(parts) != 3 or parts[0] != "dev":
             return None
         return _unescape(parts[1]), _unescape(parts[2])
+
+    @classmethod
+    def device_of(cls, name: str, metadata: dict[str, str] | None) -> tuple[str, str] | None:
+        """(user, client_id) of a device queue, from its name or, for a name that is a
+        digest (``devh__``), from its metadata; None for any other consumer."""
+        parsed = cls.parse_device_consumer(name)
+        if parsed is not None:
+            return parsed
+        user, client = (metadata or {}).get(USER_KEY), (metadata or {}).get(CLIENT_ID_KEY)
+        if name.startswith("devh__") and isinstance(user, str) and isinstance(client, str):
+            return user, client
+        return None
 
     @staticmethod
     def consumer_reset_api(stream: str, consumer: str) -> str:

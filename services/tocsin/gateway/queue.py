@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy, 
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from tocsin.core.coarse import coarse_filters
-from tocsin.core.naming import SENT_KEY, SUBSCRIPTION_KEY, Names
+from tocsin.core.naming import CLIENT_ID_KEY, SENT_KEY, SUBSCRIPTION_KEY, USER_KEY, Names
 from tocsin.core.settings import Settings
 from tocsin.schemas.subscription import Filters, Subscription
 
@@ -120,7 +120,7 @@ class DeviceQueues:
             ack_policy=AckPolicy.ALL,
             replay_policy=ReplayPolicy.INSTANT,
             num_replicas=self._settings.device_replicas,
-            metadata={**(metadata or {}), "tocsin.user": user, "tocsin.client_id": client_id},
+            metadata={**(metadata or {}), USER_KEY: user, CLIENT_ID_KEY: client_id},
             **self._tuned(),
         )
 

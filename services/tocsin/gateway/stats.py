@@ -96,7 +96,7 @@ class Stats:
         total = devices = queued = 0
         users: set[str] = set()
         for info in await self.device_queues():
-            device = names.parse_device_consumer(info.name or "")
+            device = names.device_of(info.name or "", info.config.metadata)
             if device is None:
                 continue  # not a device queue (an operator's consumer, say)
             devices += 1
