@@ -6,15 +6,17 @@
     tocsin publish    send one alert over HTTP (default) or NATS
     tocsin token      print an HS256 token
     tocsin tail       print the alerts one device receives
-    tocsin bench      the performance table, beside a bare broadcaster (docs/benchmarks.md)
+    tocsin status     streams, device queues, dead letters, every gateway's stats
+    tocsin bench      the performance table, beside a bare broadcaster (docs/benchmarks.md),
+                      or one focused scenario: tocsin bench <scenario> --help
 
 Every subcommand reads the same ``TOCSIN_*`` settings (docs/settings.md). The JWT secret
 is ``TOCSIN_JWT_SECRET`` or, for development, the one ``tocsin run`` generated and saved
 in ``<TOCSIN_DATA_DIR>/dev-secret``.
 
 This module only wires argparse to the commands: one module per command (``run``,
-``services`` for gateway and ingest, ``publish``, ``token``, ``tail``), what they share in
-``common``.
+``services`` for gateway and ingest, ``publish``, ``token``, ``tail``, ``status``), what
+they share in ``common``.
 """
 
 from __future__ import annotations
