@@ -51,6 +51,11 @@ DOCUMENTED = {
     "tocsin_device_consumers": "gauge",
     "tocsin_stream_messages": "gauge",
     "tocsin_dlq_messages": "gauge",
+    # what POST /api/v1/alerts stored and refused (the ingest service's own names)
+    "tocsin_ingest_alerts_accepted_total": "counter",
+    "tocsin_ingest_duplicates_total": "counter",
+    "tocsin_ingest_alerts_rejected_total": "counter",
+    "tocsin_ingest_store_failures_total": "counter",
     # prometheus_client's process collector
     "process_start_time_seconds": "gauge",
     "process_cpu_seconds_total": "counter",

@@ -323,3 +323,22 @@ async def test_body_arriving_in_two_pieces_is_read_whole(
     reply = orjson.loads(rest.partition(b"\r\n\r\n")[2])
     assert reply == {"alert_id": body["alert_id"], "seq": reply["seq"], "duplicate": False}
     assert await count(js, names.alerts_stream) == 1
+
+
+async def test_metrics_count_what_publishing_stored_and_refused(
+    http: aiohttp.ClientSession, gateway: RunningGateway
+) -> None:
+    from ..gateway.test_metrics import scrape, value
+
+    body = alert()
+    assert (await post_json(http, gateway, body, publisher()))[0] == 202
+    assert (await post_json(http, gateway, body, publisher()))[0] == 202  # a duplicate
+    assert (await post_json(http, gateway, alert(), publisher()))[0] == 202
+    bad = alert(alert_level="apocalyptic")
+    assert (await post_json(http, gateway, bad, publisher()))[0] == 422
+    assert (await post_json(http, gateway, bad, publisher()))[0] == 422
+    families = await scrape(gateway.http)
+    assert value(families, "tocsin_ingest_alerts_accepted_total") == 2
+    assert value(families, "tocsin_ingest_duplicates_total") == 1
+    assert value(families, "tocsin_ingest_alerts_rejected_total", reason="invalid_alert") == 2
+    assert value(families, "tocsin_ingest_alerts_rejected_total", reason="invalid_json") == 0

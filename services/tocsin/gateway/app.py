@@ -15,11 +15,13 @@ from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology, topology_ready
 from tocsin.ingest.http import publish_handler
+from tocsin.ingest.metrics import IngestCounters
 from tocsin.schemas import Close
 
 from . import metrics
 from .context import Gateway
 from .handler import GATEWAY, WS_PATH, websocket
+from .metrics import PUBLISHED
 from .stats import stats_handler
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ def create_app(settings: Settings) -> web.Application:
     if not (settings.jwt_secret or settings.jwt_public_key):
         raise ValueError("TOCSIN_JWT_SECRET or TOCSIN_JWT_PUBLIC_KEY is required")
     app = web.Application(client_max_size=1024 * 1024)
+    app[PUBLISHED] = IngestCounters()  # POST /api/v1/alerts, exposed by /metrics
     names = Names(settings.namespace)
 
     async def nats_and_gateway(app: web.Application) -> AsyncIterator[None]:
@@ -89,6 +92,7 @@ def create_app(settings: Settings) -> web.Application:
             names,
             settings.accepted_alert_types,
             js,
+            app[PUBLISHED],
         ),  # type: ignore[arg-type]
     )
     app.router.add_get("/api/v1/alerts/stats", stats_handler)

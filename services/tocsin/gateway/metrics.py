@@ -27,6 +27,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from tocsin.ingest.metrics import IngestCollector, IngestCounters
 from tocsin.schemas import Close
 
 from .handler import GATEWAY
@@ -41,12 +42,15 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MODES = ("catchup", "live")
 ACK_MODES = ("client", "auto")
 REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("metrics_registry", CollectorRegistry)
+#: What POST /api/v1/alerts stored and refused (the ingest service's counters, here too).
+PUBLISHED: web.AppKey[IngestCounters] = web.AppKey("published", IngestCounters)
 
 
 def setup(app: web.Application) -> None:
     registry = CollectorRegistry(auto_describe=False)
     ProcessCollector(registry=registry)
     registry.register(GatewayCollector(app))
+    registry.register(IngestCollector(app[PUBLISHED], with_nats=False))
     app[REGISTRY] = registry
     app.router.add_get("/metrics", metrics)
 

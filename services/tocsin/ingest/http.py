@@ -17,6 +17,7 @@ from tocsin.core.auth import Role, TokenError, TokenVerifier, bearer
 from tocsin.core.naming import Names
 from tocsin.core.topology import MAX_ALERT_BYTES
 
+from .metrics import IngestCounters
 from .pipeline import Rejection, append_alert, validate_event
 
 JSON_TYPES = ("application/json", "")
@@ -27,7 +28,10 @@ def publish_handler(
     names: Names,
     accepted_types: frozenset[str],
     jetstream: Callable[[], JetStreamContext],
+    counters: IngestCounters | None = None,
 ) -> Callable[[web.Request], object]:
+    counted = counters or IngestCounters()
+
     async def publish(request: web.Request) -> web.Response:
         token = bearer(request.headers.get("Authorization")) or request.query.get("auth_token")
         try:
@@ -55,9 +59,15 @@ def publish_handler(
         raw = await request.read()  # whole body; client_max_size bounds it
         result = validate_event(raw, accepted_types)
         if isinstance(result, Rejection):
+            counted.refused(result.reason.value)
             status = 413 if result.reason == "too_large" else 422
             return web.json_response(result.as_json(), status=status)
-        ack = await append_alert(jetstream(), names, result)
+        try:
+            ack = await append_alert(jetstream(), names, result)
+        except Exception:
+            counted.store_failures += 1
+            raise
+        counted.stored(bool(ack.duplicate))
         return web.json_response(
             {"alert_id": result.alert_id, "seq": ack.seq, "duplicate": bool(ack.duplicate)},
             status=202,
