@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tocsin.core.embedded import NatsCluster, NatsServer
+from tocsin.core.logs import setup_logging
 from tocsin.core.settings import Settings, exit_on_bad_settings
 from tocsin.core.supervisor import (
     Child,
@@ -220,6 +221,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     settings = exit_on_bad_settings()
+    # What the supervisor says itself is printed (_say); this is for what the libraries it
+    # uses log (nats-py while the streams are created): the children's format, on stderr.
+    setup_logging(settings, service="run")
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     http_port = _check_ports(settings)

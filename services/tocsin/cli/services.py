@@ -5,22 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import sys
 
+from tocsin.core.logs import setup_logging
 from tocsin.core.settings import Settings, exit_on_bad_settings
 
 from .common import Fail
 
 # Not __name__: the log lines have always said "tocsin.cli".
 log = logging.getLogger("tocsin.cli")
-
-
-def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def _require_nats(settings: Settings, what: str) -> None:
@@ -43,7 +35,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             "cannot verify tokens without a key",
             2,
         )
-    _setup_logging(settings)
+    setup_logging(settings, service="gateway")
     from tocsin.gateway.app import create_app
 
     app = create_app(settings)
@@ -70,11 +62,16 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     settings = exit_on_bad_settings()
     _require_nats(settings, "ingest")
-    _setup_logging(settings)
+    # Imported first: faststream puts handlers of its own on its loggers at import, and
+    # setup_logging takes them off.
     from tocsin.ingest.app import create_app
 
+    setup_logging(settings, service="ingest")
     app = create_app(settings, list(settings.nats_url))
     log.info("ingest consuming from NATS %s", ",".join(settings.nats_url))
-    # FastStream.run installs SIGINT/SIGTERM handlers that stop the app cleanly.
-    asyncio.run(app.run(log_level=logging.getLevelName(settings.log_level)))
+    # FastStream.run installs SIGINT/SIGTERM handlers that stop the app cleanly. Its
+    # log_level is the level its start/stop lines are logged *at* (faststream
+    # _internal/application.py _startup_logging), not a threshold: left at INFO, or
+    # TOCSIN_LOG_LEVEL=ERROR would turn "FastStream app starting..." into an ERROR.
+    asyncio.run(app.run())
     return 0

@@ -3,19 +3,30 @@
 The engine's events are captured by JetStream before validation (``INGEST`` is a work
 queue), so nothing is lost while this service is down. A message is acked only after its
 alert (or its dead letter) is stored; a NATS failure nacks it for a retry.
+
+Logging: faststream logs through :data:`FASTSTREAM_LOGGER` (a tocsin logger, so its lines
+take the process's format, tocsin.core.logs), and each event's records carry
+``ingest_seq`` (its sequence in ``INGEST``) and, once validated, ``alert_id``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from faststream import AckPolicy, FastStream
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
+from faststream.nats.subscriber.usecases.stream_pull_subscriber import PullStreamSubscriber
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
+from tocsin.core.logs import bind, log_context
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology
@@ -28,6 +39,79 @@ log = logging.getLogger(__name__)
 #: Seconds before an unacked event is handed out again (chaos suite: 30 s stalled alerts
 #: after an ingest kill -9).
 INGEST_ACK_WAIT = 5.0
+#: Events fetched per pull request, and how long one request waits on an idle stream.
+PULL_BATCH = 64
+PULL_TIMEOUT = 1.0
+#: faststream's own lines (the app's start and stop, the subscriber's) go to this logger
+#: rather than to the coloured handlers faststream makes for itself (the broker's on stdout).
+FASTSTREAM_LOGGER = "tocsin.ingest.faststream"
+
+
+# --- pull requests that expire empty ----------------------------------------------------
+# An idle ``fetch(64, timeout=1)`` of nats-py 2.15+ ends in one of two ways, at random: the
+# client's timer fires first (nats.errors.TimeoutError), or the server's 408 for the
+# request (it expires 100 us before the timer) arrives first, after which ``_fetch_n``
+# finds its deadline used up and raises a *bare* ``asyncio.TimeoutError`` (nats/js/
+# client.py:1295 and :1302, from nats-io/nats.py#934; nats-io/nats.py#1008 would fix it).
+# faststream's consume loop only suppresses nats.errors.TimeoutError (faststream/nats/
+# subscriber/usecases/stream_pull_subscriber.py:83), so the bare one ends the consume
+# task: faststream logs an ERROR with the traceback ("Task-N raised an exception,
+# retrying...", _internal/endpoint/subscriber/supervisor.py:122-134) and starts the loop
+# again (a finished task more in its list each time). Measured on loopback: about one
+# idle fetch in 30. Both outcomes mean the same, "no event within the timeout": the
+# subscription's fetch gives the documented nats.errors.TimeoutError for both.
+Fetch = Callable[[int, float | None, float | None], Coroutine[Any, Any, list[Msg]]]
+
+
+def _expired_as_nats_timeout(fetch: Fetch) -> Fetch:
+    async def fetch_expiring_as_documented(
+        batch: int = 1, timeout: float | None = 5, heartbeat: float | None = None
+    ) -> list[Msg]:
+        try:
+            return await fetch(batch, timeout, heartbeat)
+        except NatsTimeoutError:
+            raise
+        except TimeoutError as exc:  # the bare one: the pull request expired empty
+            raise NatsTimeoutError from exc
+
+    fetch_expiring_as_documented.tocsin_expiry = True  # type: ignore[attr-defined]
+    return fetch_expiring_as_documented
+
+
+def _fetch_timeouts_as_documented(subscriber: PullStreamSubscriber) -> None:
+    """Wrap the pull subscription's ``fetch`` as soon as faststream creates it, before its
+    consume task (created then, not yet run) makes the first request."""
+    if not callable(getattr(type(subscriber), "_create_subscription", None)):
+        raise RuntimeError("faststream's pull subscriber changed: see _expired_as_nats_timeout")
+    create = subscriber._create_subscription
+
+    async def create_subscription() -> None:
+        await create()
+        sub = subscriber.subscription
+        if sub is not None and not getattr(sub.fetch, "tocsin_expiry", False):
+            # An instance attribute: this subscription only.
+            sub.fetch = _expired_as_nats_timeout(sub.fetch)  # type: ignore[method-assign,assignment]
+
+    subscriber._create_subscription = create_subscription  # type: ignore[method-assign]
+
+
+# faststream logs this at INFO from the done-callback of every consume task it supervises,
+# before it looks at how the task ended (supervisor.py:104-107): once at every stop (the
+# task is cancelled) and before each restart, where the ERROR above says what happened.
+# It never carries information of its own.
+_TASK_DONE = re.compile(r"callback for \S+ is being executed\.\.\.")
+
+
+class _NoTaskDoneLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and _TASK_DONE.fullmatch(record.msg))
+
+
+def _faststream_logger() -> logging.Logger:
+    logger = logging.getLogger(FASTSTREAM_LOGGER)
+    if not any(isinstance(f, _NoTaskDoneLines) for f in logger.filters):
+        logger.addFilter(_NoTaskDoneLines())
+    return logger
 
 
 def retry_delay(attempt: int) -> float:
@@ -37,8 +121,10 @@ def retry_delay(attempt: int) -> float:
 
 def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
     names = Names(settings.namespace)
+    logger = _faststream_logger()
     broker = NatsBroker(
         nats_urls,
+        logger=logger,
         max_reconnect_attempts=-1,
         # Seconds, fractions included: nats-py sleeps on it. faststream and nats-py annotate
         # it int, wrongly (nats-io/nats.py#1000); 0.5 matches the gateway's connection.
@@ -47,11 +133,11 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
     accepted = settings.accepted_alert_types
     state: dict[str, JetStreamContext] = {}
 
-    @broker.subscriber(
+    subscriber = broker.subscriber(
         names.ingest_subject,
         stream=JStream(names.ingest_stream, declare=False),
         durable=names.ingest_consumer,
-        pull_sub=PullSub(batch_size=64, timeout=1.0),
+        pull_sub=PullSub(batch_size=PULL_BATCH, timeout=PULL_TIMEOUT),
         config=ConsumerConfig(
             ack_policy=JsAckPolicy.EXPLICIT,
             # An event fetched by an ingest process that then died waits this long before
@@ -66,18 +152,25 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
         title="ingest.alerts",
         description="Raw alert JSON from the engine (CONTRACT §4); invalid events go to the DLQ",
     )
+    _fetch_timeouts_as_documented(subscriber)
+
+    @subscriber
     async def on_event(message: NatsMessage) -> None:
         # The raw bytes, not faststream's decoded body: a bad event must reach the DLQ as sent.
         raw = message.raw_message.data
-        try:
-            await _process(raw, message.raw_message.headers)
-        except Exception as exc:  # NATS trouble: keep the event, retry with backoff
-            attempt = message.raw_message.metadata.num_delivered
-            delay = retry_delay(attempt)
-            log.warning("event not stored (attempt %d, retry in %.1fs): %s", attempt, delay, exc)
-            await message.nack(delay=delay)
-            return
-        await message.ack()
+        metadata = message.raw_message.metadata
+        with log_context(ingest_seq=metadata.sequence.stream):
+            try:
+                await _process(raw, message.raw_message.headers)
+            except Exception as exc:  # NATS trouble: keep the event, retry with backoff
+                attempt = metadata.num_delivered
+                delay = retry_delay(attempt)
+                log.warning(
+                    "event not stored (attempt %d, retry in %.1fs): %s", attempt, delay, exc
+                )
+                await message.nack(delay=delay)
+                return
+            await message.ack()
 
     async def _process(raw: bytes, headers: dict[str, str] | None) -> None:
         js = state["js"]
@@ -86,6 +179,7 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
             ack = await dead_letter(js, names, raw, result, headers)
             log.warning("rejected event -> DLQ seq %s: %s", ack.seq, result.detail)
             return
+        bind(alert_id=result.alert_id)  # on_event's log_context undoes it
         ack = await append_alert(js, names, result)
         log.info(
             "alert %s -> %s seq %s%s",
@@ -95,7 +189,7 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
             " (duplicate)" if ack.duplicate else "",
         )
 
-    app = FastStream(broker)
+    app = FastStream(broker, logger=logger)
 
     @app.on_startup
     async def _topology() -> None:
