@@ -66,6 +66,7 @@ def make_settings(nats_url: str, namespace: str, tmp_path: Path) -> Callable[...
             "redelivery_backoff": [1.0, 2.0, 4.0],
             "checkpoint_seconds": 0.2,
             "shutdown_grace_seconds": 5,
+            "ingest_metrics_port": 0,  # no fixed port in tests; the metrics test picks one
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

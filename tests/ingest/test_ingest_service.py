@@ -490,3 +490,47 @@ async def test_short_lived_alert_is_removed_from_alerts_by_its_ttl(
     await eventually(gone, DEADLINE, "the server to remove the alert at its TTL")
     await wait_drained(js, names, 1)
     assert await count(js, names.dlq_stream) == 0
+
+
+async def test_the_ingest_service_serves_exact_counters_on_its_metrics_port(
+    make_settings: Callable[..., Settings], js: JetStreamContext, nc: NatsClient, names: Names
+) -> None:
+    from tocsin.core.supervisor import free_port
+
+    from ..gateway.test_metrics import parse_exposition, value
+
+    port = free_port()
+    service = Ingest(make_settings(ingest_metrics_port=port))
+    await service.start()
+    try:
+        body = alert()
+        for raw in (orjson.dumps(body), orjson.dumps(body), orjson.dumps(alert()), b"{not json"):
+            await publish_event(nc, names, raw)
+
+        async def scraped() -> dict[str, Any]:
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                    assert resp.status == 200
+                    return parse_exposition(await resp.text())
+
+        async def all_counted() -> bool:
+            f = await scraped()
+            done = value(f, "tocsin_ingest_alerts_accepted_total")
+            done += value(f, "tocsin_ingest_duplicates_total")
+            return (
+                done + value(f, "tocsin_ingest_alerts_rejected_total", reason="invalid_json") == 4
+            )
+
+        await eventually(all_counted, what="four events counted")
+        families = await scraped()
+        assert value(families, "tocsin_ingest_alerts_accepted_total") == 2
+        assert value(families, "tocsin_ingest_duplicates_total") == 1
+        assert value(families, "tocsin_ingest_alerts_rejected_total", reason="invalid_json") == 1
+        assert value(families, "tocsin_ingest_alerts_rejected_total", reason="expired") == 0
+        assert value(families, "tocsin_ingest_nats_connected") == 1
+        assert "process_resident_memory_bytes" in families
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert resp.status == 200 and (await resp.json())["nats_connected"] is True
+    finally:
+        await service.stop()

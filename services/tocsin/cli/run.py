@@ -233,6 +233,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         nats = _start_nats(settings, data_dir)
         secret, secret_note = _secret(settings, data_dir)
+        metrics_port = settings.ingest_metrics_port
+        if metrics_port and _port_in_use(settings.http_host, metrics_port):
+            taken, metrics_port = metrics_port, free_port(settings.http_host or "127.0.0.1")
+            _say(f"TOCSIN_INGEST_METRICS_PORT {taken} is taken; ingest metrics on {metrics_port}")
         resolved = settings.model_copy(
             update={
                 "nats_url": nats.url.split(","),
@@ -240,6 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "http_port": http_port,
                 "data_dir": data_dir,
                 "replicas": nats.replicas,
+                "ingest_metrics_port": metrics_port,
             }
         )
         env = settings_env(resolved)

@@ -15,6 +15,7 @@ from nats.errors import Error as NatsError
 from pydantic import ValidationError
 
 from tocsin.core.auth import TokenError, bearer
+from tocsin.core.logs import log_context
 from tocsin.schemas import (
     MAX_CLIENT_FRAME_BYTES,
     Ack,
@@ -91,10 +92,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, autoping=True)
     await ws.prepare(request)
     session = Session(gw, ws, device, request.transport)
-    try:
-        await serve(gw, session, arrived)
-    except Exception:  # serve() closed the socket with 1011 or 4503
-        log.exception("session %s failed", session.id)
+    # Every line logged for this connection, by it or the tasks it starts, names it.
+    with log_context(connection_id=session.id, device=f"{device.user_id}/{device.client_id}"):
+        try:
+            await serve(gw, session, arrived)
+        except Exception:  # serve() closed the socket with 1011 or 4503
+            log.exception("session %s failed", session.id)
     return ws
 
 

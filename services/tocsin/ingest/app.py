@@ -15,7 +15,9 @@ import logging
 import re
 from collections.abc import Callable, Coroutine
 from typing import Any
+from weakref import WeakKeyDictionary
 
+from aiohttp import web
 from faststream import AckPolicy, FastStream
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from faststream.nats.subscriber.usecases.stream_pull_subscriber import PullStreamSubscriber
@@ -31,6 +33,7 @@ from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology
 
+from .metrics import IngestCounters, serve_metrics
 from .pipeline import Rejection, append_alert, dead_letter, validate_event
 
 log = logging.getLogger(__name__)
@@ -120,6 +123,7 @@ def retry_delay(attempt: int) -> float:
 
 
 def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
+    counters = IngestCounters()
     names = Names(settings.namespace)
     logger = _faststream_logger()
     broker = NatsBroker(
@@ -163,6 +167,7 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
             try:
                 await _process(raw, message.raw_message.headers)
             except Exception as exc:  # NATS trouble: keep the event, retry with backoff
+                counters.store_failures += 1
                 attempt = metadata.num_delivered
                 delay = retry_delay(attempt)
                 log.warning(
@@ -177,10 +182,12 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
         result = validate_event(raw, accepted)
         if isinstance(result, Rejection):
             ack = await dead_letter(js, names, raw, result, headers)
+            counters.refused(result.reason.value)
             log.warning("rejected event -> DLQ seq %s: %s", ack.seq, result.detail)
             return
         bind(alert_id=result.alert_id)  # on_event's log_context undoes it
         ack = await append_alert(js, names, result)
+        counters.stored(bool(ack.duplicate))
         log.info(
             "alert %s -> %s seq %s%s",
             result.alert_id,
@@ -191,14 +198,31 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
 
     app = FastStream(broker, logger=logger)
 
+    runners: list[web.AppRunner] = []
+
     @app.on_startup
     async def _topology() -> None:
         await broker.connect()
-        state["js"] = broker.connection.jetstream()
+        connection = broker.connection
+        counters.connected = lambda: connection.is_connected
+        state["js"] = connection.jetstream()
         await apply_topology(state["js"], settings, names)
         await _current_ack_wait(state["js"], names)
+        runner = await serve_metrics(counters, settings.http_host, settings.ingest_metrics_port)
+        if runner is not None:
+            runners.append(runner)
 
+    @app.after_shutdown
+    async def _metrics_off() -> None:
+        for runner in runners:
+            await runner.cleanup()
+
+    app_counters[app] = counters
     return app
+
+
+#: The counters of each ingest app (tests read them; /metrics exposes them).
+app_counters: WeakKeyDictionary[FastStream, IngestCounters] = WeakKeyDictionary()
 
 
 async def _current_ack_wait(js: JetStreamContext, names: Names) -> None:

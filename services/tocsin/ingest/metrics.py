@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -30,7 +30,11 @@ class IngestCounters:
     duplicates: int = 0  # appended again: ALERTS dropped the repeat by alert_id
     rejected: Counter[str] = field(default_factory=Counter)  # dead-lettered, by reason
     store_failures: int = 0  # NATS refused or timed out: the event is retried
-    nats_connected: bool = False
+    connected: Callable[[], bool] = lambda: False  # the service's NATS connection is up
+
+    @property
+    def nats_connected(self) -> bool:
+        return self.connected()
 
     def stored(self, duplicate: bool) -> None:
         if duplicate:
@@ -106,6 +110,17 @@ async def serve_metrics(counters: IngestCounters, host: str, port: int) -> web.A
         return None
     runner = web.AppRunner(metrics_app(counters), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:  # delivery matters more than its metrics: go on without them
+        await runner.cleanup()
+        log.error(
+            "ingest metrics not served: %s:%s: %s (set TOCSIN_INGEST_METRICS_PORT to a free "
+            "port, or 0)",
+            host,
+            port,
+            exc.strerror or exc,
+        )
+        return None
     log.info("ingest metrics on http://%s:%s/metrics", host, port)
     return runner
