@@ -33,9 +33,19 @@ def _tocsin_command() -> str:
 
 
 def print_banner(
-    settings: Settings, port: int, nats_url: str, nats_note: str, secret_note: str
+    settings: Settings,
+    port: int,
+    nats_url: str,
+    nats_note: str,
+    secret_note: str,
+    ingest_metrics_port: int = 0,
 ) -> None:
     base = http_base(settings, port)
+    ingest = (
+        f"   ingest: {http_base(settings, ingest_metrics_port)}/metrics"
+        if ingest_metrics_port
+        else ""
+    )
     cmd = _example_env(settings, port) + _tocsin_command()
     jwt_hint = (
         ""
@@ -48,6 +58,7 @@ tocsin is ready.
   WebSocket   {ws_url(settings, port)}
   Publish     POST {base}{ALERTS_PATH}   (or NATS subject ingest.alerts)
   Health      {base}/healthz   {base}/readyz
+  Watch       {base}/metrics{ingest}   stats: {base}/api/v1/alerts/stats   tocsin status
   NATS        {nats_url}   ({nats_note})
   JWT secret  {secret_note}
 

@@ -261,7 +261,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         failed = not stop and not ready
         if ready:
-            print_banner(settings, http_port, nats.url, nats.note, secret_note)
+            print_banner(settings, http_port, nats.url, nats.note, secret_note, metrics_port)
             failed = not _watch(children, stop)
         if stop:
             _say(f"{signal.Signals(stop.signal or signal.SIGINT).name}: stopping")
