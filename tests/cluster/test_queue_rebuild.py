@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import nats
 import nats.errors
 import pytest
@@ -29,6 +28,7 @@ from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology
 
 from ..conftest import SECRET
+from ..gateway.test_metrics import scrape, value
 from ..support import Client, RunningGateway, alert, append, eventually, start_gateway, token
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -131,8 +131,8 @@ async def test_a_queue_on_a_dead_node_is_rebuilt_from_the_record(stack: Stack) -
     assert [(f["seq"], f["alert"]["alert_id"]) for f in frames] == missed  # nothing more
     await again.nothing_more(0.5)
     assert stack.gateway.gw.queues.rebuilt == 1
-    async with aiohttp.ClientSession() as http, http.get(f"{stack.gateway.http}/metrics") as r:
-        assert "\ntocsin_gateway_queues_rebuilt_total 1\n" in await r.text()
+    families = await scrape(stack.gateway.http)
+    assert value(families, "tocsin_gateway_queues_rebuilt_total") == 1
     assert await host_of(stack, consumer) != dead
 
     # The node returns; the old copy does not: the rebuilt queue keeps its position.
