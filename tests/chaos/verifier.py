@@ -87,8 +87,12 @@ from typing import Any
 
 from ..reference import TooClose, reference
 
-#: Faults after which a repeat may come unflagged (see Verifier._excused).
-EXCUSING = frozenset({"gateway_kill", "node_kill"})
+#: Faults after which a repeat may come unflagged (see Verifier._excused). A NATS restart
+#: is one: a device that reconnects to a gateway that is back on NATS before the one holding
+#: its session is claimed there (no responder), and what the old session had not saved yet
+#: (acks since its last checkpoint, the highest seq sent) is lost with it, as after a kill
+#: (docs/architecture.md §11).
+EXCUSING = frozenset({"gateway_kill", "node_kill", "nats_restart"})
 #: An alert counts as published "during" a fault from the fault's start until this long
 #: after it healed: a restarted server or process takes a while to deliver again.
 RECOVERY_SECONDS = 10.0

@@ -97,6 +97,7 @@ class Gateway:
         drop_unsent(self.nc)
 
     async def on_reconnected(self) -> None:
+        self.owners.reconnected_at = time.monotonic()
         self.spawn(self._reclaim())
 
     async def _reclaim(self) -> None:

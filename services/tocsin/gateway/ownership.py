@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 #: One takeover request waits this long at most for the older session's gateway to answer;
 #: the newcomer asks again until ``TOCSIN_TAKEOVER_SECONDS`` have passed.
 ASK_SECONDS = 5.0
+#: For this long after the gateway's own NATS reconnect, an owner's gateway without a
+#: responder is asked again rather than taken over: it is likely reconnecting as well.
+RECONNECT_GRACE_SECONDS = 3.0
 #: JetStream did not answer (a leader is being elected, the server is busy): try again.
 RETRYABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
 
@@ -155,6 +158,7 @@ class Owners:
         self.claims: dict[str, Claim] = {}
         self.counts = {"taken_over": 0, "superseded": 0, "busy": 0, "lost": 0}
         self._taken: set[str] = set()  # holders asked to let go (counted once each)
+        self.reconnected_at = -1e18  # monotonic: this gateway's last NATS reconnect
 
     async def start(self) -> None:
         subject = self._names.gateway_takeover_subject(self.instance)
@@ -236,6 +240,13 @@ class Owners:
                 subject, orjson.dumps(request), timeout=min(ASK_SECONDS, remaining)
             )
         except nats.errors.NoRespondersError:
+            # Right after this gateway came back to NATS, the owner's gateway may be on its
+            # way back too (a NATS restart drops every gateway at once): give it a moment to
+            # resubscribe, or its session's unsaved position would be lost to this claim.
+            wait = self.reconnected_at + RECONNECT_GRACE_SECONDS - time.monotonic()
+            if wait > 0 and deadline - time.monotonic() > wait:
+                await asyncio.sleep(min(wait, 0.2))
+                return False
             return True
         except TimeoutError:  # nats.errors.TimeoutError is one
             return False
