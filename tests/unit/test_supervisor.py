@@ -79,3 +79,23 @@ def test_stop_all_terminates_then_kills_what_ignores_sigterm(tmp_path: Path) -> 
     assert polite.returncode == -signal.SIGTERM
     assert stubborn.returncode == -signal.SIGKILL
     assert not polite.running and not stubborn.running
+
+
+def test_a_cluster_whose_picked_port_was_taken_meanwhile_starts_on_new_ports(
+    tmp_path: Path,
+) -> None:
+    import socket
+
+    from tocsin.core.embedded import NatsCluster
+
+    cluster = NatsCluster(store_dir=tmp_path / "c", size=3, name="taken")
+    taken = cluster.nodes[2].cluster_port  # another process binds it before the node does
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        cluster.start(60)
+        try:
+            assert taken not in [n.cluster_port for n in cluster.nodes]
+            assert all(cluster.healthy(i) for i in range(3))
+        finally:
+            cluster.stop()

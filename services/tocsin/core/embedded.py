@@ -151,6 +151,10 @@ class NatsServer:
         self.stop()
 
 
+#: Starts of a cluster whose free ports were taken meanwhile, before giving up.
+PORT_ATTEMPTS = 3
+
+
 @dataclass
 class NatsCluster:
     """``size`` JetStream nodes on loopback, each its own process with its own store,
@@ -203,14 +207,38 @@ class NatsCluster:
         return ",".join(self.urls)
 
     def start(self, timeout: float = 30) -> NatsCluster:
-        try:
-            for node in self.nodes:
-                node.start(timeout)
-            self.wait_healthy(timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                for node in self.nodes:
+                    node.start(timeout)
+                self.wait_healthy(timeout)
+                return self
+            except RuntimeError:
+                self.stop()
+                # A port picked free was taken by another process before the node bound it
+                # (free_port can only promise it was free a moment ago): pick new ones.
+                if attempt + 1 == PORT_ATTEMPTS or not self._port_taken():
+                    raise
+                self.nodes = []
+                self.__post_init__()
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _port_taken(self) -> bool:
+        for node in self.nodes:
+            log = node.log_file
+            if log is None:
+                continue
+            try:
+                text = log.read_text(errors="replace")
+            except OSError:
+                continue
+            if "address already in use" in text:
+                log.unlink(missing_ok=True)  # the next attempt's log starts clean
+                return True
+        return False
 
     def start_node(self, i: int, timeout: float = 30) -> None:
         self.nodes[i].start(timeout)
