@@ -696,7 +696,7 @@ def table(report: dict[str, Any]) -> str:
             (
                 f"GET stats, {sc['connections']:,} connected: cold; warm p50 / p99 ms",
                 "measured",
-                f"{sc['stats_cold_ms']}; {sc['stats_ms']['p50']} / {sc['stats_ms']['p99']}",
+                f"{sc['stats_cold_ms']}; {sc['stats_ms']['p50']:.1f} / {sc['stats_ms']['p99']:.1f}",
             )
         )
     lines = ["| scenario | target | measured |", "|---|---|---|"]
