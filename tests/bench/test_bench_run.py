@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tocsin.bench.run import Plan, cmd_bench, run_bench, table
+from tocsin.bench.run import Plan, run_bench, table
+from tocsin.cli.bench import cmd_bench
 
 TINY = Plan(
     connections=30,

@@ -22,7 +22,6 @@ its own CPU: on 2 cores it competes with what it measures.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import importlib
@@ -780,36 +779,3 @@ def plots(series: dict[str, Any], stem: Path) -> list[str]:
         )
     )
     return out
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from tocsin.cli.common import Fail
-
-    if importlib.util.find_spec("matplotlib") is None:  # checked before a minutes-long run
-        raise Fail(
-            "tocsin bench draws its plots with matplotlib, which is not installed: "
-            "pip install 'tocsin[bench]' (in a source tree: pip install -e '.[bench]')",
-            2,
-        )
-    plan_name = "full" if args.full else "quick"
-    plan = PLANS[plan_name]
-    for flag, key, least in (("--connections", "connections", 2), ("--devices", "devices", 1)):
-        value = getattr(args, key)
-        if value is not None:
-            if value < least:
-                raise Fail(f"{flag}: at least {least}, got {value}", 2)
-            plan = Plan(**(asdict(plan) | {key: value}))
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d-%H%M")
-    name = f"bench-{plan_name}-{stamp}"
-    env = {}
-    for item in args.set or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.startswith("TOCSIN_"):
-            raise Fail(f"--set: expected TOCSIN_NAME=value, got {item!r}", 2)
-        env[key] = value
-    report = asyncio.run(
-        run_bench(plan, name, Path(args.out), profile=args.profile, gateway_env=env)
-    )
-    print(report["table"])
-    print(f"\nwritten: {Path(args.out) / name}.md, .json, plots: {', '.join(report['plots'])}")
-    return 0

@@ -260,7 +260,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from tocsin.bench.scenarios import run_scenario
 
         return run_scenario(args.scenario, args.scenario_argv)
-    from tocsin.bench.run import cmd_bench  # matplotlib and the load generator load lazily
+    from .bench import cmd_bench  # matplotlib and the load generator load lazily
 
     return cmd_bench(args)
 
