@@ -1136,9 +1136,16 @@ async def pick_node(scene: Scene, rng: random.Random, alive: list[int]) -> tuple
 
 
 def kick(scene: Scene, keys: list[str], rng: random.Random, most: int) -> int:
-    """Make up to ``most`` of these devices reconnect (their queue's node is down)."""
+    """Make up to ``most`` of these devices reconnect (their queue's node is down). Only
+    devices that ack: a kick abandons the socket with whatever the gateway wrote to it
+    unread, which for ack_mode=auto counts as delivered (the contract; reliability.md §5:
+    such devices never drop their own connections in the suite)."""
     chosen = [
-        c for c in scene.clients if c.spec.key in keys and c.spec.behaviour in ("steady", "churn")
+        c
+        for c in scene.clients
+        if c.spec.key in keys
+        and c.spec.behaviour in ("steady", "churn")
+        and c.spec.ack_mode == "client"
     ]
     rng.shuffle(chosen)
     return sum(c.kick() for c in chosen[:most])
