@@ -467,10 +467,12 @@ class Session:
                 self._enqueue(item.seq, alert_frame(item.seq, item.data, True))
 
     def on_pong(self, ts: float | None) -> None:
-        if ts is not None:
-            self.latency_ms = max(0.0, (time.time() - ts) * 1000)
-            if ts == self.ping_ts or ts == self.previous_ping_ts:
-                self.answered_ts = max(self.answered_ts or ts, ts)
+        if ts is None:  # a bare pong answers the latest ping
+            self.answered_ts = self.ping_ts
+            return
+        self.latency_ms = max(0.0, (time.time() - ts) * 1000)
+        if ts == self.ping_ts or ts == self.previous_ping_ts:
+            self.answered_ts = max(self.answered_ts or ts, ts)
 
     def healthy(self, now_mono: float) -> bool:
         """It answered its last ping, or that one is younger than a heartbeat and it
