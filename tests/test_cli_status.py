@@ -21,11 +21,11 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from tocsin.cli import main
+from tocsin.cli.common import redact
 from tocsin.cli.status import (
     collect,
     device_of,
     gather_gateways,
-    redact,
     render,
     stopped_tasks,
 )

@@ -4,11 +4,17 @@ machine reaches the gateway and NATS, the JWT secret, and minting tokens from fl
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from tocsin.core.settings import Settings
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
 
 DEV_SECRET_FILE = "dev-secret"
 ALERTS_PATH = "/api/v1/alerts"
@@ -141,3 +147,38 @@ def mint(settings: Settings, user: str, roles: list[str], regions: list[str], tt
     if not user:
         raise Fail("--user must not be empty", 2)
     return mint_token(resolve_secret(settings), user, roles=roles, regions=regions, ttl_seconds=ttl)
+
+
+def redact(url: str) -> str:
+    """A server URL without its user and password (for messages that say where we looked)."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if parts.username is None and parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+async def connect_once(urls: list[str]) -> Client:
+    """One bounded attempt to reach NATS, for a command that does one thing and exits;
+    :class:`Fail` (the URLs without credentials) when nobody answers."""
+    import nats
+    from nats.errors import NoServersError
+
+    async def quiet(exc: Exception) -> None:  # failures are reported below, once
+        return None
+
+    try:
+        # max_reconnect_attempts=0 makes nats-py retry the first connect forever: use 1,
+        # and bound the whole attempt besides.
+        return await asyncio.wait_for(
+            nats.connect(
+                urls,
+                connect_timeout=5,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                error_cb=quiet,
+            ),
+            timeout=15,
+        )
+    except (NoServersError, OSError, TimeoutError) as exc:
+        shown = ",".join(redact(u) for u in urls)
+        raise Fail(f"cannot connect to NATS {shown}: {exc or type(exc).__name__}") from None

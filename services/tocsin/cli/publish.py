@@ -14,7 +14,7 @@ from typing import Any
 
 from tocsin.core.settings import Settings, exit_on_bad_settings
 
-from .common import ALERTS_PATH, NOT_RUNNING_HINT, Fail, http_base, mint, nats_urls
+from .common import ALERTS_PATH, NOT_RUNNING_HINT, Fail, connect_once, http_base, mint, nats_urls
 
 #: Flags that build the alert field by field; ``--json`` excludes them all.
 FLAG_FIELDS = (
@@ -123,8 +123,7 @@ async def _publish_http(settings: Settings, args: argparse.Namespace, payload: b
 
 
 async def _publish_nats(settings: Settings, payload: bytes, alert_id: object) -> int:
-    import nats
-    from nats.errors import NoRespondersError, NoServersError
+    from nats.errors import NoRespondersError
     from nats.errors import TimeoutError as NatsTimeout
 
     from tocsin.core.naming import Names
@@ -132,24 +131,7 @@ async def _publish_nats(settings: Settings, payload: bytes, alert_id: object) ->
     urls = nats_urls(settings)
     subject = Names(settings.namespace).ingest_subject
 
-    async def quiet(exc: Exception) -> None:  # failures are reported below, once
-        return None
-
-    try:
-        # max_reconnect_attempts=0 makes nats-py retry the first connect forever: use 1,
-        # and bound the whole attempt besides.
-        nc = await asyncio.wait_for(
-            nats.connect(
-                urls,
-                connect_timeout=5,
-                allow_reconnect=False,
-                max_reconnect_attempts=1,
-                error_cb=quiet,
-            ),
-            timeout=15,
-        )
-    except (NoServersError, OSError, TimeoutError) as exc:
-        raise Fail(f"cannot connect to NATS {','.join(urls)}: {exc}") from None
+    nc = await connect_once(urls)
     try:
         ack = await nc.jetstream().publish(subject, payload, timeout=10)
     except NoRespondersError:

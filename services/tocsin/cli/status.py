@@ -27,12 +27,11 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from tocsin.core.naming import ERRORS_HEADER, REASON_HEADER, Names
 from tocsin.core.settings import Settings, exit_on_bad_settings
 
-from .common import Fail, nats_urls
+from .common import Fail, connect_once, nats_urls
 
 if TYPE_CHECKING:  # nats loads when the command runs, not with the parser
     from nats.aio.client import Client
@@ -80,14 +79,6 @@ def _parse(text: str) -> datetime:
 
 def _iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def redact(url: str) -> str:
-    """A server URL without its user and password (status prints where it looked)."""
-    parts = urlsplit(url if "://" in url else f"nats://{url}")
-    if parts.username is None and parts.password is None:
-        return url
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 async def _api(nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -678,35 +669,8 @@ def render(doc: dict[str, Any], colour: bool = False) -> str:
 # --------------------------------------------------------------------------- command
 
 
-async def _connect(settings: Settings) -> Client:
-    import nats
-    from nats.errors import NoServersError
-
-    urls = nats_urls(settings)
-
-    async def quiet(exc: Exception) -> None:  # failures are reported below, once
-        return None
-
-    try:
-        # As tocsin publish --via nats: max_reconnect_attempts=0 would retry the first
-        # connect forever; 1, and the whole attempt bounded besides.
-        return await asyncio.wait_for(
-            nats.connect(
-                urls,
-                connect_timeout=5,
-                allow_reconnect=False,
-                max_reconnect_attempts=1,
-                error_cb=quiet,
-            ),
-            timeout=15,
-        )
-    except (NoServersError, OSError, TimeoutError) as exc:
-        shown = ",".join(redact(u) for u in urls)
-        raise Fail(f"cannot connect to NATS {shown}: {exc or type(exc).__name__}") from None
-
-
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
-    nc = await _connect(settings)
+    nc = await connect_once(nats_urls(settings))
     try:
         doc = await collect(nc, Names(settings.namespace), args.top, args.wait)
     finally:
