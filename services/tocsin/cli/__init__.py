@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long gateways have to answer (default: %(default)s)",
     )
+    p.add_argument(
+        "--gateways",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop waiting once N gateways answered (default: wait the whole --wait)",
+    )
     p.set_defaults(func=cmd_status)
     from tocsin.bench.scenarios import SCENARIOS  # names and help only: imports nothing heavy
 

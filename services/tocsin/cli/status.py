@@ -306,11 +306,14 @@ async def dead_letters(
     }
 
 
-async def gather_gateways(nc: Client, subject: str, wait: float) -> dict[str, Any]:
+async def gather_gateways(
+    nc: Client, subject: str, wait: float, expect: int | None = None
+) -> dict[str, Any]:
     """Ask every gateway at once; gather the answers that come within ``wait`` seconds.
 
     One request, one reply inbox, no queue group: each gateway subscribed to ``subject``
-    answers. A 503 status (NATS's "no responders") ends the wait at once.
+    answers. A 503 status (NATS's "no responders") ends the wait at once, and so does the
+    ``expect``-th answer (readable or not) when the caller knows how many gateways run.
     """
     from nats.errors import TimeoutError as NatsTimeout
 
@@ -337,6 +340,8 @@ async def gather_gateways(nc: Client, subject: str, wait: float) -> dict[str, An
                 replies.append(body)
             else:
                 unreadable += 1
+            if expect is not None and len(replies) + unreadable >= expect:
+                break
     finally:
         await sub.unsubscribe()
     replies.sort(key=lambda r: str(r.get("instance", "")))
@@ -399,6 +404,7 @@ async def collect(
     names: Names,
     top: int = TOP,
     wait: float = GATEWAY_WAIT,
+    expect: int | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> dict[str, Any]:
     """The whole status document (what ``--json`` prints)."""
@@ -422,7 +428,7 @@ async def collect(
         "streams": streams,
         "device_queues": queues,
         "dlq": await dead_letters(nc, names, streams["dlq"], dlq_subjects),
-        "gateways": await gather_gateways(nc, names.gateways_stats_subject, wait),
+        "gateways": await gather_gateways(nc, names.gateways_stats_subject, wait, expect),
     }
     doc["warnings"] = warnings(doc)
     return doc
@@ -672,7 +678,7 @@ def render(doc: dict[str, Any], colour: bool = False) -> str:
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
     nc = await connect_once(nats_urls(settings))
     try:
-        doc = await collect(nc, Names(settings.namespace), args.top, args.wait)
+        doc = await collect(nc, Names(settings.namespace), args.top, args.wait, args.gateways)
     finally:
         await nc.close()
     if args.json:
@@ -687,6 +693,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         raise Fail("--top must be 0 or more", 2)
     if not 0 < args.wait <= 60:
         raise Fail("--wait must be more than 0 and at most 60 seconds", 2)
+    if args.gateways is not None and args.gateways < 1:
+        raise Fail("--gateways must be 1 or more", 2)
     settings = exit_on_bad_settings()
     if not settings.nats_url:
         raise Fail(
