@@ -204,6 +204,24 @@ def test_an_unflagged_repeat_is_counted_on_any_connection_unless_after_a_gateway
     v.record_frame(JO.key, frame(1, body(1, "KE-30")), 6.9, b)
     report = v.report(SEQS)
     assert (report.unflagged_repeats, report.unflagged_repeats_after_kill) == (0, 1)
+    # ... however long after the heal the device's next connection reads the stale position
+    # (a loaded machine), but once per kill: a second unflagged repeat with no kill between
+    # is a fault
+    v = jo_scene()
+    a = v.open_connection(JO.key, ("KE", "UG"), 5.0)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 6.0, a)
+    v.fault_end(v.fault_start("gateway_kill", 6.5), 7.0)
+    b = v.open_connection(JO.key, ("KE", "UG"), 500.0)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 500.1, b)
+    c = v.open_connection(JO.key, ("KE", "UG"), 501.0)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 501.1, c)
+    report = v.report(SEQS)
+    assert (report.unflagged_repeats, report.unflagged_repeats_after_kill) == (1, 1)
+    assert any("before on" in e for e in report.examples)
+    # ... and a second kill excuses the next one
+    v.fault_end(v.fault_start("gateway_kill", 500.5), 500.8)
+    report = v.report(SEQS)
+    assert (report.unflagged_repeats, report.unflagged_repeats_after_kill) == (0, 2)
     # ... but not one received for the first time after the kill began
     v = jo_scene()
     v.fault_end(v.fault_start("gateway_kill", 5.5), 6.0)
