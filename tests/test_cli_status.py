@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -258,15 +257,15 @@ async def test_gatherer_collects_every_gateways_answer(
         found = await gather_gateways(nc, subject, wait=60.0, expect=3)
     assert found["subject"] == subject and found["wait_seconds"] == 60.0
     assert found["answered"] == 2 and found["unreadable"] == 1
+    assert found["no_responders"] is False
     assert [r["instance"] for r in found["replies"]] == ["gw-a", "gw-b"]
     assert found["replies"][1] == json.loads(gateway_stats("gw-b", 7))
 
 
 async def test_no_gateway_is_a_finding_and_ends_the_wait_at_once(names: Names, nc: Nats) -> None:
     """NATS answers "no responders" (503) when nobody listens: no need to wait it out."""
-    started = time.monotonic()
-    found = await gather_gateways(nc, names.gateways_stats_subject, wait=20.0)
-    assert time.monotonic() - started < 10
+    found = await gather_gateways(nc, names.gateways_stats_subject, wait=60.0)
+    assert found["no_responders"] is True  # the 503 ended it, not the 60 s
     assert (found["answered"], found["unreadable"], found["replies"]) == (0, 0, [])
 
 

@@ -52,7 +52,17 @@ from tocsin.core.topology import apply_topology
 from ..conftest import SECRET
 from ..support import GatewayProcess, spawn_tocsin
 from .proxy import RoundRobinProxy
-from .verifier import Connection, DeviceSpec, Fault, Overlap, Report, Token, Verifier
+from .verifier import (
+    Connection,
+    DeviceSpec,
+    Fault,
+    Overlap,
+    Report,
+    Stall,
+    Token,
+    Verifier,
+    ref_alert,
+)
 
 LONG = os.environ.get("TOCSIN_CHAOS", "").lower() == "long"
 
@@ -320,6 +330,24 @@ class Engine:
             self.verifier.record_publish(body, time.monotonic(), attempted)
             return
 
+    async def probes(self, specs: list[DeviceSpec]) -> dict[str, set[int | str]]:
+        """Publish, for each of ``specs``, an alert its filters select (made at random,
+        PROBE_TRIES at most; a bounded search, nothing is published meanwhile). Returns
+        device key -> the published probes it must receive."""
+        bodies = []
+        for spec in specs:
+            for _ in range(PROBE_TRIES):
+                body = make_alert(self.rng)
+                if spec.matches(ref_alert(body)) is True:
+                    bodies.append(body)
+                    break
+        deadline = time.monotonic() + 30
+        await asyncio.gather(*(self.publish(b, deadline) for b in bodies))
+        return {
+            spec.key: {b["alert_id"] for b in bodies if spec.matches(ref_alert(b)) is True}
+            for spec in specs
+        }
+
     async def burst(self, count: int, region: str) -> None:
         """``count`` ~30 KB alerts for ``region``, published all at once."""
         deadline = time.monotonic() + 30
@@ -409,6 +437,10 @@ class DeviceClient:
     _links_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _turn: int = 0  # the next token of spec.token_cycle()
     _small_http: aiohttp.ClientSession | None = None  # sockets with a small SO_RCVBUF
+    #: The established connection of a single-connection client (None between them), and
+    #: set while there is one: what :func:`slow_reader_stalls` stops reading.
+    current: aiohttp.ClientWebSocketResponse | None = None
+    up: asyncio.Event = field(default_factory=asyncio.Event)
 
     def kick(self) -> bool:
         """Make the client drop its connection now and reconnect (False: it is between
@@ -434,7 +466,10 @@ class DeviceClient:
             try:
                 async with asyncio.timeout(10):
                     assert self.http is not None
-                    ws = await self.http.ws_connect(self.scene.ws_url, params=params)
+                    http = self.http
+                    if self.spec.behaviour == "stalling":  # a window too small to hide a stall
+                        http = self.small_window_http(STALLING_RCVBUF)
+                    ws = await http.ws_connect(self.scene.ws_url, params=params)
             except Exception:  # refused, gateway restarting, 503: reconnect with backoff
                 await asyncio.sleep(self.rng.uniform(0.05, 0.3))
                 continue
@@ -496,8 +531,12 @@ class DeviceClient:
                 conn = self.verifier.open_connection(
                     self.spec.key, self.spec.regions, time.monotonic(), self.acks
                 )
-                with contextlib.suppress(Exception):
-                    await self.session(ws, conn)
+                try:
+                    with contextlib.suppress(Exception):
+                        await self.session(ws, conn)
+                finally:
+                    self.up.clear()
+                    self.current = None
                 self.closes.append(ws.close_code)
                 with contextlib.suppress(Exception):
                     await ws.close()
@@ -505,6 +544,8 @@ class DeviceClient:
         finally:
             if self.http is not None:
                 await self.http.close()
+            if self._small_http is not None:
+                await self._small_http.close()
 
     async def session(self, ws: aiohttp.ClientWebSocketResponse, conn: Connection) -> None:
         key = self.spec.key
@@ -545,6 +586,8 @@ class DeviceClient:
             kind = frame["type"]
             if kind == "connection_established":
                 established = True
+                self.current = ws
+                self.up.set()
                 self.verifier.connection_established(conn, at)
                 self.verifier.connects[key] += 1
                 if self._open_fault is not None:
@@ -1201,6 +1244,78 @@ def node_kills(
             v.phase("healed", now)
             for _, fault in kills:
                 v.fault_end(fault, now)
+
+    return inject
+
+
+# ----------------------------------------------------------------------- slow readers
+
+#: The SO_RCVBUF of a ``stalling`` device's sockets, set before they connect (so the
+#: window they advertise is small: set afterwards, the kernel keeps the one it advertised).
+STALLING_RCVBUF = 4096
+#: The burst behind a stalled reader: 7.8 MB, twice what a loopback send buffer holds (it
+#: grows to ~3.9 MB), so the gateway's writer for it waits on the socket before the probes,
+#: which come after the burst in the stream, reach anyone.
+STALL_BURST_ALERTS = 2 * BURST_ALERTS
+#: Deadline for every bystander to get its probes while readers are stalled: a bound on a
+#: condition that holds unless the stall holds the others up (or delivery is broken).
+PROBE_SECONDS = 30.0
+#: Random alerts tried for a probe a bystander's filters select.
+PROBE_TRIES = 1000
+
+
+def slow_reader_stalls(n: int, pause_seconds: float) -> Injector:
+    """``n`` times: every ``stalling`` device's client stops reading its socket (opened with
+    a small receive window); a burst of large alerts for their region (STALL_BURST_ALERTS,
+    more than the loopback buffers hold) backs their sessions up in the gateway, so its
+    writes to them block; then probe alerts for the bystanders (``steady`` devices), for
+    each one its filters select, in two waves (the second once the first arrived). The
+    readers stay stalled ``pause_seconds`` and until every bystander got its probes
+    (PROBE_SECONDS at most; the scenario's heartbeat must be longer, or the gateway drops
+    the stalled sessions first), then read on. Whether the probes came while the readers
+    were stalled is the verifier's (:class:`Stall`)."""
+
+    async def inject(scene: Scene, v: Verifier, rng: random.Random, over: asyncio.Event) -> None:
+        stalling = clients_with(scene, "stalling")
+        bystanders = [c.spec for c in clients_with(scene, "steady")]
+        assert scene.engine is not None
+        for _ in range(n):
+            await spaced(rng, n, over)
+            for c in stalling:  # each client is connected, or reconnecting at once
+                await first_of([c.up, c.finish], ESTABLISH_SECONDS)
+            held: list[tuple[DeviceClient, asyncio.Transport]] = []
+            for c in stalling:
+                transport = None if c.current is None else transport_of(c.current)
+                if transport is not None:
+                    held.append((c, transport))
+            now = time.monotonic()
+            fault = v.fault_start("slow_client", now)
+            stall = Stall([c.spec.key for c, _ in held], now)
+            v.stalls.append(stall)
+            for _, transport in held:
+                transport.pause_reading()
+            try:
+                await scene.engine.burst(STALL_BURST_ALERTS, BURST_REGION)
+                deadline = time.monotonic() + PROBE_SECONDS
+                # Two waves. The gateway hands the burst and the first wave to the sessions'
+                # writers at once; once the first wave has arrived, the stalled session's
+                # writer has run and is waiting on its full socket, so the second wave is
+                # what a writer that blocks others would hold up.
+                for _ in range(2):
+                    wave = await scene.engine.probes(bystanders)
+                    for key, ids in wave.items():
+                        stall.probes.setdefault(key, set()).update(ids)
+                    while not v.probes_delivered(stall) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.05)  # polling a condition with a deadline
+                rest = stall.start + pause_seconds - time.monotonic()
+                if rest > 0:
+                    await asyncio.sleep(rest)  # the fault itself: how long the readers stall
+            finally:
+                stall.end = time.monotonic()
+                for _, transport in held:
+                    with contextlib.suppress(Exception):
+                        transport.resume_reading()
+                v.fault_end(fault, stall.end)
 
     return inject
 

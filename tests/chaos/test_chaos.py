@@ -34,6 +34,7 @@ from .harness import (
     ingest_kills,
     nats_restarts,
     run_scenario,
+    slow_reader_stalls,
     stalled_readers,
     token_changes,
 )
@@ -142,14 +143,34 @@ async def test_clients_that_never_ack_still_get_everything(tmp_path: Path) -> No
 
 
 async def test_a_slow_reader_blocks_nobody(tmp_path: Path) -> None:
+    """A reader stops reading its socket while the gateway has megabytes for it (a small
+    receive window and a burst of large alerts: the gateway's writes to it block), and
+    stays stalled until every other device got a probe alert published meanwhile: the
+    probes must arrive before the stall ends. An order, not a time: how late the bystanders
+    were is the report's figure (worst delay, bystanders), which on a loaded machine
+    measures the machine."""
     pause = 4.0 if MODE.name == "short" else 15.0
+    stalling = copies([DeviceSpec("zoe", "phone", ("TZ",), behaviour="stalling")])
     outcome = await run_scenario(
-        "slow_client", tmp_path, devices({"amina/phone": "slow"}), [], pause_seconds=pause
+        "slow_client",
+        tmp_path,
+        devices() + stalling,
+        [slow_reader_stalls(MODE.faults, pause)],
+        load_after_faults=1.0,
+        # the gateway keeps a stalled session for two heartbeats: longer than the stall
+        overrides={"heartbeat_seconds": 60.0},
     )
     check(outcome)
     assert outcome.report.faults.get("slow_client", 0) >= 1
     bystanders = outcome.report.bystander_worst_delay
-    assert bystanders is not None and bystanders < pause, "a stalled reader delayed others"
+    assert bystanders is not None
+    stalls = outcome.verifier.stalls
+    assert stalls and all(s.devices for s in stalls), "no reader was stalled"
+    steady = {spec.key for spec in devices()}
+    for stall in stalls:
+        assert {d for d, ids in stall.probes.items() if ids} == steady, "a bystander had no probe"
+    late = [x for s in stalls for x in outcome.verifier.late_probes(s)]
+    assert not late, f"a stalled reader delayed others: {late}"
 
 
 async def test_mixed_faults_behind_three_gateways(tmp_path: Path) -> None:
@@ -287,5 +308,6 @@ async def test_a_stalled_reader_gives_way_to_a_new_connection(tmp_path: Path) ->
     report = outcome.report
     assert report.faults.get("stalled_reader", 0) >= len(specs)
     assert report.overlaps.get("stalled_takeover", 0) >= 1
-    bystanders = report.bystander_worst_delay
-    assert bystanders is not None and bystanders < stall, "a stalled reader delayed others"
+    # That a stalled reader holds nobody up is test_a_slow_reader_blocks_nobody's (by order,
+    # not by a delay that on a loaded machine measures the machine); here it is a figure.
+    assert report.bystander_worst_delay is not None

@@ -75,6 +75,10 @@ connection carries the token it used, so a device may change tokens between conn
   the device, even a stalled reader, or one that just ended; not one of several opened at
   the same instant) must see ``connection_established`` within ``TAKEOVER_SECONDS`` of
   starting its handshake, unless the server closed it with 4009.
+* **late probes**: while readers are stalled (a :class:`Stall`), probe alerts are
+  published for the other devices; each bystander must get every probe meant for it
+  before the stall ends (the harness holds the stall until they arrive, with a deadline):
+  one it got later, or never, was held up by the stalled reader. An order, not a delay.
 
 Times are ``time.monotonic()`` seconds.
 """
@@ -124,8 +128,8 @@ class DeviceSpec:
     alert_types: tuple[str, ...] | None = None
     risk_threshold: float | None = None
     location: dict[str, Any] | None = None
-    #: steady | churn | never_ack | slow | concurrent | token_change | stalled (how the
-    #: device's client behaves)
+    #: steady | churn | never_ack | slow | stalling | concurrent | token_change | stalled
+    #: (how the device's client behaves)
     behaviour: str = "steady"
     #: The tokens (regions) the device's connections take in turn (token_change); empty:
     #: always ``regions``.
@@ -248,6 +252,19 @@ class Fault:
 
 
 @dataclass
+class Stall:
+    """Readers that stopped reading their sockets for a while, and the probe alerts
+    published meanwhile: each bystander must get every probe meant for it while the readers
+    are still stalled (``end``), or the stall held it up."""
+
+    devices: list[str]
+    start: float
+    end: float | None = None
+    #: bystander -> the probes it must receive (published after the stall began)
+    probes: dict[str, set[int | str]] = field(default_factory=dict)
+
+
+@dataclass
 class Verifier:
     scenario: str = "scenario"
     published: dict[int | str, Published] = field(default_factory=dict)
@@ -264,6 +281,7 @@ class Verifier:
     connects: Counter[str] = field(default_factory=Counter)
     connections: dict[int, Connection] = field(default_factory=dict)
     overlaps: list[Overlap] = field(default_factory=list)
+    stalls: list[Stall] = field(default_factory=list)
 
     # ------------------------------------------------------------------ recording
     def device_created(self, spec: DeviceSpec, at: float) -> None:
@@ -334,6 +352,28 @@ class Verifier:
         seen.add(alert_id)
         self.accepted[device].append(alert_id)
         return True
+
+    def has(self, device: str, alert_id: int | str) -> bool:
+        """The device's client got this alert (on any connection)."""
+        return alert_id in self._seen.get(device, ())
+
+    def probes_delivered(self, stall: Stall) -> bool:
+        return all(self.has(d, a) for d, ids in stall.probes.items() for a in ids)
+
+    def late_probes(self, stall: Stall) -> list[str]:
+        """The probes a bystander got only after the stall ended, or never."""
+        late = []
+        end = stall.end if stall.end is not None else math.inf
+        for device, ids in sorted(stall.probes.items()):
+            firsts: dict[int | str, float] = {}
+            for rec in self.receipts.get(device, []):
+                firsts.setdefault(rec.alert_id, rec.at)
+            for alert_id in sorted(ids, key=str):
+                at = firsts.get(alert_id)
+                if at is None or at >= end:
+                    got = "never" if at is None else f"{at - end:+.3f} s after the stall"
+                    late.append(f"{device} got probe {alert_id} {got}")
+        return late
 
     def record_truncated(self, device: str, dropped: int) -> None:
         self.truncated[device] += dropped
@@ -453,6 +493,12 @@ class Verifier:
             r.dupes_after_dedupe += len(accepted) - len(set(accepted))
         self._judge_connections(r, seq_of)
         self._judge_overlaps(r)
+        for stall in self.stalls:
+            r.stall_probes += sum(len(ids) for ids in stall.probes.values())
+            late = self.late_probes(stall)
+            r.late_probes += len(late)
+            for example in late:
+                r.note(f"late probe: {example} ({', '.join(stall.devices)} stalled)")
         if stream_seqs is not None:
             r.not_in_stream = sum(1 for a in self.published if a not in stream_seqs)
         for device in self.devices:
@@ -650,6 +696,10 @@ class Report:
     #: Device queues the gateways rebuilt from their records (their node was down).
     queues_rebuilt: int | None = None
     bystander_worst_delay: float | None = None
+    #: Probe alerts for bystanders published while readers were stalled (Stall), and
+    #: those a bystander got only after the stall ended (or never): held up by it.
+    stall_probes: int = 0
+    late_probes: int = 0
     mode: str = "short"
     seconds: float = 0.0
     examples: list[str] = field(default_factory=list)
@@ -708,6 +758,13 @@ class Report:
         ]
         if self.bystander_worst_delay is not None:
             rows.append(("worst delay, bystanders", f"{self.bystander_worst_delay:.3f} s"))
+        if self.stall_probes:
+            rows.append(
+                (
+                    "probes to bystanders while stalled (late)",
+                    f"{self.stall_probes} ({self.late_probes})",
+                )
+            )
         if self.overlaps:
             rows.append(
                 (
@@ -764,6 +821,7 @@ class Report:
             "settled_unseen",
             "overlap_violations",
             "slow_takeovers",
+            "late_probes",
         )
         for name in names:
             if getattr(self, name):

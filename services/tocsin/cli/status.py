@@ -322,6 +322,7 @@ async def gather_gateways(
     sub = await nc.subscribe(inbox)
     replies: list[dict[str, Any]] = []
     unreadable = 0
+    nobody = False
     try:
         await nc.publish(subject, b"", reply=inbox)
         deadline = loop.time() + wait
@@ -331,7 +332,8 @@ async def gather_gateways(
             except NatsTimeout:
                 break
             if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
-                break  # nobody is subscribed
+                nobody = True  # nobody is subscribed
+                break
             try:
                 body = json.loads(msg.data)
             except ValueError:
@@ -350,6 +352,7 @@ async def gather_gateways(
         "wait_seconds": wait,
         "answered": len(replies),
         "unreadable": unreadable,
+        "no_responders": nobody,
         "replies": replies,
     }
 
@@ -380,7 +383,9 @@ def warnings(doc: dict[str, Any]) -> list[str]:
     if dlq["messages"]:
         out.append(f"{dlq['messages']} dead-lettered event(s) in {dlq['stream']}")
     gateways = doc["gateways"]
-    if not gateways["answered"]:
+    if gateways.get("no_responders"):
+        out.append(f"no gateway answered: none listens on {gateways['subject']}")
+    elif not gateways["answered"]:
         out.append(
             f"no gateway answered on {gateways['subject']} within {gateways['wait_seconds']:g}s"
         )
@@ -625,7 +630,10 @@ def render(doc: dict[str, Any], colour: bool = False) -> str:
     replies = g["replies"]
     if not replies:
         out += ["", style.title("Gateways") + style.warn("  no gateway answered")]
-        out[-1] += f" on {g['subject']} within {g['wait_seconds']:g}s"
+        if g.get("no_responders"):
+            out[-1] += f": none listens on {g['subject']}"
+        else:
+            out[-1] += f" on {g['subject']} within {g['wait_seconds']:g}s"
     else:
         total = sum(r.get("active_connections") or 0 for r in replies)
         out += [
