@@ -231,6 +231,19 @@ def test_an_unflagged_repeat_is_counted_on_any_connection_unless_after_a_gateway
     assert v.report(SEQS).unflagged_repeats == 1
 
 
+def test_an_alert_sent_twice_on_one_connection_is_a_fault_even_flagged() -> None:
+    v = jo_scene()
+    a = v.open_connection(JO.key, ("KE", "UG"), 5.0)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30")), 6.0, a)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30"), redelivered=True), 7.0, a)  # resent
+    b = v.open_connection(JO.key, ("KE", "UG"), 8.0)
+    v.record_frame(JO.key, frame(1, body(1, "KE-30"), redelivered=True), 8.1, b)  # allowed
+    report = v.report(SEQS)
+    assert report.repeats_on_connection == 1 and report.unflagged_repeats == 0
+    assert "repeats_on_connection = 1" in report.failures()
+    assert any("sent twice on one connection" in e for e in report.examples)
+
+
 def test_misdelivery_is_judged_against_the_token_of_the_connection() -> None:
     v = jo_scene()
     wide = v.open_connection(JO.key, ("KE", "UG"), 5.0)

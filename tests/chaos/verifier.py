@@ -456,8 +456,16 @@ class Verifier:
             device_order = spec is None or self.device_order_applies(device)
             counts: Counter[int | str] = Counter()
             last_seq = 0
+            on_connection: set[tuple[int, int | str]] = set()
             for rec in receipts:
                 counts[rec.alert_id] += 1
+                if rec.conn and (rec.conn, rec.alert_id) in on_connection:
+                    r.repeats_on_connection += 1
+                    r.note(
+                        f"sent twice on one connection: {device} got {rec.alert_id} "
+                        f"again on {rec.conn}"
+                    )
+                on_connection.add((rec.conn, rec.alert_id))
                 earlier = latest.get((device, rec.alert_id))
                 latest[(device, rec.alert_id)] = rec
                 if earlier is not None:
@@ -675,6 +683,9 @@ class Report:
     unflagged_repeats: int = 0
     #: the same, inside a gateway_kill window (allowed by the contract)
     unflagged_repeats_after_kill: int = 0
+    #: an alert frame a connection had already received on that connection: a resend on
+    #: a link that stayed open (CONTRACT §6: TCP delivers or breaks)
+    repeats_on_connection: int = 0
     connections: int = 0
     connection_order: int = 0
     connection_gaps: int = 0
@@ -743,6 +754,7 @@ class Report:
                 "unflagged repeats (after a gateway kill)",
                 f"{self.unflagged_repeats} ({self.unflagged_repeats_after_kill})",
             ),
+            ("repeats on one connection", self.repeats_on_connection),
             (
                 "connections: order / gaps / settled unseen",
                 f"{self.connections}: {self.connection_order} / {self.connection_gaps} / "
@@ -816,6 +828,7 @@ class Report:
             "order_violations",
             "dupes_after_dedupe",
             "unflagged_repeats",
+            "repeats_on_connection",
             "connection_order",
             "connection_gaps",
             "settled_unseen",

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from nats.js import JetStreamContext
 
 from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
+from tocsin.gateway.context import SWEEP_SECONDS
+from tocsin.schemas.codes import Close
 
-from ..support import Client, RunningGateway, alert, append, token
+from ..support import Client, RunningGateway, alert, append, eventually, start_gateway, token
 
 
 async def test_live_alert_arrives_with_stream_seq(
@@ -66,17 +71,32 @@ async def test_catch_up_after_disconnect_in_order_before_live(
     await again.close()
 
 
-async def test_unacked_alert_is_redelivered_then_acked_stays_acked(
+async def test_an_unacked_alert_is_not_sent_again_on_an_open_connection(
     gateway: RunningGateway, js: JetStreamContext, names: Names
 ) -> None:
+    """TCP delivers or breaks: nothing is resent on a connection that stays open (the
+    durable's backoff, 1 s in tests, once drove resends here; CONTRACT §6)."""
     tok = token("dave")
     client = await Client.connect(gateway.ws_url, tok)
     await client.next("connection_established")
     sent = await append(js, names, alert())
     first = await client.next("alert")
     assert first["seq"] == sent.seq and not first["redelivered"]
-    again = await client.next("alert", timeout=5)  # backoff[0] = 1 s in tests
-    assert again["seq"] == sent.seq and again["redelivered"] is True
+    [session] = [s for s in gateway.gw.sessions if s.device.user_id == "dave"]
+    item = session.window.items[sent.seq]
+    backoff = gateway.settings.redelivery_backoff[0]
+    # The ticker has swept this session at least twice past the old resend delay: anything
+    # it enqueued then goes out before the answer to the get_stats sent after.
+    swept_from = item.sent_at + 2 * backoff + SWEEP_SECONDS
+
+    def swept() -> bool:
+        return session.next_sweep - SWEEP_SECONDS >= swept_from
+
+    await eventually(swept, what="two sweeps of the session past the old resend delay")
+    await client.send({"type": "get_stats"})
+    stats = await client.next()
+    assert stats["type"] == "connection_stats", f"sent again: {stats}"
+    assert stats["inflight"] == 1 and stats["alerts_sent"] == 1
     await client.send({"type": "ack", "seq": sent.seq})
     await client.close()
     # after the ack, a reconnect brings nothing old: the next alert is the new one
@@ -87,6 +107,36 @@ async def test_unacked_alert_is_redelivered_then_acked_stays_acked(
     [frame] = await back.alerts(1)
     assert frame["seq"] == fresh.seq
     await back.close()
+
+
+async def test_a_window_held_full_without_acks_closes_with_4408_and_resumes(
+    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+) -> None:
+    """The client holds every alert it may have unacked for TOCSIN_ACK_TIMEOUT_SECONDS:
+    closed with 4408; its next connection gets them again, flagged, then the rest."""
+    running = await start_gateway(make_settings(max_inflight=2, ack_timeout_seconds=0.5))
+    try:
+        tok = token("gus")
+        client = await Client.connect(running.ws_url, tok)
+        await client.next("connection_established")
+        seqs = [(await append(js, names, alert())).seq for _ in range(3)]
+        got = await client.alerts(2)  # the window is full: the third waits in the queue
+        assert [f["seq"] for f in got] == seqs[:2]
+        assert await client.wait_closed() == Close.ACK_TIMEOUT
+        left = []
+        while not client.frames.empty():
+            left.append(client.frames.get_nowait())
+        assert [f for f in left if f["type"] == "alert"] == [], "sent again or past the window"
+        await client.close()
+        back = await Client.connect(running.ws_url, tok)
+        hello = await back.next("connection_established")
+        assert hello["pending"] == 3
+        again = await back.alerts(3, ack=True)
+        assert [f["seq"] for f in again] == seqs
+        assert [f["redelivered"] for f in again] == [True, True, False]
+        await back.close()
+    finally:
+        await running.stop()
 
 
 async def test_unacked_alerts_come_back_after_reconnect_flagged(

@@ -253,7 +253,8 @@ async def test_connect_filters_replace_the_stored_ones_for_the_backlog_too(
 async def test_a_change_keeps_the_queues_ack_state_and_loses_nothing_in_flight(
     gateway: RunningGateway, js: JetStream, names: Names
 ) -> None:
-    """In-flight alerts stay in flight across a change: unacked, they are redelivered."""
+    """In-flight alerts stay in flight across a change (not sent again on the connection:
+    CONTRACT §6), and their ack after it settles them."""
     client = await Client.connect(gateway.ws_url, token("zed"))
     await client.next("connection_established")
     sent = [alert("KE-30"), alert("KE-31")]
@@ -262,9 +263,13 @@ async def test_a_change_keeps_the_queues_ack_state_and_loses_nothing_in_flight(
     frames = await client.alerts(2)
     await client.send({"type": "ack", "seq": frames[0]["seq"]})
     await ask(client, {"type": "subscribe", "groups": ["region:KE-30"]})
-    again = await client.next("alert")  # KE-31 was sent before the change: still owed
-    assert again["redelivered"] and again["seq"] == frames[1]["seq"]
-    await client.send({"type": "ack", "seq": again["seq"]})
+    await client.send({"type": "get_stats"})  # KE-31 was sent before the change: in flight
+    stats = await client.next("connection_stats")
+    assert (stats["inflight"], stats["acked_seq"]) == (1, frames[0]["seq"])
+    await client.send({"type": "ack", "seq": frames[1]["seq"]})
+    await client.send({"type": "get_stats"})
+    stats = await client.next("connection_stats")
+    assert (stats["inflight"], stats["acked_seq"]) == (0, frames[1]["seq"])
     await skipped_then(js, names, client, [alert("KE-31")], alert("KE-30"))
     await client.close()
 

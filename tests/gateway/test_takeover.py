@@ -122,7 +122,12 @@ async def gws(
     """One gateway, or two instances sharing NATS (connections alternate between them)."""
     # Long waits: a takeover that waited for anything (the old socket, a timeout) would show
     # as a missed deadline in the cases below.
-    settings = make_settings(takeover_seconds=60, shutdown_grace_seconds=60)
+    settings = make_settings(
+        takeover_seconds=60,
+        shutdown_grace_seconds=60,
+        max_inflight=STALL_WINDOW,
+        offline_queue_max=STALL_WINDOW,
+    )
     running = [await start_gateway(settings) for _ in range(1 if request.param == "one" else 2)]
     yield running
     for gateway in running:
@@ -288,6 +293,14 @@ def big_alert() -> dict[str, Any]:
     return alert(message="🦟" * 8000)  # about 32 KB of JSON
 
 
+#: Big alerts for a stalled reader: 5 MB, more than loopback socket buffers hold (they grow
+#: to ~4 MB), all inside the window (nothing is resent on an open connection, so only a
+#: window's worth is ever written to a socket that stopped reading) and the offline queue
+#: cap (the next connection gets them all, none truncated).
+STALL_BURST = 160
+STALL_WINDOW = 256
+
+
 def sessions_of(gws: list[RunningGateway], consumer: str) -> int:
     return sum(h.consumer == consumer for g in gws for h in g.gw.owners.holders.values())
 
@@ -297,13 +310,15 @@ async def test_a_client_that_stops_reading_is_closed_and_frees_its_device(
 ) -> None:
     """Heartbeats 2 s: the session of a client that never reads ends by itself (closing
     cannot wait on a drain that never ends), and the device can be used again at once."""
-    gateway = await start_gateway(make_settings(heartbeat_seconds=2.0, takeover_seconds=60))
+    gateway = await start_gateway(
+        make_settings(heartbeat_seconds=2.0, takeover_seconds=60, max_inflight=STALL_WINDOW)
+    )
     try:
         for _ in range(TRIALS):
             user = device()
             consumer = names.device_consumer(user, "phone")
             stalled = await Stalled.open(gateway.port, token(user))
-            for _ in range(80):
+            for _ in range(STALL_BURST):
                 await append(js, names, big_alert())
             await eventually(
                 lambda c=consumer: sessions_of([gateway], c) == 0,
@@ -324,7 +339,7 @@ async def _stalled_owner(
     user = device()
     consumer = names.device_consumer(user, "phone")
     stalled = await Stalled.open(gws[0].port, token(user))
-    for _ in range(80):
+    for _ in range(STALL_BURST):
         await append(js, names, big_alert())
 
     def stuck() -> bool:
@@ -335,7 +350,8 @@ async def _stalled_owner(
     await eventually(lambda: new.client.established, what="the takeover, not waiting")
     for _ in range(10):
         await append(js, names, alert())
-    await eventually(lambda: len(set(new.seqs)) == 90, what="90 alerts at the new one")
+    total = STALL_BURST + 10
+    await eventually(lambda: len(set(new.seqs)) == total, what=f"{total} alerts at the new one")
     await eventually(lambda: new.acked == new.seqs[-1], what="all acked")
     await new.close()
     stalled.abandon()

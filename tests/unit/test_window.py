@@ -7,11 +7,9 @@ from hypothesis import strategies as st
 
 from tocsin.gateway.window import InFlight, Window
 
-SCHEDULE = [1.0, 2.0, 4.0]
-
 
 def item(seq: int, sent_at: float = 0.0, expires: float | None = None) -> InFlight:
-    return InFlight(seq, f'{{"alert_id": {seq}}}'.encode(), expires, sent_at, 1)
+    return InFlight(seq, f'{{"alert_id": {seq}}}'.encode(), expires, sent_at)
 
 
 def test_empty_window() -> None:
@@ -20,7 +18,7 @@ def test_empty_window() -> None:
     assert (w.floor, w.next_seq) == (0, 1)
     assert w.is_new(1) and w.is_new(50)
     assert not w.is_new(0)
-    assert w.due(1e9, SCHEDULE) == []
+    assert not w.held_full(1e9, 30.0)
 
 
 def test_take_tracked_uses_room_and_moves_next_seq() -> None:
@@ -109,36 +107,34 @@ def test_ack_covers_skipped_seq() -> None:
     assert not w.items
 
 
-def test_due_waits_for_backoff() -> None:
-    w = Window(10)
-    first = item(1, sent_at=100.0)
-    w.take(first, track=True)
-    assert w.due(100.0, SCHEDULE) == []
-    assert w.due(100.999, SCHEDULE) == []
-    assert w.due(101.0, SCHEDULE) == [first]
-    # the session redelivers: one more attempt, a longer wait
-    first.attempts, first.sent_at = 2, 101.0
-    assert w.due(102.5, SCHEDULE) == []
-    assert w.due(103.0, SCHEDULE) == [first]
+def test_held_full_counts_from_the_item_that_filled_the_window() -> None:
+    w = Window(3)
+    w.take(item(1, sent_at=0.0), track=True)  # long unacked, but there is room
+    w.take(item(2, sent_at=10.0), track=True)
+    assert not w.held_full(1e9, 30.0)
+    w.take(item(3, sent_at=20.0), track=True)  # full from here
+    assert w.full_since == 20.0
+    assert not w.held_full(49.9, 30.0)
+    assert w.held_full(50.0, 30.0)
 
 
-def test_due_last_backoff_step_repeats() -> None:
-    w = Window(10)
-    late = item(1, sent_at=0.0)
-    late.attempts = 9
-    w.take(late, track=True)
-    assert w.due(3.9, SCHEDULE) == []
-    assert w.due(4.0, SCHEDULE) == [late]
+def test_an_ack_that_makes_room_restarts_the_clock() -> None:
+    w = Window(2)
+    w.take(item(1, sent_at=0.0), track=True)
+    w.take(item(2, sent_at=1.0), track=True)
+    w.ack(0)  # nothing new acknowledged: still full, the clock runs on
+    assert w.held_full(31.0, 30.0)
+    w.ack(1)  # a slow client that acks is not held full
+    assert w.full_since is None and not w.held_full(1e9, 30.0)
+    w.take(item(3, sent_at=40.0), track=True)
+    assert not w.held_full(69.9, 30.0) and w.held_full(70.0, 30.0)
 
 
-def test_due_is_oldest_first_and_skips_acked() -> None:
-    w = Window(10)
-    items = [item(seq, sent_at=float(seq)) for seq in (1, 2, 3, 4)]
-    for i in items:
-        w.take(i, track=True)
-    w.ack(1)
-    assert [i.seq for i in w.due(10.0, SCHEDULE)] == [2, 3, 4]
-    assert [i.seq for i in w.due(3.0, SCHEDULE)] == [2]
+def test_untracked_items_never_fill_the_window() -> None:
+    w = Window(1)  # ack_mode=auto: written counts as delivered
+    for seq in (1, 2, 3):
+        w.take(item(seq), track=False)
+    assert w.full_since is None and not w.held_full(1e9, 1.0)
 
 
 def test_drop_expired() -> None:
@@ -154,7 +150,15 @@ def test_drop_expired() -> None:
     w.drop_expired(1e12)
     assert list(w.items) == [2]
     assert w.floor == 0  # expiry is not an ack
-    assert w.due(1e12, SCHEDULE) == [w.items[2]]
+
+
+def test_expiry_that_makes_room_restarts_the_clock() -> None:
+    w = Window(2)
+    w.take(item(1, expires=50.0), track=True)
+    w.take(item(2, sent_at=5.0), track=True)
+    assert w.full_since == 5.0
+    w.drop_expired(50.0)
+    assert w.full_since is None
 
 
 OPS = st.lists(
@@ -171,12 +175,14 @@ OPS = st.lists(
 def test_window_against_model(ops: list[tuple[str, int, bool]]) -> None:
     """Random sends (with gaps), skips and acks against a plain set model. A skipped seq
     settles (the floor moves to it) once nothing sent before it is unacked."""
-    w = Window(1000)
+    w = Window(6)  # small: the ops fill and empty it
     unacked: set[int] = set()
     floor = skipped = 0
     sent: set[int] = set()
     for op, n, track in ops:
         if op == "take":
+            if track and not w.room:
+                continue  # the session sends nothing tracked into a full window
             seq = w.next_seq + n - 1
             assert w.is_new(seq)
             w.take(item(seq), track)
@@ -200,6 +206,7 @@ def test_window_against_model(ops: list[tuple[str, int, bool]]) -> None:
         assert w.floor == floor
         assert list(w.items) == sorted(unacked)
         assert all(s > w.floor for s in w.items)
-        assert w.room == 1000 - len(unacked)
+        assert w.room == 6 - len(unacked)
+        assert (w.full_since is not None) == (len(unacked) == 6)
         assert all(not w.is_new(s) for s in sent)
         assert w.is_new(w.next_seq)

@@ -66,7 +66,16 @@ class Settings(BaseSettings):
     )
     redelivery_backoff: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0, 30.0],
-        description="seconds before each redelivery of an unacked alert; the last repeats",
+        description="the device queues' JetStream backoff (ack_wait is its first step): "
+        "when JetStream offers an unacked alert again to a reader of the queue",
+    )
+    ack_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="on an open connection no alert is sent twice; a connection whose "
+        "in-flight window stays full this long without an ack is closed (4408) so that it "
+        "reconnects and gets the unacked alerts again",
     )
     max_deliver: int = Field(default=50, ge=2, description="JetStream max_deliver of device queues")
     checkpoint_seconds: float = Field(

@@ -151,13 +151,13 @@ def families(gw: Gateway) -> Iterator[Metric]:
     yield _one(
         "counter",
         "tocsin_gateway_alerts_sent_total",
-        "Alert frames written to sockets, resends included.",
+        "Alert frames written to sockets, repeats after a reconnect included.",
         totals.sent + sum(s.sent for s in sessions),
     )
     yield _one(
         "counter",
         "tocsin_gateway_alerts_redelivered_total",
-        "Alerts sent again (redelivered: true): unacked resends and repeats after reconnect.",
+        "Alerts sent again (redelivered: true) after a reconnect: sent before and not acked.",
         totals.redelivered + sum(s.redelivered for s in sessions),
     )
     yield _one(
@@ -175,7 +175,7 @@ def families(gw: Gateway) -> Iterator[Metric]:
     yield _one(
         "gauge",
         "tocsin_gateway_background_tasks_running",
-        "1 while the live feed and the ticker (pings, resends, checkpoints) run.",
+        "1 while the live feed and the ticker (pings, timeouts, checkpoints) run.",
         int(gw.background_tasks_running),
     )
     yield _one(

@@ -212,7 +212,7 @@ class Session:
         appended: float = 0.0,
         live: bool = True,
     ) -> None:
-        item = InFlight(seq, data, expires, time.monotonic(), 1, js_msg)
+        item = InFlight(seq, data, expires, time.monotonic(), js_msg)
         if appended:
             self.appended[seq] = (appended, live)
         self.window.take(item, self.track)
@@ -432,7 +432,7 @@ class Session:
         self.last_heard = max(self.last_heard, now)
 
     def tick(self, now_mono: float, now: float, late: float = 0.0) -> None:
-        """Called by the gateway's ticker: redeliveries, heartbeats, token expiry. ``late`` is
+        """Called by the gateway's ticker: heartbeats, token expiry, a window held full. ``late`` is
         how long the ticker's own loop was stalled: that much silence is not the client's."""
         if self.closing:
             return
@@ -460,11 +460,15 @@ class Session:
             self.window.drop_expired(now)
             if self.waiting:
                 self._release()
-            for item in self.window.due(now_mono, self.gw.settings.redelivery_backoff):
-                item.attempts += 1
-                item.sent_at = now_mono
-                self.redelivered += 1
-                self._enqueue(item.seq, alert_frame(item.seq, item.data, True))
+            # Nothing is resent on an open connection (TCP delivers or breaks): a client
+            # that holds the whole window unacked is closed, reconnects, and gets what it
+            # did not ack again, flagged, from its queue.
+            timeout = self.gw.settings.ack_timeout_seconds
+            if self.window.held_full(now_mono, timeout + late):
+                self.close(
+                    Close.ACK_TIMEOUT,
+                    f"{len(self.window.items)} alerts unacked for {timeout:g} s (window full)",
+                )
 
     def on_pong(self, ts: float | None) -> None:
         if ts is None:  # a bare pong answers the latest ping

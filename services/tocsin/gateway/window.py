@@ -1,7 +1,8 @@
 """The in-flight window of one connection: what was sent and not yet acknowledged.
 
 Pure bookkeeping, no I/O: the session decides what to send, the window remembers it,
-answers acks and says what is due for redelivery.
+answers acks and says whether the client is holding it full (nothing is resent on an open
+connection: TCP delivers or breaks; after a reconnect the durable sends what is unacked).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .recovery import backoff_delay
-
 
 @dataclass(slots=True)
 class InFlight:
@@ -19,7 +18,6 @@ class InFlight:
     data: bytes  # the alert JSON as stored in ALERTS
     expires: float | None
     sent_at: float = 0.0
-    attempts: int = 0
     js_msg: Any = None  # the durable's message for this seq, when it came from the backlog
 
 
@@ -33,6 +31,9 @@ class Window:
     next_seq: int = 1
     items: OrderedDict[int, InFlight] = field(default_factory=OrderedDict)
     skipped: int = 0  # highest seq passed over without sending
+    #: When the tracked items last filled the window (the ``sent_at`` of the one that
+    #: filled it); None while there is room. Any ack that makes room clears it.
+    full_since: float | None = None
 
     def _settle(self) -> None:
         """A passed-over seq counts as acknowledged once nothing sent before it is unacked."""
@@ -51,6 +52,8 @@ class Window:
         self.next_seq = item.seq + 1
         if track:
             self.items[item.seq] = item
+            if self.full_since is None and len(self.items) >= self.capacity:
+                self.full_since = item.sent_at
 
     def skip(self, seq: int, settle: bool = True) -> None:
         """``seq`` will never be sent (it expired, or the subscription excludes it): it is
@@ -73,16 +76,19 @@ class Window:
                 break
             done.append(self.items.pop(first))
         self._settle()
+        self._has_room()
         return done
 
-    def due(self, now: float, schedule: list[float]) -> list[InFlight]:
-        """Unacked items whose backoff has elapsed, oldest first."""
-        return [
-            item
-            for item in self.items.values()
-            if now - item.sent_at >= backoff_delay(schedule, item.attempts)
-        ]
+    def _has_room(self) -> None:
+        if len(self.items) < self.capacity:
+            self.full_since = None
+
+    def held_full(self, now: float, timeout: float) -> bool:
+        """The window has been full for ``timeout`` seconds with no ack making room: the
+        client holds alerts it does not acknowledge, and nothing more can be sent to it."""
+        return self.full_since is not None and now - self.full_since >= timeout
 
     def drop_expired(self, now: float) -> None:
         for seq in [s for s, i in self.items.items() if i.expires is not None and i.expires <= now]:
             del self.items[seq]
+        self._has_room()

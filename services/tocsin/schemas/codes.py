@@ -17,6 +17,7 @@ class Close(IntEnum):
     INTERNAL_ERROR = 1011
     HEARTBEAT_TIMEOUT = 4000  # nothing from the client for two heartbeat intervals: reconnect
     SLOW_CLIENT = 4008  # the client did not read what was sent for two heartbeats: aborted
+    ACK_TIMEOUT = 4408  # a full in-flight window, no ack for TOCSIN_ACK_TIMEOUT_SECONDS: reconnect
     REPLACED = 4009  # the same device connected again elsewhere: do not reconnect this one
     TOKEN_EXPIRED = 4401  # CONTRACT §3, token expired while connected: get a new token
     BACKEND_UNAVAILABLE = 4503  # the alert store is unreachable: reconnect with backoff
