@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tocsin.bench.scenarios import SCENARIOS, common, delivery, ownership, replicas, subscriptions
+from tocsin.bench.scenarios import (
+    SCENARIOS,
+    common,
+    compression,
+    delivery,
+    ownership,
+    replicas,
+    subscriptions,
+)
 from tocsin.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -252,3 +260,26 @@ def test_a_scenario_runs_as_a_module() -> None:
         check=False,
     )
     assert done.returncode == 0 and "--skip-loss" in done.stdout
+
+
+async def test_compression_measures_every_mode_and_compresses_only_where_negotiated() -> None:
+    results = await compression.run(devices=4, alerts=3)
+    modes = {m["mode"]: m for m in results["modes"]}
+    assert list(modes) == [m[0] for m in compression.MODES]
+    negotiated = {name: m["negotiated"] for name, m in modes.items()}
+    assert negotiated == {
+        "off, offered": 0,
+        "on, offered": 4,
+        "client, asked": 4,
+        "off, not offered": 0,
+    }
+    for m in modes.values():
+        assert m["burst"]["deliveries"] == 12 and m["reconnect"]["queued"] == compression.QUEUED
+        assert m["burst"]["bytes_per_delivery"] > 0 and m["reconnect"]["bytes"] > 0
+    # the same alerts, fewer bytes where frames were compressed (a count, not a speed)
+    plain = modes["off, offered"]["burst"]["bytes_per_delivery"]
+    assert modes["on, offered"]["burst"]["bytes_per_delivery"] < plain
+    assert modes["off, not offered"]["burst"]["bytes_per_delivery"] == plain
+    text = compression.report(results, WHEN)
+    rows = table_rows(text, "4 devices, a burst")
+    assert [r[0] for r in rows] == list(modes) and [r[1] for r in rows[:2]] == ["0/4", "4/4"]

@@ -15,7 +15,15 @@ from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 
 from ..conftest import SECRET
-from ..support import Client, GatewayProcess, RunningGateway, alert, append, token
+from ..support import (
+    Client,
+    GatewayProcess,
+    RunningGateway,
+    alert,
+    append,
+    start_gateway,
+    token,
+)
 
 
 async def handshake(url: str, **params: str) -> tuple[int, dict[str, object]]:
@@ -144,8 +152,6 @@ async def test_binary_frames_are_refused_politely(gateway: RunningGateway) -> No
 async def test_missing_pongs_close_the_socket(
     make_settings: Callable[..., Settings], js: JetStreamContext
 ) -> None:
-    from ..support import start_gateway
-
     running = await start_gateway(make_settings(heartbeat_seconds=1.0))
     try:
         quiet = await Client.connect(running.ws_url, token("mute"))
@@ -170,8 +176,6 @@ async def test_a_stalled_gateway_does_not_blame_its_clients(
     wait unread in socket buffers. The first heartbeat check after the stall must not close a
     client for silence that was the gateway's own (CI saw it once on a loaded machine)."""
     import time
-
-    from ..support import start_gateway
 
     running = await start_gateway(make_settings(heartbeat_seconds=1.0))
     try:
@@ -200,8 +204,6 @@ async def test_any_frame_from_the_client_counts_as_alive(
 ) -> None:
     """A client busy acking a burst may answer a ping late; what it sends still shows it is
     there. Only a client that sends nothing at all for two heartbeats is closed."""
-    from ..support import start_gateway
-
     running = await start_gateway(make_settings(heartbeat_seconds=1.0))
     try:
         busy = await Client.connect(running.ws_url, token("busy"))
@@ -265,3 +267,50 @@ async def test_a_slow_handshake_is_not_the_clients_silence(
         frozen.proc.send_signal(signal.SIGCONT)
         await old.close()
         await running.stop()
+
+
+@pytest.mark.parametrize(
+    ("mode", "asked", "compressed"),
+    [
+        ("client", False, False),  # the default: a browser offers, but did not ask
+        ("client", True, True),
+        ("on", False, True),
+        ("off", True, False),
+    ],
+)
+async def test_compression_is_negotiated_where_the_setting_and_the_client_want_it(
+    make_settings: Callable[..., Settings],
+    js: JetStreamContext,
+    names: Names,
+    mode: str,
+    asked: bool,
+    compressed: bool,
+) -> None:
+    """The client offers permessage-deflate (browsers always do); it gets it with
+    TOCSIN_WS_COMPRESSION=on, or =client when it asked with compression=deflate. Either
+    way alerts arrive intact."""
+    running = await start_gateway(make_settings(ws_compression=mode))
+    try:
+        async with aiohttp.ClientSession() as http:
+            params = {"auth_token": token("cara"), "client_id": "phone"}
+            if asked:
+                params["compression"] = "deflate"
+            async with http.ws_connect(running.ws_url, params=params, compress=15) as ws:
+                # the window bits the server answered in Sec-WebSocket-Extensions; 0: none
+                assert (ws.compress != 0) is compressed, ws.compress
+                hello = await ws.receive_json(timeout=10)
+                assert hello["type"] == "connection_established"
+                body = alert("KE-30", message="malaria " * 200)
+                sent = await append(js, names, body)
+                frame = await ws.receive_json(timeout=10)
+                assert frame["seq"] == sent.seq and frame["alert"]["message"] == body["message"]
+    finally:
+        await running.stop()
+
+
+async def test_an_unknown_compression_is_refused_by_name(gateway: RunningGateway) -> None:
+    status, body = await handshake(
+        gateway.ws_url, auth_token=token("cara"), client_id="phone", compression="gzip"
+    )
+    assert status == 400 and body["error"] == "invalid_parameter"
+    assert str(body["detail"]).startswith("compression:")

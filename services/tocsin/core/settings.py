@@ -85,6 +85,13 @@ class Settings(BaseSettings):
         description="how often a live device's acked position is saved to JetStream; after "
         "a gateway crash a device may get again what it acked in this last interval",
     )
+    ws_compression: Literal["off", "client", "on"] = Field(
+        default="client",
+        description="permessage-deflate: 'client' accepts it from clients that ask with "
+        "compression=deflate in the query (a phone on a slow link), 'on' whenever a client "
+        "offers it (browsers always do), 'off' never. Fewer bytes per alert, for ~90 KiB "
+        "of compressor per connection and CPU per frame (docs/benchmarks.md)",
+    )
     alert_types: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="alert types accepted besides the built-in ones"
     )

@@ -32,6 +32,7 @@ class Device:
     client_id: str
     ack_mode: Literal["client", "auto"]
     filters: Filters | None = None  # from the connect's query: replace the stored filters
+    compression: bool = False  # the connect's query asked for permessage-deflate
 
     @property
     def user_id(self) -> str:

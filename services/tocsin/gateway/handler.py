@@ -70,13 +70,16 @@ def parse_device(request: web.Request, gw: Gateway) -> Device | web.Response:
     ack_mode = request.query.get("ack_mode", "client")
     if ack_mode not in ("client", "auto"):
         return json_error(400, "invalid_parameter", "ack_mode: must be 'client' or 'auto'")
+    compression = request.query.get("compression", "none")
+    if compression not in ("deflate", "none"):
+        return json_error(400, "invalid_parameter", "compression: must be 'deflate' or 'none'")
     filters = None  # none given: the device keeps the filters it has
     if any(request.query.get(key, "").strip() for key in FILTER_KEYS):
         try:
             filters = Filters.from_query(request.query)
         except FilterError as exc:
             return json_error(400, "invalid_parameter", str(exc))
-    return Device(claims, client_id, ack_mode, filters)  # type: ignore[arg-type]
+    return Device(claims, client_id, ack_mode, filters, compression == "deflate")  # type: ignore[arg-type]
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -89,7 +92,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     device = parse_device(request, gw)
     if isinstance(device, web.Response):
         return device
-    ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, autoping=True)
+    mode = gw.settings.ws_compression  # the client must also offer it in the handshake
+    compress = mode == "on" or (mode == "client" and device.compression)
+    ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, autoping=True, compress=compress)
     await ws.prepare(request)
     session = Session(gw, ws, device, request.transport)
     # Every line logged for this connection, by it or the tasks it starts, names it.
