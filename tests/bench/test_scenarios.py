@@ -263,7 +263,7 @@ def test_a_scenario_runs_as_a_module() -> None:
 
 
 async def test_compression_measures_every_mode_and_compresses_only_where_negotiated() -> None:
-    results = await compression.run(devices=4, alerts=3)
+    results = await compression.run(devices=4, alerts=3, heartbeat=1.0)
     modes = {m["mode"]: m for m in results["modes"]}
     assert list(modes) == [m[0] for m in compression.MODES]
     negotiated = {name: m["negotiated"] for name, m in modes.items()}

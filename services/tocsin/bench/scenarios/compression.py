@@ -9,8 +9,8 @@ permessage-deflate (``compress=15``, context takeover, as a browser asks) or not
   connection;
 * **burst**: ``--alerts`` alerts appended at once, each to every device; gateway and
   nats-server CPU per delivery, and the bytes each client's socket received per delivery;
-* **heartbeats**: idle, with pings every ``HEARTBEAT`` s; bytes per ping and pong, and what
-  that makes per connection-hour at the default 30 s heartbeat;
+* **heartbeats**: idle, with pings every ``--heartbeat`` s (default ``HEARTBEAT``); bytes
+  per ping and pong, and what that makes per connection-hour at the default 30 s heartbeat;
 * **reconnect**: one device away while 100 alerts are queued for it (for its region
   only), then back: the bytes its new connection received, handshake to last alert.
 
@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import random
 import socket
 import sys
 import time
@@ -52,8 +53,12 @@ from .common import (
     write_results,
 )
 
-#: Pings every this many seconds during the run (the heartbeat phase counts them).
-HEARTBEAT = 2.0
+#: Pings every this many seconds during the run (the heartbeat phase counts them); short
+#: enough for a quick idle phase, long enough that pongs late behind a burst of 2,000
+#: compressed sockets (the clients share one process) close nothing.
+HEARTBEAT = 5.0
+#: Heartbeats the idle phase lasts.
+IDLE_HEARTBEATS = 3
 #: The default heartbeat, for the per-hour figure.
 DEFAULT_HEARTBEAT = 30.0
 #: Alerts queued for the device of the reconnect phase.
@@ -88,9 +93,21 @@ def tcp_bytes(ws: aiohttp.ClientWebSocketResponse) -> tuple[int, int]:
     )
 
 
-def total_bytes(devices: list[Device]) -> tuple[int, int]:
-    pairs = [tcp_bytes(d.ws) for d in devices]
-    return sum(p[0] for p in pairs), sum(p[1] for p in pairs)
+def delta(devices: list[Device], before: list[tuple[int, int]]) -> tuple[int, int, int]:
+    """Bytes received and sent since ``before`` (from :func:`sample`) summed over the
+    devices still connected, and how many are no longer (their counters are gone)."""
+    received = sent = gone = 0
+    for d, (r0, s0) in zip(devices, before, strict=True):
+        r1, s1 = tcp_bytes(d.ws)
+        if d.ws.closed or r1 < r0:
+            gone += 1
+            continue
+        received, sent = received + r1 - r0, sent + s1 - s0
+    return received, sent, gone
+
+
+def sample(devices: list[Device]) -> list[tuple[int, int]]:
+    return [tcp_bytes(d.ws) for d in devices]
 
 
 @dataclass
@@ -110,11 +127,12 @@ class Mode:
     ask: bool
     devices: int
     alerts: int
+    heartbeat: float = HEARTBEAT
     results: dict[str, Any] = field(default_factory=dict)
 
     async def run(self) -> dict[str, Any]:
         stack = Stack(
-            heartbeat=HEARTBEAT,
+            heartbeat=self.heartbeat,
             max_devices=self.devices + 100,
             max_inflight=max(64, 2 * self.alerts),
             extra_env={
@@ -183,12 +201,15 @@ class Mode:
         before = usage(pid)
         gate = asyncio.Semaphore(100)
 
-        async def one(i: int) -> Device:
+        async def one(i: int) -> None:
             async with gate:
-                return await self.connect(stack, http, f"u{i}", "KE")
+                d = await self.connect(stack, http, f"u{i}", "KE")
+            devices.append(d)  # read (and answer pings) from the start: heartbeats are short
+            readers.append(asyncio.create_task(self._pong_reader(d)))
 
-        devices += await asyncio.gather(*(one(i) for i in range(self.devices)))
-        readers += [asyncio.create_task(self._pong_reader(d)) for d in devices]
+        await asyncio.gather(*(one(i) for i in range(self.devices)))
+        lost = [d for d in devices if d.ws.closed]
+        assert not lost, f"{len(lost)} connections closed while the others connected"
         after = usage(pid)
         r["negotiated"] = sum(d.negotiated for d in devices)
         r["rss_per_connection_kib"] = (after.rss_bytes - before.rss_bytes) / self.devices / 1024
@@ -197,15 +218,17 @@ class Mode:
         for d in devices:
             d.want, d.alerts = self.alerts, 0
             d.got.clear()
-        alerts = [make_alert("KE-30") for _ in range(self.alerts)]
-        r["alert_json_bytes"] = len(alerts[0].model_dump_json())
-        u0, n0, io0 = usage(pid), usage(nats_pid), total_bytes(devices)
+        rng = random.Random(self.alerts)  # the same alerts in every mode
+        alerts = [varied_alert(rng, "KE") for _ in range(self.alerts)]
+        r["alert_json_bytes"] = sum(len(a.model_dump_json()) for a in alerts) / len(alerts)
+        u0, n0, io0 = usage(pid), usage(nats_pid), sample(devices)
         started = time.monotonic()
         for a in alerts:
             await append_alert(js, names, a)
         await asyncio.wait_for(asyncio.gather(*(d.got.wait() for d in devices)), 300)
         seconds = time.monotonic() - started
-        u1, n1, io1 = usage(pid), usage(nats_pid), total_bytes(devices)
+        u1, n1 = usage(pid), usage(nats_pid)
+        received, _, gone = delta(devices, io0)
         deliveries = self.devices * self.alerts
         r["burst"] = {
             "deliveries": deliveries,
@@ -213,16 +236,18 @@ class Mode:
             "deliveries_per_s": deliveries / seconds,
             "gateway_us_per_delivery": _us(u0, u1, deliveries),
             "nats_us_per_delivery": _us(n0, n1, deliveries),
-            "bytes_per_delivery": (io1[0] - io0[0]) / deliveries,
+            "bytes_per_delivery": received / (deliveries - gone * self.alerts),
         }
 
         # heartbeats: idle for a few heartbeats
-        io0, t0 = total_bytes(devices), time.monotonic()
-        await asyncio.sleep(3 * HEARTBEAT)  # the phase itself: idle sockets being pinged
-        io1, t1 = total_bytes(devices), time.monotonic()
-        pings = self.devices * (t1 - t0) / HEARTBEAT
-        per_ping_out = (io1[0] - io0[0]) / pings
-        per_pong_in = (io1[1] - io0[1]) / pings
+        io0, t0 = sample(devices), time.monotonic()
+        await asyncio.sleep(IDLE_HEARTBEATS * self.heartbeat)  # the phase itself: idle
+        t1 = time.monotonic()
+        received, sent, gone_idle = delta(devices, io0)
+        gone = max(gone, gone_idle)  # those closed in the burst are counted again here
+        pings = (self.devices - gone) * (t1 - t0) / self.heartbeat
+        per_ping_out = received / pings
+        per_pong_in = sent / pings
         per_hour = 3600 / DEFAULT_HEARTBEAT
         r["heartbeat"] = {
             "bytes_per_ping": per_ping_out,
@@ -234,17 +259,18 @@ class Mode:
         away = await self.connect(stack, http, "traveller", "TZ")
         await away.ws.close()
         for _ in range(QUEUED):
-            await append_alert(js, names, make_alert("TZ-1"))
+            await append_alert(js, names, varied_alert(rng, "TZ-1"))
         back = await self.connect(stack, http, "traveller", "TZ")
         back.want = QUEUED
         reader = asyncio.create_task(self._pong_reader(back))
         try:
             await asyncio.wait_for(back.got.wait(), 120)
-            received = tcp_bytes(back.ws)[0]
+            received = tcp_bytes(back.ws)[0]  # the whole connection: upgrade, hello, backlog
         finally:
             reader.cancel()
             await back.ws.close()
         r["reconnect"] = {"queued": QUEUED, "bytes": received}
+        r["closed_early"] = gone  # connections lost during the run (left out of the sums)
 
     @staticmethod
     async def _pong_reader(device: Device) -> None:
@@ -261,22 +287,51 @@ class Mode:
                         device.got.set()
 
 
+#: What varies between alerts, so that compression with context takeover is not flattered
+#: by twenty copies of one alert.
+_LEVELS = ("low", "medium", "high", "critical")
+_EVENTS = ("outbreak risk rising", "cases above threshold", "rainfall anomaly", "stock-out")
+_WORDS = (
+    "malaria cases clinic district week rainfall vector nets spraying larval sites "
+    "facility reports positivity rate children under five referral stock RDT ACT"
+).split()
+
+
+def varied_alert(rng: random.Random, region: str) -> Any:
+    """An alert whose title, message, level, score and place differ from the next one's."""
+    district = f"{region}-{rng.randint(1, 47)}" if "-" not in region else region
+    message = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(12, 30)))
+    return make_alert(
+        district,
+        alert_level=rng.choice(_LEVELS),
+        title=f"{rng.choice(_EVENTS).capitalize()} in {district}",
+        message=f"{message} ({rng.randint(2, 400)} cases, week {rng.randint(1, 52)})",
+        risk_score=round(rng.random(), 3),
+        location={
+            "region": district,
+            "lat": round(rng.uniform(-4.7, 5.0), 4),
+            "lon": round(rng.uniform(33.9, 41.9), 4),
+        },
+    )
+
+
 def _us(a: Usage, b: Usage, n: int) -> float:
     return (b.cpu_seconds - a.cpu_seconds) / n * 1e6
 
 
-async def run(devices: int, alerts: int) -> dict[str, Any]:
+async def run(devices: int, alerts: int, heartbeat: float = HEARTBEAT) -> dict[str, Any]:
     out: dict[str, Any] = {
         "code": code_version(),
         "nats_server": server_version(),
         "devices": devices,
         "alerts": alerts,
-        "heartbeat_seconds": HEARTBEAT,
+        "heartbeat_seconds": heartbeat,
         "modes": [],
     }
     for name, server, offer, ask in MODES:
         progress(f"compression: {name}, {devices} devices")
-        out["modes"].append(await Mode(name, server, offer, ask, devices, alerts).run())
+        mode = Mode(name, server, offer, ask, devices, alerts, heartbeat)
+        out["modes"].append(await mode.run())
     return out
 
 
@@ -306,12 +361,16 @@ def report(results: dict[str, Any], when: dt.datetime) -> str:
         )
     lines += [
         "",
-        f"An alert's JSON is {base['alert_json_bytes']} bytes. Bytes are TCP payload as the "
-        "kernel counted it on each client socket (TCP_INFO): WebSocket frames (and, for the "
-        "reconnect, the HTTP upgrade) without TCP/IP headers. Heartbeats: pings in and "
-        f"pongs out, per hour at the default {DEFAULT_HEARTBEAT:g} s heartbeat, measured "
-        f"idle at {HEARTBEAT:g} s.",
+        "Alerts differ in title, message, level, score, district and point (random, the "
+        f"same in every mode); their JSON is {base['alert_json_bytes']:.0f} bytes on average. "
+        "Bytes are TCP payload as the kernel counted it on each client socket (TCP_INFO): "
+        "WebSocket frames (and, for the reconnect, the HTTP upgrade) without TCP/IP headers. "
+        "Heartbeats: pings in and pongs out, per hour at the default "
+        f"{DEFAULT_HEARTBEAT:g} s heartbeat, measured idle at {results['heartbeat_seconds']:g} s.",
     ]
+    lost = {m["mode"]: m["closed_early"] for m in modes if m["closed_early"]}
+    if lost:
+        lines += ["", f"Connections lost during the run, left out of the sums: {lost}."]
     return "\n".join(lines) + "\n"
 
 
@@ -323,6 +382,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--devices", type=int, default=0, help="devices (default 2,000; quick 300)")
     parser.add_argument("--alerts", type=int, default=20, help="alerts in the burst (default 20)")
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        default=HEARTBEAT,
+        help="TOCSIN_HEARTBEAT_SECONDS of the run (default %(default)s)",
+    )
     parser.add_argument("--quick", action="store_true", help="300 devices")
     out_option(parser)
     return parser
@@ -335,10 +400,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error("--devices must be between 1 and 10,000")
     if not 1 <= args.alerts <= 1_000:
         parser.error("--alerts must be between 1 and 1,000")
+    if not 0.5 <= args.heartbeat <= 60:
+        parser.error("--heartbeat must be between 0.5 and 60 seconds")
     devices = args.devices or (300 if args.quick else 2_000)
     when = dt.datetime.now()
     try:
-        results = run_async(run(devices, args.alerts))
+        results = run_async(run(devices, args.alerts, args.heartbeat))
     except asyncio.CancelledError:
         return 143
     text = report(results, when)
