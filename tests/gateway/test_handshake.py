@@ -229,6 +229,28 @@ async def test_any_frame_from_the_client_counts_as_alive(
         await running.stop()
 
 
+async def test_a_bare_pong_answers_the_latest_ping(
+    make_settings: Callable[..., Settings], js: JetStreamContext
+) -> None:
+    """``ts`` of a pong is optional: a bare pong answers the latest ping, so the client
+    counts as healthy (the stats' healthy_connections)."""
+    running = await start_gateway(make_settings(heartbeat_seconds=1.0))
+    try:
+        client = await Client.connect(running.ws_url, token("bare"))
+        client.answer_pings = False
+        await client.next("connection_established")
+        ping = await client.next("ping")
+        await client.send({"type": "pong"})
+        await client.send({"type": "get_stats"})  # a round trip: the pong was handled
+        await client.next("connection_stats")
+        [session] = [s for s in running.gw.sessions if s.device.user_id == "bare"]
+        # answered: this ping, or a later one if it went out before the pong was read
+        assert session.answered_ts is not None and session.answered_ts >= ping["ts"]
+        await client.close()
+    finally:
+        await running.stop()
+
+
 @pytest.mark.slow
 async def test_a_slow_handshake_is_not_the_clients_silence(
     make_settings: Callable[..., Settings],
