@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tocsin.gateway.recovery import backoff_delay, truncation_target
+from tocsin.gateway.recovery import truncation_target
 
 
 class Backlog:
@@ -97,26 +97,3 @@ def test_truncation_target_is_largest_seq_with_exactly_cap_pending(
     assert backlog.count(result + 1) < cap  # the largest such sequence
     assert result == seqs[-cap]  # it is itself a kept alert: nothing newer is cut
     assert backlog.calls <= max(1, math.ceil(math.log2(hi - lo))), (backlog.calls, hi - lo)
-
-
-def test_backoff_delay_follows_schedule() -> None:
-    schedule = [1.0, 2.0, 4.0, 8.0]
-    assert [backoff_delay(schedule, n) for n in (1, 2, 3, 4)] == schedule
-
-
-def test_backoff_delay_last_step_repeats() -> None:
-    schedule = (1.0, 2.0, 30.0)
-    assert [backoff_delay(schedule, n) for n in (3, 4, 5, 50, 10**6)] == [30.0] * 5
-
-
-def test_backoff_delay_single_step() -> None:
-    assert backoff_delay([5.0], 1) == backoff_delay([5.0], 9) == 5.0
-
-
-@given(st.lists(st.floats(0.001, 1e4), min_size=1, max_size=10), st.integers(1, 1000))
-def test_backoff_delay_property(schedule: list[float], attempt: int) -> None:
-    delay = backoff_delay(schedule, attempt)
-    if attempt <= len(schedule):
-        assert delay == schedule[attempt - 1]
-    else:
-        assert delay == schedule[-1]

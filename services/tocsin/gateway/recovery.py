@@ -24,8 +24,3 @@ async def truncation_target(
         else:
             hi = mid
     return lo
-
-
-def backoff_delay(schedule: list[float] | tuple[float, ...], attempt: int) -> float:
-    """Seconds to wait after delivery number ``attempt`` (1-based); the last step repeats."""
-    return schedule[min(attempt, len(schedule)) - 1]
