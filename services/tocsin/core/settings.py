@@ -89,7 +89,7 @@ class Settings(BaseSettings):
         default="client",
         description="permessage-deflate: 'client' accepts it from clients that ask with "
         "compression=deflate in the query (a phone on a slow link), 'on' whenever a client "
-        "offers it (browsers always do), 'off' never. Fewer bytes per alert, for ~90 KiB "
+        "offers it (browsers always do), 'off' never. Fewer bytes per alert, for ~105 KiB "
         "of compressor per connection and CPU per frame (docs/benchmarks.md)",
     )
     alert_types: Annotated[list[str], NoDecode] = Field(
