@@ -261,6 +261,11 @@ async def test_counters_follow_a_client_through_delivery_redelivery_ack_and_clos
     sent = await append(js, names, alert("KE-30"))
     first = await client.next("alert")
     await client.close()  # unacked: it comes again on the next connection, flagged
+
+    async def gone() -> bool:  # else the next one takes over from it: a close as replaced
+        return value(await scrape(gateway.http), "tocsin_gateway_connections") == 0
+
+    await eventually(gone, what="the first connection's session gone")
     client = await Client.connect(gateway.ws_url, tok)
     await client.next("connection_established")
     again = await client.next("alert")
