@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import json
 import logging
@@ -466,6 +467,26 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
             loop.remove_signal_handler(signal.SIGTERM)
 
     return asyncio.run(guarded())
+
+
+def run_and_write(
+    run: Coroutine[Any, Any, dict[str, Any]],
+    report: Callable[[dict[str, Any], dt.datetime], str],
+    out: Path,
+    stem: Callable[[dt.datetime], str],
+) -> int:
+    """A scenario's command after its options: run it (:func:`run_async`), print its
+    report and write it with its JSON twin as ``out/stem(when)``; the exit code (143 on
+    SIGTERM, once everything it started is stopped)."""
+    when = dt.datetime.now()
+    try:
+        results = run_async(run)
+    except asyncio.CancelledError:  # SIGTERM: everything it started is stopped
+        return 143
+    text = report(results, when)
+    print(text)
+    write_results(out, stem(when), text, results)
+    return 0
 
 
 #: Settings an in-process run decides itself (``--set`` refuses them).

@@ -47,10 +47,9 @@ from .common import (
     make_alert,
     out_option,
     progress,
-    run_async,
+    run_and_write,
     server_version,
     token,
-    write_results,
 )
 
 #: Pings every this many seconds during the run (the heartbeat phase counts them); short
@@ -403,16 +402,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if not 0.5 <= args.heartbeat <= 60:
         parser.error("--heartbeat must be between 0.5 and 60 seconds")
     devices = args.devices or (300 if args.quick else 2_000)
-    when = dt.datetime.now()
-    try:
-        results = run_async(run(devices, args.alerts, args.heartbeat))
-    except asyncio.CancelledError:
-        return 143
-    text = report(results, when)
-    print(text)
-    stem = f"compression-{when:%Y-%m-%d}" + ("-quick" if args.quick else "")
-    write_results(args.out, stem, text, results)
-    return 0
+    return run_and_write(
+        run(devices, args.alerts, args.heartbeat),
+        report,
+        args.out,
+        lambda when: f"compression-{when:%Y-%m-%d}" + ("-quick" if args.quick else ""),
+    )
 
 
 if __name__ == "__main__":

@@ -91,12 +91,11 @@ from .common import (
     parse_sets,
     percentile,
     read_socket,
-    run_async,
+    run_and_write,
     server_version,
     set_option,
     token,
     wait_for,
-    write_results,
     ws_params,
 )
 
@@ -809,15 +808,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     gateway = parse_sets(parser, args.set)
     devices = args.devices or (200 if args.quick else 500)
     bench = DeliveryBench(devices, quick=args.quick, compress=args.compress, gateway=gateway)
-    when = dt.datetime.now()
-    try:
-        results = run_async(bench.run())
-    except asyncio.CancelledError:  # SIGTERM: everything it started is stopped
-        return 143
-    text = report(results, when)
-    print(text)
-    write_results(args.out, stem(when, args.quick, devices, args.compress), text, results)
-    return 0
+    return run_and_write(
+        bench.run(),
+        report,
+        args.out,
+        lambda when: stem(when, args.quick, devices, args.compress),
+    )
 
 
 if __name__ == "__main__":

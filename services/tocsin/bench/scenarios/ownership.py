@@ -92,10 +92,9 @@ from .common import (
     out_option,
     percentile,
     progress,
-    run_async,
+    run_and_write,
     server_version,
     token,
-    write_results,
 )
 
 GATEWAY_CLIENT = "tocsin-gateway"  # the name create_app gives its NATS connection
@@ -838,14 +837,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         watch_device_subjects=args.watch_device_subjects,
     )
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        data = run_async(run(opts))
-    except asyncio.CancelledError:  # SIGTERM: everything it started is stopped
-        return 143
-    text = report(data)
-    print(text)
-    write_results(args.out, f"ownership-{dt.date.today().isoformat()}-{opts.label}", text, data)
-    return 0
+    return run_and_write(
+        run(opts),
+        lambda data, _when: report(data),
+        args.out,
+        lambda when: f"ownership-{when.date().isoformat()}-{opts.label}",
+    )
 
 
 if __name__ == "__main__":

@@ -83,9 +83,8 @@ from .common import (
     out_option,
     percentile,
     progress,
-    run_async,
+    run_and_write,
     server_version,
-    write_results,
 )
 
 NAMESPACE = "rb"
@@ -938,16 +937,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser.parse_args(argv)
     if not 100 <= args.consumers <= 3_000:
         parser.error("--consumers must be between 100 and 3,000 (2 cores)")
-    when = dt.datetime.now()
-    try:
-        results = run_async(run(args.consumers, args.skip_loss))
-    except asyncio.CancelledError:  # SIGTERM: everything it started is stopped
-        return 143
-    text = report(results, when)
-    print(text)
-    stem = f"replicas-{when:%Y-%m-%d}" + (f"-n{args.consumers}" if args.consumers != 1_000 else "")
-    write_results(args.out, stem, text, results)
-    return 0
+    suffix = f"-n{args.consumers}" if args.consumers != 1_000 else ""
+    return run_and_write(
+        run(args.consumers, args.skip_loss),
+        report,
+        args.out,
+        lambda when: f"replicas-{when:%Y-%m-%d}{suffix}",
+    )
 
 
 if __name__ == "__main__":

@@ -90,11 +90,10 @@ from .common import (
     percentile,
     progress,
     read_socket,
-    run_async,
+    run_and_write,
     server_version,
     set_option,
     wait_for,
-    write_results,
     ws_params,
 )
 
@@ -764,18 +763,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     gateway = parse_sets(parser, args.set)
     default = 100 if args.quick else 300
     bench = SubBench(args.devices or default, quick=args.quick, gateway=gateway)
-    when = dt.datetime.now()
-    try:
-        results = run_async(bench.run())
-    except asyncio.CancelledError:  # SIGTERM: everything it started is stopped
-        return 143
-    text = report(results, when)
-    print(text)
-    stem = f"subscriptions-{when:%Y-%m-%d}" + ("-quick" if args.quick else "")
-    if args.devices and args.devices != default:
-        stem += f"-d{args.devices}"
-    write_results(args.out, stem, text, results)
-    return 0
+
+    def stem(when: dt.datetime) -> str:
+        name = f"subscriptions-{when:%Y-%m-%d}" + ("-quick" if args.quick else "")
+        return name + (f"-d{args.devices}" if args.devices and args.devices != default else "")
+
+    return run_and_write(bench.run(), report, args.out, stem)
 
 
 if __name__ == "__main__":
