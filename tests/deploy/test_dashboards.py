@@ -31,13 +31,12 @@ import pytest
 import yaml
 
 from . import promql
-from .compose import ROOT, container_ports, environment, load
+from .compose import ROOT, container_ports, environment
 from .promql import BOTH, INGEST_JOB, METRICS, base_metric, output_labels, selectors, walk
 from .promtool import Unavailable
 from .promtool import promtool as find_promtool
 
 HERE = Path(__file__).resolve().parent
-PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 RULES_DIR = ROOT / "deploy" / "prometheus" / "rules"
 RULE_FILES = sorted(RULES_DIR.glob("*.yaml"))
 RULE_SCENARIOS = sorted(HERE.glob("prometheus_rules*_test.yaml"))
@@ -69,18 +68,6 @@ def run_promtool(promtool: Path, *args: str | Path) -> subprocess.CompletedProce
 
 
 # --- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def services() -> dict[str, Any]:
-    return load()["services"]  # type: ignore[no-any-return]
-
-
-@pytest.fixture(scope="module")
-def prometheus_config() -> dict[str, Any]:
-    data = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
-    assert isinstance(data, dict)
-    return data
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import pytest
-import yaml
+from .compose import container_ports, environment
 
-from .compose import ROOT, container_ports, environment, load
-
-CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 #: The keys Prometheus accepts at these levels (its config is strict about unknown keys).
 TOP_KEYS = {
     "global",
@@ -49,26 +45,14 @@ SCRAPE_KEYS = {
 DURATION = re.compile(r"^((\d+)y)?((\d+)w)?((\d+)d)?((\d+)h)?((\d+)m)?((\d+)s)?((\d+)ms)?$")
 
 
-@pytest.fixture(scope="module")
-def config() -> dict[str, Any]:
-    data = yaml.safe_load(CONFIG.read_text())
-    assert isinstance(data, dict)
-    return data
-
-
-@pytest.fixture(scope="module")
-def services() -> dict[str, Any]:
-    return load()["services"]  # type: ignore[no-any-return]
-
-
-def test_the_config_has_only_keys_prometheus_knows(config: dict[str, Any]) -> None:
-    assert set(config) <= TOP_KEYS
+def test_the_config_has_only_keys_prometheus_knows(prometheus_config: dict[str, Any]) -> None:
+    assert set(prometheus_config) <= TOP_KEYS
     for key in ("scrape_interval", "evaluation_interval", "scrape_timeout"):
-        value = config.get("global", {}).get(key)
+        value = prometheus_config.get("global", {}).get(key)
         assert value is None or (value and DURATION.fullmatch(value)), f"{key}: {value!r}"
-    jobs = [job["job_name"] for job in config["scrape_configs"]]
+    jobs = [job["job_name"] for job in prometheus_config["scrape_configs"]]
     assert len(jobs) == len(set(jobs)), "job names must be unique"
-    for job in config["scrape_configs"]:
+    for job in prometheus_config["scrape_configs"]:
         assert set(job) <= SCRAPE_KEYS, set(job) - SCRAPE_KEYS
         for static in job.get("static_configs", []):
             assert set(static) <= {"targets", "labels"}
@@ -84,11 +68,11 @@ def test_compose_mounts_it_where_prometheus_is_told_to_read_it(services: dict[st
 
 
 def test_every_gateway_is_scraped_on_its_metrics_path(
-    config: dict[str, Any], services: dict[str, Any]
+    prometheus_config: dict[str, Any], services: dict[str, Any]
 ) -> None:
     gateways = {n for n, s in services.items() if s.get("command") == ["gateway"]}
     scraped: set[str] = set()
-    for job in config["scrape_configs"]:
+    for job in prometheus_config["scrape_configs"]:
         if job.get("metrics_path", "/metrics") != "/metrics":
             continue
         for static in job.get("static_configs", []):
@@ -102,9 +86,9 @@ def test_every_gateway_is_scraped_on_its_metrics_path(
 
 
 def test_every_target_is_a_compose_service_or_prometheus_itself(
-    config: dict[str, Any], services: dict[str, Any]
+    prometheus_config: dict[str, Any], services: dict[str, Any]
 ) -> None:
-    for job in config["scrape_configs"]:
+    for job in prometheus_config["scrape_configs"]:
         for static in job.get("static_configs", []):
             for target in static["targets"]:
                 host = target.rsplit(":", 1)[0]

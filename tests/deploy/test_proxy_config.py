@@ -10,7 +10,7 @@ import pytest
 
 from tocsin.core.settings import Settings
 
-from .compose import ROOT, container_ports, environment, load
+from .compose import ROOT, container_ports, environment
 
 CONFIG = ROOT / "deploy" / "nginx" / "nginx.conf"
 TOKEN = re.compile(
@@ -81,11 +81,6 @@ def seconds(value: str) -> float:
 @pytest.fixture(scope="module")
 def conf() -> Block:
     return parse(CONFIG.read_text())
-
-
-@pytest.fixture(scope="module")
-def services() -> dict[str, Any]:
-    return load()["services"]  # type: ignore[no-any-return]
 
 
 def gateway_location(conf: Block) -> Block:
