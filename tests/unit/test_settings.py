@@ -90,6 +90,10 @@ def test_settings_are_frozen() -> None:
         ("TOCSIN_RETENTION_HOURS", "soon"),
         ("TOCSIN_ALERT_TYPES", "Flood-Watch"),
         ("TOCSIN_NAMESPACE", "Has.Dots"),
+        ("TOCSIN_ACK_TIMEOUT_SECONDS", "0"),
+        ("TOCSIN_ACK_TIMEOUT_SECONDS", "never"),
+        ("TOCSIN_WS_COMPRESSION", "gzip"),
+        ("TOCSIN_WS_COMPRESSION", "true"),
     ],
 )
 def test_bad_value_names_its_variable(
