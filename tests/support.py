@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
@@ -138,7 +138,10 @@ class GatewayProcess:
 
 @dataclass
 class Client:
-    """A WebSocket client that records frames; pings are answered unless told not to."""
+    """A WebSocket client that records frames; the protocol's pings are answered unless told
+    not to (``answer_pings``), WebSocket pings by aiohttp (a SilentClient answers neither)."""
+
+    autoping: ClassVar[bool] = True
 
     ws: aiohttp.ClientWebSocketResponse
     session: aiohttp.ClientSession
@@ -151,12 +154,18 @@ class Client:
 
     @classmethod
     async def connect(
-        cls, url: str, tok: str, client_id: str = "phone", ack_mode: str = "client", **extra: str
+        cls,
+        url: str,
+        tok: str,
+        client_id: str = "phone",
+        ack_mode: str = "client",
+        **extra: str,
     ) -> Client:
         session = aiohttp.ClientSession()
         params = {"auth_token": tok, "client_id": client_id, "ack_mode": ack_mode, **extra}
-        ws = await session.ws_connect(url, params=params, autoping=True)
+        ws = await session.ws_connect(url, params=params, autoping=cls.autoping)
         client = cls(ws, session)
+        client.answer_pings = cls.autoping
         client.reader = asyncio.create_task(client._read())
         return client
 
@@ -220,3 +229,9 @@ class Client:
     async def wait_closed(self, timeout: float = DEADLINE) -> int | None:
         await asyncio.wait_for(self.closed.wait(), timeout)
         return self.close_code
+
+
+class SilentClient(Client):
+    """A client that answers no ping of either kind: the protocol's nor WebSocket ones."""
+
+    autoping: ClassVar[bool] = False

@@ -8,7 +8,7 @@ from nats.js import JetStreamContext
 
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
-from tocsin.gateway.context import SWEEP_SECONDS
+from tocsin.gateway.context import sweep_seconds
 from tocsin.schemas.codes import Close
 
 from ..support import Client, RunningGateway, alert, append, eventually, start_gateway, token
@@ -87,10 +87,11 @@ async def test_an_unacked_alert_is_not_sent_again_on_an_open_connection(
     backoff = gateway.settings.redelivery_backoff[0]
     # The ticker has swept this session at least twice past the old resend delay: anything
     # it enqueued then goes out before the answer to the get_stats sent after.
-    swept_from = item.sent_at + 2 * backoff + SWEEP_SECONDS
+    sweep = sweep_seconds(gateway.settings.heartbeat_seconds)
+    swept_from = item.sent_at + 2 * backoff + sweep
 
     def swept() -> bool:
-        return session.next_sweep - SWEEP_SECONDS >= swept_from
+        return session.next_sweep - sweep >= swept_from
 
     await eventually(swept, what="two sweeps of the session past the old resend delay")
     await client.send({"type": "get_stats"})

@@ -19,6 +19,7 @@ from ..support import (
     Client,
     GatewayProcess,
     RunningGateway,
+    SilentClient,
     alert,
     append,
     start_gateway,
@@ -154,8 +155,7 @@ async def test_missing_pongs_close_the_socket(
 ) -> None:
     running = await start_gateway(make_settings(heartbeat_seconds=1.0))
     try:
-        quiet = await Client.connect(running.ws_url, token("mute"))
-        quiet.answer_pings = False
+        quiet = await SilentClient.connect(running.ws_url, token("mute"))
         lively = await Client.connect(running.ws_url, token("chatty"))
         await quiet.next("connection_established")
         await lively.next("connection_established")
@@ -206,10 +206,8 @@ async def test_any_frame_from_the_client_counts_as_alive(
     there. Only a client that sends nothing at all for two heartbeats is closed."""
     running = await start_gateway(make_settings(heartbeat_seconds=1.0))
     try:
-        busy = await Client.connect(running.ws_url, token("busy"))
-        busy.answer_pings = False
-        silent = await Client.connect(running.ws_url, token("silent"))
-        silent.answer_pings = False
+        busy = await SilentClient.connect(running.ws_url, token("busy"))
+        silent = await SilentClient.connect(running.ws_url, token("silent"))
         await busy.next("connection_established")
         await silent.next("connection_established")
         stats = 0

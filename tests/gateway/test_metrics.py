@@ -15,7 +15,16 @@ from nats.js import JetStreamContext
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 
-from ..support import Client, RunningGateway, alert, append, eventually, start_gateway, token
+from ..support import (
+    Client,
+    RunningGateway,
+    SilentClient,
+    alert,
+    append,
+    eventually,
+    start_gateway,
+    token,
+)
 
 METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
 LABEL_NAME = r"[a-zA-Z_][a-zA-Z0-9_]*"
@@ -322,8 +331,7 @@ async def test_a_silent_client_counts_as_a_heartbeat_close(
 ) -> None:
     gateway = await start_gateway(make_settings(heartbeat_seconds=0.2))
     try:
-        client = await Client.connect(gateway.ws_url, token("noah", ("KE",)))
-        client.answer_pings = False
+        client = await SilentClient.connect(gateway.ws_url, token("noah", ("KE",)))
         await client.next("connection_established")
         assert await client.wait_closed() == 4000
         await client.session.close()

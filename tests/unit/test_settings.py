@@ -94,6 +94,8 @@ def test_settings_are_frozen() -> None:
         ("TOCSIN_ACK_TIMEOUT_SECONDS", "never"),
         ("TOCSIN_WS_COMPRESSION", "gzip"),
         ("TOCSIN_WS_COMPRESSION", "true"),
+        ("TOCSIN_WS_SEND_BUFFER_KIB", "-1"),
+        ("TOCSIN_WS_SEND_BUFFER_KIB", "256k"),
     ],
 )
 def test_bad_value_names_its_variable(

@@ -92,6 +92,15 @@ class Settings(BaseSettings):
         "offers it (browsers always do), 'off' never. Fewer bytes per alert, for ~105 KiB "
         "of compressor per connection and CPU per frame (docs/benchmarks.md)",
     )
+    ws_send_buffer_kib: int = Field(
+        default=256,
+        ge=0,
+        le=65536,
+        description="SO_SNDBUF of each WebSocket connection, KiB (0: the kernel's autotuning, "
+        "up to net.ipv4.tcp_wmem's maximum, 4 MiB by default): a client that stops reading is "
+        "cut off once this much is unread (4008), instead of holding megabytes of kernel "
+        "memory; 256 KiB carry ~2.5 MB/s to a client 100 ms away, far more than alerts need",
+    )
     alert_types: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="alert types accepted besides the built-in ones"
     )

@@ -41,6 +41,13 @@ TICK_BATCH = 500
 CHECKPOINT_CONCURRENCY = 64
 
 
+def sweep_seconds(heartbeat: float) -> float:
+    """How often the ticker visits each session: every SWEEP_SECONDS, or twice a heartbeat
+    where the heartbeat is shorter (two silent heartbeats must be seen as they pass), never
+    more often than it runs."""
+    return max(TICK_SECONDS, min(SWEEP_SECONDS, heartbeat / 2))
+
+
 class Gateway:
     def __init__(self, settings: Settings, nc: Client, js: JetStreamContext) -> None:
         self.settings = settings
@@ -123,6 +130,7 @@ class Gateway:
     async def _tick_loop(self) -> None:
         checkpointing: asyncio.Task[None] | None = None
         interval = self.settings.checkpoint_seconds
+        sweep = sweep_seconds(self.settings.heartbeat_seconds)
         while True:
             due = time.monotonic() + TICK_SECONDS
             await asyncio.sleep(TICK_SECONDS)
@@ -139,7 +147,7 @@ class Gateway:
             self.sessions.task("collector").ran()
             for i, session in enumerate(list(self.sessions)):
                 if now_mono >= session.next_sweep:
-                    session.next_sweep = now_mono + SWEEP_SECONDS
+                    session.next_sweep = now_mono + sweep
                     session.tick(now_mono, now, late)
                     checkpoint_due = (
                         session.needs_checkpoint() and now_mono >= session.next_checkpoint

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import time
 from typing import Any
 
@@ -94,8 +95,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return device
     mode = gw.settings.ws_compression  # the client must also offer it in the handshake
     compress = mode == "on" or (mode == "client" and device.compression)
-    ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, autoping=True, compress=compress)
+    # autoping off: receive() answers the client's WebSocket pings and sees its pongs.
+    ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, autoping=False, compress=compress)
     await ws.prepare(request)
+    bound_send_buffer(request.transport, gw.settings.ws_send_buffer_kib)
     session = Session(gw, ws, device, request.transport)
     # Every line logged for this connection, by it or the tasks it starts, names it.
     with log_context(connection_id=session.id, device=f"{device.user_id}/{device.client_id}"):
@@ -104,6 +107,16 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         except Exception:  # serve() closed the socket with 1011 or 4503
             log.exception("session %s failed", session.id)
     return ws
+
+
+def bound_send_buffer(transport: asyncio.BaseTransport | None, kib: int) -> None:
+    """Give the socket a fixed send buffer (``TOCSIN_WS_SEND_BUFFER_KIB``): what a client
+    that stops reading can hold in the kernel, after the in-flight window and aiohttp's 64
+    KiB. Past it the sender blocks, and two heartbeats later the session is closed (4008)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if kib and sock is not None:
+        with contextlib.suppress(OSError):  # the peer may be gone already
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, kib * 1024)
 
 
 async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> None:
@@ -233,6 +246,10 @@ async def receive(session: Session) -> None:
         session.last_heard = time.monotonic()
         if msg.type is WSMsgType.TEXT:
             await on_text(session, msg.data)
+        elif msg.type is WSMsgType.PONG:  # the answer to the ticker's WebSocket ping: heard
+            session.ws_pongs += 1
+        elif msg.type is WSMsgType.PING:
+            await session.ws.pong(msg.data)
         elif msg.type is WSMsgType.BINARY:
             session.send_control(
                 Error(code=ErrorCode.BINARY_NOT_SUPPORTED, detail="frames are JSON text")

@@ -43,6 +43,9 @@ BUFFER_LIMIT = 10_000
 #: reading its durable. A burst larger than the window then costs no JetStream reads (the
 #: alerts are shared objects: a pointer each); only a device this far behind re-reads.
 WAITING_LIMIT = 1_000
+#: The WebSocket ping the ticker queues beside the protocol's ``ping`` frame (no payload).
+WS_PING = (-1, b"")
+PING = WSMsgType.PING
 #: A closing handshake (close frame out, the client's back) may take this long, capped at
 #: one heartbeat; then the socket is aborted. Nothing of the device waits for it.
 CLOSE_SECONDS = 5.0
@@ -110,6 +113,7 @@ class Session:
         self.recorded_floor = -1  # the floor the device's record holds (resume() sets it)
         self.recorded_at = now
         self.sent = self.redelivered = self.acks = self.rate_limit_warnings = 0
+        self.ws_pongs = 0  # answers to the WebSocket pings
         self.ping_ts: float | None = None  # the ts of the last ping sent
         self.previous_ping_ts: float | None = None
         self.answered_ts: float | None = None  # the newest ping ts a pong carried back
@@ -248,16 +252,16 @@ class Session:
                 if not usable.is_set():  # NATS lost: nothing is sent until the device is
                     await usable.wait()  # reclaimed (if it is lost, the session ends)
                 seq, frame = self.out.popleft()
-                if frame:  # empty: a passed-over seq (ack_mode=auto), settled in turn
+                if frame or seq < 0:  # empty: a passed-over seq (ack_mode=auto), settled in turn
                     self.writing = True
                     try:
-                        await self.ws.send_frame(frame, WSMsgType.TEXT)
+                        await self.ws.send_frame(frame, WSMsgType.TEXT if seq >= 0 else PING)
                     except ConnectionError:
                         return  # the client went away: the receiver ends the session
                     finally:
                         self.writing = False
                     self.frames_written += 1
-                if seq:
+                if seq > 0:
                     self.sent += bool(frame)
                     timed = self.appended.pop(seq, None)
                     if timed is not None and frame:
@@ -452,8 +456,12 @@ class Session:
         if now_mono >= self.next_ping:
             self.next_ping = now_mono + hb
             # Ahead of queued alerts: behind a burst, a ping would arrive late and its pong
-            # later still, closing a client that is only busy.
+            # later still, closing a client that is only busy. Two pings: the protocol's
+            # (its pong carries the latency) and a WebSocket one, answered by the client's
+            # WebSocket stack (a browser's, even while the page's scripts are throttled):
+            # either answer shows the link is alive.
             self.out.appendleft((0, b'{"type":"ping","ts":%r}' % now))
+            self.out.appendleft(WS_PING)
             self.previous_ping_ts, self.ping_ts = self.ping_ts, now
             self.out_ready.set()
         if self.window.items:
