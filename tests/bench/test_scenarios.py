@@ -22,6 +22,7 @@ from tocsin.bench.scenarios import (
     SCENARIOS,
     common,
     compression,
+    deadlinks,
     delivery,
     ownership,
     replicas,
@@ -260,6 +261,27 @@ def test_a_scenario_runs_as_a_module() -> None:
         check=False,
     )
     assert done.returncode == 0 and "--skip-loss" in done.stdout
+
+
+async def test_deadlinks_finds_every_vanished_peer_and_cuts_stuck_readers_only_when_bounded() -> (
+    None
+):
+    """Counts, not times: with a bounded send buffer every half-open and every stuck socket
+    is closed; with the kernel's autotuning the small burst fits and no stuck reader is."""
+    results = await deadlinks.run(
+        devices=3, alerts=40, alert_kib=7, heartbeat=0.5, send_buffers=[0, 32]
+    )
+    autotuned, bounded = results["runs"]
+    for r in (autotuned, bounded):
+        assert r["half_open"]["closed"] == 3
+        fds = r["half_open"]["fds"]
+        assert fds[1] >= fds[0] + 3 and fds[2] < fds[1]  # they held a socket each, let go
+    assert bounded["stuck"]["closed"] == 3
+    assert autotuned["stuck"]["closed"] == 0
+    text = deadlinks.report(results, WHEN)
+    rows = table_rows(text, "3 devices per phase")
+    assert [r[0] for r in rows] == ["kernel autotuning"] * 2 + ["32 KiB"] * 2
+    assert [r[2] for r in rows] == ["3/3", "0/3", "3/3", "3/3"]
 
 
 async def test_compression_measures_every_mode_and_compresses_only_where_negotiated() -> None:

@@ -16,6 +16,8 @@ import importlib
 SCENARIOS: dict[str, str] = {
     "compression": "permessage-deflate on and off with clients that offer it as browsers "
     "do: gateway memory and CPU, bytes per alert, heartbeat and reconnect bytes",
+    "deadlinks": "how soon vanished peers and stuck readers are found, and what a stuck "
+    "socket holds meanwhile",
     "delivery": "the gateway's live path against per-device durable pull consumers, "
     "catch-up and checkpoint cost (in-process gateway)",
     "ownership": "what claiming a device costs per WebSocket handshake: times and NATS "
