@@ -67,6 +67,11 @@ def make_settings(nats_url: str, namespace: str, tmp_path: Path) -> Callable[...
             "checkpoint_seconds": 0.2,
             "shutdown_grace_seconds": 5,
             "ingest_metrics_port": 0,  # no fixed port in tests; the metrics test picks one
+            # The limits' own tests set them; elsewhere a test may open many connections of
+            # one user and send many frames.
+            "max_connections_per_user": 1000,
+            "max_messages_per_minute": 60_000,
+            "rate_limit_burst": 10_000,
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@
     tocsin token      print an HS256 token
     tocsin tail       print the alerts one device receives
     tocsin status     streams, device queues, dead letters, every gateway's stats
+    tocsin ban        list, add or lift the bans every gateway enforces
     tocsin bench      the performance table, beside a bare broadcaster (docs/benchmarks.md),
                       or one focused scenario: tocsin bench <scenario> --help
 
@@ -25,6 +26,7 @@ import argparse
 import re
 import sys
 
+from .ban import add_parser as add_ban_parser
 from .common import Fail, dev_secret_path, ensure_dev_secret, resolve_secret
 from .publish import build_alert, cmd_publish, validate_alert
 from .run import cmd_run
@@ -201,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop waiting once N gateways answered (default: wait the whole --wait)",
     )
     p.set_defaults(func=cmd_status)
+
+    add_ban_parser(sub)
     from tocsin.bench.scenarios import SCENARIOS  # names and help only: imports nothing heavy
 
     p = sub.add_parser(

@@ -105,6 +105,11 @@ class Names:
         return f"{self._stream_prefix}DEVICES"
 
     @property
+    def guard_bucket(self) -> str:
+        """The KV bucket of bans, connection slots and gateway leases (gateway/guard.py)."""
+        return f"{self._stream_prefix}GUARD"
+
+    @property
     def streams(self) -> tuple[str, ...]:
         """Every stream tocsin declares (core/topology.py), in declaration order."""
         return (self.ingest_stream, self.alerts_stream, self.devices_stream, self.dlq_stream)

@@ -41,10 +41,25 @@ class Settings(BaseSettings):
     jwt_public_key: str | None = Field(default=None, repr=False)
     max_connections_per_user: int = Field(default=5, ge=1)
     max_messages_per_minute: int = Field(default=60, ge=1)
-    ban_duration_minutes: float = Field(default=15, gt=0)
+    ban_duration_minutes: float = Field(default=15, gt=0, le=7 * 24 * 60)
+    ban_after_warnings: int = Field(
+        default=3, ge=1, le=1000, description="rate_limit_warnings within a minute that ban a user"
+    )
     offline_queue_max: int = Field(default=100, ge=1, le=1_000_000)
     retention_hours: float = Field(default=24, gt=0, le=24 * 365)
     heartbeat_seconds: float = Field(default=30, gt=0, le=3600)
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="origins a browser handshake (one with an Origin header) may come from, "
+        "comma-separated ('*': any); empty: the gateway's own origin only",
+    )
+    jwt_jwks_url: str | None = Field(
+        default=None,
+        description="JWKS document of the identity provider: RS256/ES256 tokens are checked "
+        "against the key their kid names",
+    )
+    jwt_issuer: str | None = Field(default=None, description="when set, a token's iss must match")
+    jwt_audience: str | None = Field(default=None, description="when set, a token's aud must match")
 
     # --- tocsin's own ----------------------------------------------------------------
     namespace: str = Field(
@@ -91,6 +106,16 @@ class Settings(BaseSettings):
         "compression=deflate in the query (a phone on a slow link), 'on' whenever a client "
         "offers it (browsers always do), 'off' never. Fewer bytes per alert, for ~105 KiB "
         "of compressor per connection and CPU per frame (docs/benchmarks.md)",
+    )
+    rate_limit_burst: int = Field(
+        default=10,
+        ge=1,
+        le=10_000,
+        description="client messages a connection may send at once before "
+        "TOCSIN_MAX_MESSAGES_PER_MINUTE paces it (the token bucket's size)",
+    )
+    jwt_leeway_seconds: float = Field(
+        default=10, ge=0, le=300, description="clock skew allowed on exp, nbf and iat"
     )
     ws_send_buffer_kib: int = Field(
         default=256,
@@ -139,7 +164,27 @@ class Settings(BaseSettings):
         "reused before they are read again",
     )
 
-    _split = field_validator("nats_url", "alert_types", mode="before")(_csv)
+    _split = field_validator("nats_url", "alert_types", "allowed_origins", mode="before")(_csv)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        for origin in value:
+            if origin == "*":
+                continue
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port]) or *")
+        return [o.lower() for o in value]
+
+    @field_validator("jwt_jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value or None
 
     @field_validator("redelivery_backoff", mode="before")
     @classmethod

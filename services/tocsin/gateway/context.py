@@ -20,6 +20,7 @@ from tocsin.core.settings import Settings
 from tocsin.schemas import Close
 
 from .collector import Collector
+from .guard import Ban, Guard
 from .live import LiveFeed
 from .ownership import Lost, Owners, State
 from .queue import DeviceQueues
@@ -63,6 +64,8 @@ class Gateway:
             nc, self.records, self.names, self.instance, settings.takeover_seconds, self.spawn
         )
         self.feed = LiveFeed(js, self.names)
+        self.guard = Guard(nc, js, settings, self.names, self.instance)
+        self.guard.on_ban = self._on_ban
         self.sessions = Sessions()  # the registry: open sessions, totals of closed ones
         self.collector = Collector()
         self._ticker: asyncio.Task[None] | None = None
@@ -77,6 +80,7 @@ class Gateway:
         return task
 
     async def start(self) -> None:
+        await self.guard.start()
         await self.owners.start()
         await self.feed.start()
         await self.stats.start()
@@ -93,6 +97,13 @@ class Gateway:
         await self.feed.stop()
         await self.stats.stop()
         await self.owners.stop()
+        await self.guard.stop()
+
+    def _on_ban(self, ban: Ban) -> None:
+        """A user was banned (here or on another instance): its sockets here close, 1008."""
+        for session in list(self.sessions):
+            if session.device.user_id == ban.sub:
+                session.close(Close.POLICY_VIOLATION, f"banned: {ban.reason}")
 
     # --- the NATS connection comes and goes ----------------------------------------
     async def on_disconnected(self) -> None:

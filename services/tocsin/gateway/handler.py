@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import socket
 import time
+import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import WSMsgType, web
@@ -27,6 +30,7 @@ from tocsin.schemas import (
     ErrorCode,
     GetStats,
     Pong,
+    RateLimitWarning,
     Subscribe,
     Unsubscribe,
     UpdateFilters,
@@ -36,12 +40,15 @@ from tocsin.schemas.subscription import FILTER_KEYS, FilterError, Filters
 
 from .context import Gateway
 from .device import Device, Record
+from .guard import Refused
 from .ownership import Busy, State, Superseded
 from .queue import Opened, QueueError
 from .session import Session
 from .subscriptions import decide, response
 
 log = logging.getLogger(__name__)
+#: Security events (refusals, bans, rate limits): one line each, for an audit trail.
+audit_log = logging.getLogger("tocsin.audit")
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 #: Where the WebSocket is served (CONTRACT §6).
@@ -90,23 +97,68 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return json_error(
             503, "shutting_down", "this gateway is stopping; reconnect", **{"Retry-After": "1"}
         )
+    refused = origin_refused(request, gw.settings.allowed_origins)
+    if refused is not None:
+        audit("origin_refused", request, origin=request.headers.get("Origin"))
+        return refused
     device = parse_device(request, gw)
     if isinstance(device, web.Response):
         return device
-    mode = gw.settings.ws_compression  # the client must also offer it in the handshake
-    compress = mode == "on" or (mode == "client" and device.compression)
-    # autoping off: receive() answers the client's WebSocket pings and sees its pongs.
-    ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, autoping=False, compress=compress)
-    await ws.prepare(request)
-    bound_send_buffer(request.transport, gw.settings.ws_send_buffer_kib)
-    session = Session(gw, ws, device, request.transport)
-    # Every line logged for this connection, by it or the tasks it starts, names it.
-    with log_context(connection_id=session.id, device=f"{device.user_id}/{device.client_id}"):
-        try:
-            await serve(gw, session, arrived)
-        except Exception:  # serve() closed the socket with 1011 or 4503
-            log.exception("session %s failed", session.id)
+    holder = uuid.uuid4().hex
+    slot: str | None = None
+    try:
+        slot = await gw.guard.admit(device.user_id, device.client_id, holder)
+    except Refused as exc:
+        audit(exc.error, request, sub=device.user_id, client_id=device.client_id)
+        retry = str(max(1, math.ceil(exc.retry_after)))
+        return json_error(429, exc.error, exc.detail, **{"Retry-After": retry})
+    except (NatsError, TimeoutError) as exc:
+        # Without NATS the device cannot be served either: serve() closes with 4503 (its
+        # position untouched), as it did before there were slots.
+        log.warning("connection slot of %s not taken: %s", device.user_id, exc)
+    try:
+        mode = gw.settings.ws_compression  # the client must also offer it in the handshake
+        compress = mode == "on" or (mode == "client" and device.compression)
+        # autoping off: receive() answers the client's WebSocket pings and sees its pongs.
+        ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, autoping=False, compress=compress)
+        await ws.prepare(request)
+        bound_send_buffer(request.transport, gw.settings.ws_send_buffer_kib)
+        session = Session(gw, ws, device, request.transport)
+        # Every line logged for this connection, by it or the tasks it starts, names it.
+        with log_context(connection_id=session.id, device=f"{device.user_id}/{device.client_id}"):
+            try:
+                await serve(gw, session, arrived)
+            except Exception:  # serve() closed the socket with 1011 or 4503
+                log.exception("session %s failed", session.id)
+    finally:
+        if slot is not None:
+            await gw.guard.release(slot, holder)
     return ws
+
+
+def origin_refused(request: web.Request, allowed: list[str]) -> web.Response | None:
+    """A browser handshake (it has ``Origin``) from an origin not allowed: 403. Without
+    ``TOCSIN_ALLOWED_ORIGINS``, only the gateway's own origin (the ``Host`` it was asked
+    for) is; non-browser clients send no ``Origin`` and are not concerned."""
+    origin = request.headers.get("Origin")
+    if origin is None or "*" in allowed:
+        return None
+    origin = origin.lower().rstrip("/")
+    if allowed:
+        ok = origin in allowed
+    else:
+        parts = urlsplit(origin)
+        ok = parts.scheme in ("http", "https") and parts.netloc == request.host.lower()
+    if ok:
+        return None
+    return json_error(403, "origin_not_allowed", f"origin {origin!r} may not open this WebSocket")
+
+
+def audit(event: str, request: web.Request, **fields: object) -> None:
+    """One structured line per security event; never a token (query strings are not
+    logged: auth_token may be in them)."""
+    peer = request.remote or "-"
+    audit_log.warning("%s from %s", event, peer, extra={"event": event, "peer": peer, **fields})
 
 
 def bound_send_buffer(transport: asyncio.BaseTransport | None, kib: int) -> None:
@@ -249,11 +301,13 @@ async def receive(session: Session) -> None:
         elif msg.type is WSMsgType.PONG:  # the answer to the ticker's WebSocket ping: heard
             session.ws_pongs += 1
         elif msg.type is WSMsgType.PING:
-            await session.ws.pong(msg.data)
+            if not await over_limit(session):
+                await session.ws.pong(msg.data)
         elif msg.type is WSMsgType.BINARY:
-            session.send_control(
-                Error(code=ErrorCode.BINARY_NOT_SUPPORTED, detail="frames are JSON text")
-            )
+            if not await over_limit(session):
+                session.send_control(
+                    Error(code=ErrorCode.BINARY_NOT_SUPPORTED, detail="frames are JSON text")
+                )
         elif msg.type is WSMsgType.ERROR:
             break
 
@@ -278,42 +332,78 @@ def _frame_error(exc: ValidationError) -> Error:
 ACK_FRAME = re.compile(r'\{"type":"ack","seq":([1-9][0-9]{0,17})\}')
 
 
+async def over_limit(session: Session) -> bool:
+    """Count a client frame against the connection's rate limit (CONTRACT §6): True if it
+    is over and must be dropped. The first drop after a while is answered with a
+    ``rate_limit_warning``; ``TOCSIN_BAN_AFTER_WARNINGS`` of them within a minute ban the
+    user on every instance (gateway/guard.py)."""
+    taken, retry_after = session.limit.admit(time.monotonic())
+    if taken:
+        return False
+    if retry_after is not None:
+        gw = session.gw
+        session.rate_limit_warnings += 1
+        session.send_control(
+            RateLimitWarning(limit=gw.settings.max_messages_per_minute, retry_after_s=retry_after)
+        )
+        user = session.device.user_id
+        audit_log.warning(
+            "rate_limit_warning to %s",
+            user,
+            extra={"event": "rate_limit_warning", "sub": user, "dropped": session.limit.dropped},
+        )
+        try:
+            ban = await gw.guard.warned(user)
+        except Exception as exc:  # NATS away: no ban now; the warnings go on counting
+            log.warning("could not ban %s: %s", user, exc)
+            ban = None
+        if ban is not None:
+            audit_log.warning(
+                "banned %s", user, extra={"event": "ban", "sub": user, "reason": ban.reason}
+            )
+    return True
+
+
 async def on_text(session: Session, text: str) -> None:
+    """One text frame. Every frame but a well-formed ``ack`` or ``pong`` counts against the
+    rate limit, malformed ones included (a flood of garbage spends its sender's budget)."""
     if (ack := ACK_FRAME.fullmatch(text)) is not None:
         await session.on_ack(int(ack[1]))
         return
-    if len(text) > MAX_CLIENT_FRAME_BYTES // 4 and len(text.encode()) > MAX_CLIENT_FRAME_BYTES:
-        session.send_control(
-            Error(
-                code=ErrorCode.FRAME_TOO_LARGE,
-                detail=f"frames are limited to 64 KiB ({MAX_CLIENT_FRAME_BYTES} bytes)",
-            )
-        )
+    frame, error = parse_frame(text)
+    if isinstance(frame, Ack | Pong):
+        if isinstance(frame, Ack):
+            await session.on_ack(frame.seq)
+        else:
+            session.on_pong(frame.ts)
         return
-    try:
-        data = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        session.send_control(Error(code=ErrorCode.INVALID_JSON, detail=f"not JSON: {exc}"))
+    if await over_limit(session):
         return
-    if not isinstance(data, dict):
-        session.send_control(
-            Error(code=ErrorCode.INVALID_FRAME, detail="frame: expected a JSON object")
-        )
-        return
-    try:
-        frame = client_frame_adapter.validate_python(data)
-    except ValidationError as exc:
-        session.send_control(_frame_error(exc))
+    if error is not None:
+        session.send_control(error)
         return
     match frame:
-        case Ack(seq=seq):
-            await session.on_ack(seq)
-        case Pong(ts=ts):
-            session.on_pong(ts)
         case GetStats():
             session.send_control(session.stats())
         case Subscribe() | Unsubscribe() | UpdateFilters():
             await on_subscription(session, frame)
+
+
+def parse_frame(text: str) -> tuple[Any, Error | None]:
+    """A client frame, or the error frame that answers it."""
+    if len(text) > MAX_CLIENT_FRAME_BYTES // 4 and len(text.encode()) > MAX_CLIENT_FRAME_BYTES:
+        detail = f"frames are limited to 64 KiB ({MAX_CLIENT_FRAME_BYTES} bytes)"
+        return None, Error(code=ErrorCode.FRAME_TOO_LARGE, detail=detail)
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        return None, Error(code=ErrorCode.INVALID_JSON, detail=f"not JSON: {exc}")
+    if not isinstance(data, dict):
+        return None, Error(code=ErrorCode.INVALID_FRAME, detail="frame: expected a JSON object")
+    try:
+        return client_frame_adapter.validate_python(data), None
+    except ValidationError as exc:
+        return None, _frame_error(exc)
 
 
 async def on_subscription(session: Session, frame: Subscribe | Unsubscribe | UpdateFilters) -> None:

@@ -27,6 +27,7 @@ from tocsin.schemas import Alert, Close, ConnectionStats, Error, ErrorCode
 from tocsin.schemas.subscription import Subscription
 
 from .device import Device, Position, Record, checkpoint_due, record_due
+from .limits import RateLimit, TokenBucket
 from .live import LiveAlert, alert_frame, expires_of
 from .ownership import Claim, Lost, Suspended
 from .queue import RECORD_SECONDS
@@ -114,6 +115,9 @@ class Session:
         self.recorded_at = now
         self.sent = self.redelivered = self.acks = self.rate_limit_warnings = 0
         self.ws_pongs = 0  # answers to the WebSocket pings
+        self.limit = RateLimit(
+            TokenBucket(gw.settings.max_messages_per_minute, gw.settings.rate_limit_burst)
+        )
         self.ping_ts: float | None = None  # the ts of the last ping sent
         self.previous_ping_ts: float | None = None
         self.answered_ts: float | None = None  # the newest ping ts a pong carried back

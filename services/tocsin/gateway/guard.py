@@ -1,0 +1,339 @@
+"""What holds across gateway instances against abuse (CONTRACT §6): bans, and each user's
+connection slots. Both live in one JetStream KV bucket, ``GUARD`` (namespaced like the
+streams), so every instance sees the same bans and counts the same connections.
+
+Keys never carry user input: a user is the first 32 hex digits of the SHA-256 of its
+``sub``, a device the first 16 of its ``client_id``'s (the values name them in full).
+
+* ``ban.<user>``: a ban. Written with a per-message TTL (``Nats-TTL``), so it ends by
+  itself; an operator lifts it early by deleting the key (``tocsin ban lift``). Every
+  gateway watches ``ban.>``: a new ban closes that user's sockets with 1008 everywhere, and
+  handshakes check the watched set (429 ``banned`` with ``Retry-After``).
+* ``gw.<instance>``: a gateway's lease, written every ``LEASE_SECONDS / 3`` with a TTL of
+  ``LEASE_SECONDS``. Every gateway watches ``gw.>``; an instance not heard for a lease is
+  dead (killed, or cut off from NATS), and its slots count no more.
+* ``conn.<user>.<instance>.<device>``: one open connection of a device on an instance.
+  A handshake writes its slot, then lists the user's slots (one ``STREAM.INFO`` with a
+  subject filter): those of live instances, not counting the device's own slot on another
+  instance (a reconnect that is taking over its old connection), over
+  ``TOCSIN_MAX_CONNECTIONS_PER_USER`` refuse it (429 ``too_many_connections``) and its slot
+  is removed. Two handshakes at the same instant may both see the other and both be
+  refused (never both admitted); the client's retry with jitter lets one in. A slot goes
+  with its connection (purged from the stream); a gateway also purges, every lease, slots
+  of its own that no open connection holds, and those of dead instances it meets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from nats.aio.client import Client
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: A gateway not heard for this long is dead: its connection slots are free again.
+LEASE_SECONDS = 15.0
+
+
+def user_key(sub: str) -> str:
+    return hashlib.sha256(sub.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def device_key(client_id: str) -> str:
+    return hashlib.sha256(client_id.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Ban:
+    sub: str
+    until: float  # unix seconds
+    reason: str
+    by: str
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.until - time.time())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sub": self.sub, "until": self.until, "reason": self.reason, "by": self.by}
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Ban | None:
+        try:
+            d = orjson.loads(raw)
+            return cls(str(d["sub"]), float(d["until"]), str(d["reason"]), str(d["by"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+
+class Refused(Exception):
+    """A handshake the guard refuses: HTTP 429 with ``error`` and ``retry_after``."""
+
+    def __init__(self, error: str, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.error, self.detail, self.retry_after = error, detail, retry_after
+
+
+async def guard_bucket(js: JetStreamContext, settings: Settings, names: Names) -> KeyValue:
+    """The ``GUARD`` bucket, created if it is not there yet."""
+    try:
+        return await js.key_value(names.guard_bucket)
+    except Exception:
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=names.guard_bucket,
+                description="tocsin: bans, connection slots, gateway leases",
+                history=1,
+                storage=StorageType.FILE,
+                replicas=settings.replicas,
+            )
+        )
+
+
+async def add_ban(
+    js: JetStreamContext, names: Names, sub: str, seconds: float, reason: str, by: str
+) -> Ban:
+    """Ban ``sub`` for ``seconds`` (whole seconds: the TTL's unit) on every instance."""
+    ttl = max(1, math.ceil(seconds))
+    ban = Ban(sub, time.time() + ttl, reason, by)
+    subject = f"$KV.{names.guard_bucket}.ban.{user_key(sub)}"
+    await js.publish(subject, orjson.dumps(ban.as_dict()), msg_ttl=ttl)
+    return ban
+
+
+async def lift_ban(kv: KeyValue, sub: str) -> bool:
+    """Lift ``sub``'s ban; False if there was none."""
+    key = f"ban.{user_key(sub)}"
+    try:
+        entry = await kv.get(key)
+    except Exception:
+        return False
+    if entry.value is None or Ban.parse(entry.value) is None:
+        return False
+    await kv.delete(key)
+    return True
+
+
+async def list_bans(js: JetStreamContext, kv: KeyValue, names: Names) -> list[Ban]:
+    """The bans in force, soonest ending first."""
+    prefix = f"$KV.{names.guard_bucket}."
+    info = await js.stream_info(f"KV_{names.guard_bucket}", subjects_filter=f"{prefix}ban.>")
+    out = []
+    for subject in (info.state.subjects or {}).keys():
+        with contextlib.suppress(Exception):  # deleted meanwhile
+            entry = await kv.get(subject.removeprefix(prefix))
+            ban = Ban.parse(entry.value or b"")
+            if ban is not None and ban.remaining > 0:
+                out.append(ban)
+    return sorted(out, key=lambda b: b.until)
+
+
+class Guard:
+    def __init__(
+        self, nc: Client, js: JetStreamContext, settings: Settings, names: Names, instance: str
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self._settings = settings
+        self._names = names
+        self.instance = instance
+        self._kv: KeyValue | None = None
+        self._stream = f"KV_{names.guard_bucket}"
+        self._prefix = f"$KV.{names.guard_bucket}."
+        self.bans: dict[str, Ban] = {}  # user key -> ban, as watched
+        self.gateways: dict[str, float] = {}  # instance -> monotonic time its lease was seen
+        self.held: dict[str, str] = {}  # slot key -> session id, this instance's
+        self.on_ban: Callable[[Ban], None] = lambda ban: None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.warnings: dict[str, list[float]] = {}  # sub -> monotonic times of its warnings
+
+    async def start(self) -> None:
+        self._kv = await guard_bucket(self._js, self._settings, self._names)
+        await self._renew()
+        self.gateways[self.instance] = time.monotonic()
+        bans = await self._kv.watch("ban.>")
+        leases = await self._kv.watch("gw.>")
+        self._tasks = [
+            asyncio.create_task(self._watch(bans, self._on_ban_entry)),
+            asyncio.create_task(self._watch(leases, self._on_lease_entry)),
+            asyncio.create_task(self._lease_loop()),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        if self._kv is not None:  # a clean stop frees the lease and the slots at once
+            with contextlib.suppress(Exception):
+                await self._kv.delete(f"gw.{self.instance}")
+
+    # ------------------------------------------------------------ watching
+    @staticmethod
+    async def _watch(watcher: Any, handle: Callable[[Any], None]) -> None:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=3600)
+            except TimeoutError:
+                continue
+            if entry is not None:
+                handle(entry)
+
+    def _on_ban_entry(self, entry: Any) -> None:
+        key = entry.key.removeprefix("ban.")
+        ban = Ban.parse(entry.value or b"") if entry.operation is None else None
+        if ban is None:
+            self.bans.pop(key, None)
+            return
+        fresh = key not in self.bans
+        self.bans[key] = ban
+        if fresh and ban.remaining > 0:
+            log.warning(
+                "ban: %s banned for %.0f s (%s, by %s)", ban.sub, ban.remaining, ban.reason, ban.by
+            )
+            self.on_ban(ban)
+
+    def _on_lease_entry(self, entry: Any) -> None:
+        instance = entry.key.removeprefix("gw.")
+        if entry.operation is None:
+            self.gateways[instance] = time.monotonic()
+        else:
+            self.gateways.pop(instance, None)
+
+    def live(self, instance: str) -> bool:
+        seen = self.gateways.get(instance)
+        return instance == self.instance or (
+            seen is not None and time.monotonic() - seen < LEASE_SECONDS
+        )
+
+    # ------------------------------------------------------------ bans
+    def banned(self, sub: str) -> Ban | None:
+        ban = self.bans.get(user_key(sub))
+        return ban if ban is not None and ban.remaining > 0 else None
+
+    async def warned(self, sub: str) -> Ban | None:
+        """Count a rate_limit_warning sent to ``sub``; ban it (everywhere) at the limit."""
+        now = time.monotonic()
+        recent = [t for t in self.warnings.get(sub, []) if now - t < 60] + [now]
+        self.warnings[sub] = recent
+        if len(recent) < self._settings.ban_after_warnings or self.banned(sub):
+            return None
+        self.warnings.pop(sub, None)
+        seconds = self._settings.ban_duration_minutes * 60
+        reason = f"{len(recent)} rate_limit_warnings within a minute"
+        return await add_ban(
+            self._js, self._names, sub, seconds, reason, f"gateway {self.instance}"
+        )
+
+    # ------------------------------------------------------------ connection slots
+    def _slot(self, sub: str, instance: str, client_id: str) -> str:
+        return f"conn.{user_key(sub)}.{instance}.{device_key(client_id)}"
+
+    async def admit(self, sub: str, client_id: str, session: str) -> str:
+        """Take a connection slot for this device on this instance, or raise Refused."""
+        ban = self.banned(sub)
+        if ban is not None:
+            raise Refused("banned", f"banned until {_iso(ban.until)}: {ban.reason}", ban.remaining)
+        if not self._nc.is_connected:  # fail fast: the handshake cannot be served anyway
+            raise NatsError("not connected to NATS")
+        slot = self._slot(sub, self.instance, client_id)
+        value = orjson.dumps({"sub": sub, "client_id": client_id, "session": session})
+        self.held[slot] = session  # before it exists: the sweep must not take it for a leak
+        try:
+            await self._js.publish(self._prefix + slot, value)
+        except BaseException:
+            await self.release(slot, session)
+            raise
+        try:
+            count, dead = await self._count(sub, client_id)
+        except BaseException:
+            await self.release(slot, session)
+            raise
+        for stale in dead:
+            self.spawn_purge(stale)
+        cap = self._settings.max_connections_per_user
+        if count > cap:
+            await self.release(slot, session)
+            raise Refused(
+                "too_many_connections",
+                f"{count - 1} connections of this user are open (at most {cap})",
+                1.0,
+            )
+        return slot
+
+    async def _count(self, sub: str, client_id: str) -> tuple[int, list[str]]:
+        """Connections of ``sub`` on live instances, this device's own slot elsewhere not
+        counted (it is being taken over), this one counted; and the slots of dead ones."""
+        own = device_key(client_id)
+        pattern = f"{self._prefix}conn.{user_key(sub)}.>"
+        info = await self._js.stream_info(self._stream, subjects_filter=pattern)
+        count, dead = 0, []
+        for subject in (info.state.subjects or {}).keys():
+            _, _, instance, device = subject.removeprefix(self._prefix).split(".")
+            if not self.live(instance):
+                dead.append(subject)
+            elif instance == self.instance or device != own:
+                count += 1
+        return count, dead
+
+    async def release(self, slot: str, session: str) -> None:
+        """Give the slot back (if this session still holds it: a newer connection of the
+        device on this instance may have taken it over)."""
+        if self.held.get(slot) != session:
+            return
+        del self.held[slot]
+        with contextlib.suppress(Exception):
+            await self._js.purge_stream(self._stream, subject=self._prefix + slot)
+
+    def spawn_purge(self, subject: str) -> None:
+        async def purge() -> None:
+            with contextlib.suppress(Exception):
+                await self._js.purge_stream(self._stream, subject=subject)
+
+        self._tasks.append(asyncio.create_task(purge()))
+
+    # ------------------------------------------------------------ the lease
+    async def _renew(self) -> None:
+        await self._js.publish(
+            f"{self._prefix}gw.{self.instance}", b"{}", msg_ttl=math.ceil(LEASE_SECONDS)
+        )
+
+    async def _lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            try:
+                await self._renew()
+                await self._sweep_own()
+            except Exception as exc:  # NATS away: the lease lapses, the slots count no more
+                log.warning("gateway lease not renewed: %s", exc)
+            self._tasks = [t for t in self._tasks if not t.done()]
+
+    async def _sweep_own(self) -> None:
+        """Purge this instance's slots that no open connection holds (a release that failed
+        while NATS was away)."""
+        pattern = f"{self._prefix}conn.*.{self.instance}.*"
+        info = await self._js.stream_info(self._stream, subjects_filter=pattern)
+        for subject in (info.state.subjects or {}).keys():
+            if subject.removeprefix(self._prefix) not in self.held:
+                self.spawn_purge(subject)
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
