@@ -78,6 +78,12 @@ async def test_a_reconnect_to_a_queue_node_still_catching_up_loses_nothing(stack
         acks = await asyncio.gather(*(append_until_acked(js, names, b) for b in chunk))
         missed += [a.seq for a in acks]
     missed.sort()  # stored in that order, whatever order the PubAcks came in
+    # The gateway's live feed is past them all: a session registered from here is offered
+    # none of them live, only its queue can give them (with the feed behind, the buffer
+    # would hold them, or hold more than the window and keep the session reading).
+    await eventually(
+        lambda: stack.gateway.gw.feed.last_seq >= missed[-1], timeout=60, what="the live feed"
+    )
 
     # The node comes back on its store; once it answers for the queue (not before: a queue
     # that does not answer is rebuilt elsewhere, a different path), the device reconnects.
