@@ -9,85 +9,14 @@ acked floor and subscription) and the alerts in the replicated ``ALERTS`` stream
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import nats
-import nats.errors
 import pytest
-from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
-from nats.js.api import PubAck
 
-from tocsin.core.embedded import NatsCluster
-from tocsin.core.naming import Names
-from tocsin.core.settings import Settings
-from tocsin.core.topology import apply_topology
-
-from ..conftest import SECRET
 from ..gateway.test_metrics import scrape, value
-from ..support import Client, RunningGateway, alert, append, eventually, start_gateway, token
+from ..support import Client, alert, eventually, token
+from .conftest import Stack, append_until_acked, host_of
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-@dataclass
-class Stack:
-    cluster: NatsCluster
-    gateway: RunningGateway
-    nc: NatsClient
-    js: JetStreamContext
-    names: Names
-
-
-@pytest.fixture
-async def stack(nats_cluster: NatsCluster, tmp_path: Path) -> AsyncIterator[Stack]:
-    settings = Settings(
-        nats_url=nats_cluster.urls,
-        namespace="rb",
-        jwt_secret=SECRET,
-        http_port=0,
-        data_dir=tmp_path / "data",
-        replicas=3,
-        device_replicas=1,
-        checkpoint_seconds=0.2,
-        shutdown_grace_seconds=5,
-    )
-    names = Names("rb")
-    nc = await nats.connect(nats_cluster.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
-    js = nc.jetstream()
-    await apply_topology(js, settings, names)
-    running = await start_gateway(settings)
-    try:
-        yield Stack(nats_cluster, running, nc, js, names)
-    finally:
-        await running.stop()
-        await nc.close()
-
-
-async def append_until_acked(
-    js: JetStreamContext, names: Names, body: dict[str, Any], timeout: float = 30
-) -> PubAck:
-    """Append as an engine must on a cluster: a stream whose leader died elects a new one
-    (measured 4-6 s) and publishes meanwhile time out; retry the same ``alert_id`` (deduped)
-    until a PubAck, within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await append(js, names, body)
-        except (nats.errors.Error, TimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)  # a retry's pace, not a synchronisation
-
-
-async def host_of(stack: Stack, consumer: str) -> int:
-    info = await stack.js.consumer_info(stack.names.alerts_stream, consumer)
-    assert info.cluster is not None and info.cluster.leader
-    return [n.name for n in stack.cluster.nodes].index(info.cluster.leader)
 
 
 async def test_a_queue_on_a_dead_node_is_rebuilt_from_the_record(stack: Stack) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -309,6 +310,38 @@ class DeviceQueues:
     async def pending(self, consumer: str) -> int:
         info = await self._js.consumer_info(self._stream, consumer)
         return int(info.num_pending or 0)
+
+    async def read_through(self, consumer: str, seq: int, act: Callable[[], None]) -> bool:
+        """``consumer`` has given its reader everything of the stream up to ``seq`` that its
+        filters select, so a session may go live on a feed that has every alert after it.
+
+        Its pending count alone cannot say so on a cluster: a node back from a restart
+        answers for its queues with nothing pending (and empty fetches) before its copy of
+        the stream has caught up (docs/reliability.md, "A queue node back from a restart").
+        What the node itself reports settles it: ``delivered.stream_seq`` is how far the
+        queue has looked in that node's copy (a pull moves it to the end of the copy when
+        nothing more matches). Short of ``seq``, the stream's leader (a non-direct get)
+        tells whether anything the queue selects lies between; if so the queue owes it,
+        whatever its node says now. Unknown (a node or the leader not answering): False.
+        ``act`` is called before the requests (the session's ownership check)."""
+        if self._settings.replicas <= 1 and self._settings.device_replicas <= 1:
+            return True  # one copy of the stream: the queue's pending count is the truth
+        act()
+        try:
+            info = await self._js.consumer_info(self._stream, consumer)
+            looked = info.delivered.stream_seq if info.delivered else 0
+            if looked >= seq:
+                return True
+            for subject in _filters_of(info.config) or [self._names.alerts_all]:
+                try:
+                    found = await self._js.get_msg(self._stream, looked + 1, subject, next=True)
+                except NotFoundError:
+                    continue  # nothing of this filter after ``looked``
+                if found.seq is None or found.seq <= seq:
+                    return False
+        except UNREACHABLE:
+            return False
+        return True
 
     async def reader(self, consumer: str) -> JetStreamContext.PullSubscription:
         return await self._js.pull_subscribe_bind(durable=consumer, stream=self._stream)

@@ -2,8 +2,9 @@
 
 Two modes. ``catchup``: alerts come from the device's durable consumer (its offline queue)
 while live alerts offered meanwhile are buffered. ``live``: alerts come from the gateway's
-shared feed. The switch to live happens when the durable reports nothing pending; the
-buffer then holds every later alert, so nothing falls between (docs/architecture.md).
+shared feed. The switch to live happens when the durable reports nothing pending and has
+read up to where the buffer starts; the buffer then holds every later alert, so nothing
+falls between (docs/architecture.md).
 A full window sends the session back to ``catchup``: the durable keeps what it missed.
 """
 
@@ -334,15 +335,24 @@ class Session:
     async def _drain(self, reader: Any, pending: int | None) -> None:
         """Read the queue until it is empty, then go live. ``pending`` is what JetStream last
         said is left (None: unknown); asking for no more than that keeps a fetch from waiting
-        out its timeout for alerts that do not exist."""
+        out its timeout for alerts that do not exist. Nothing pending is not enough to go
+        live: the queue's node must also have given everything up to ``live_from``, after
+        which the buffer holds every live alert (a node back from a restart reports
+        nothing pending before it has caught up with the stream)."""
+        live_from = self.gw.feed.last_seq  # buffered from here on, or from before
         while self.mode is Mode.CATCHUP and not self.stopped.is_set():
             if self.rewind:  # the subscription changed: read on under the new filters
                 async with self.queue_lock:
                     self.rewind = False
                     pending = await self.checkpoint()
             if pending == 0:
-                self._try_go_live()
-                pending = None  # still catching up (buffer overflow): ask JetStream again
+                async with self.queue_lock:  # a subscription change waits for the switch
+                    if not self.rewind and await self.gw.queues.read_through(
+                        self.consumer, live_from, self._act
+                    ):
+                        self._try_go_live()
+                        live_from = self.gw.feed.last_seq  # not live: buffered from here
+                pending = None  # still catching up: ask JetStream again
                 continue
             room = self._room()
             if room <= 0:
