@@ -132,9 +132,17 @@ def test_bad_regions_claim_names_the_claim() -> None:
 
 
 def test_bad_roles_claim_names_the_claim() -> None:
-    err = refused(HS, jwt.encode(claims(roles=["superuser"]), SECRET, algorithm="HS256"))
+    err = refused(HS, jwt.encode(claims(roles="admin"), SECRET, algorithm="HS256"))
     assert err.error == "invalid_claims"
     assert "roles" in err.detail
+
+
+def test_unknown_roles_are_ignored() -> None:
+    """CONTRACT §3: identity providers add roles of their own; they grant nothing."""
+    token = jwt.encode(
+        claims(roles=["superuser", "offline_access", "analyst"]), SECRET, algorithm="HS256"
+    )
+    assert HS.verify(token).roles == (Role.ANALYST,)
 
 
 def test_empty_sub_is_refused() -> None:

@@ -29,10 +29,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     settings = exit_on_bad_settings()
     _require_nats(settings, "gateway")
-    if not (settings.jwt_secret or settings.jwt_public_key):
+    if not (settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_url):
         raise Fail(
-            "TOCSIN_JWT_SECRET (or TOCSIN_JWT_PUBLIC_KEY) is not set: the gateway "
-            "cannot verify tokens without a key",
+            "TOCSIN_JWT_SECRET (or TOCSIN_JWT_PUBLIC_KEY, or TOCSIN_JWT_JWKS_URL) is not set: "
+            "the gateway cannot verify tokens without a key",
             2,
         )
     setup_logging(settings, service="gateway")

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
+import aiohttp
 import jwt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tocsin.schemas.alert import REGION_PATTERN, is_region
 
 from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+ASYMMETRIC = frozenset({"RS256", "ES256"})
 
 
 class Role(StrEnum):
@@ -31,6 +39,16 @@ class Claims(BaseModel):
     exp: float
     roles: tuple[Role, ...] = ()
     regions: tuple[str, ...] = ()
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _known_roles(cls, value: object) -> object:
+        """Roles tocsin does not know are ignored (CONTRACT §3): identity providers add
+        their own (offline_access, uma_authorization, ...)."""
+        if isinstance(value, list | tuple):
+            known = {r.value for r in Role}
+            return tuple(r for r in value if not isinstance(r, str) or r in known)
+        return value
 
     @field_validator("regions")
     @classmethod
@@ -58,27 +76,109 @@ class TokenError(Exception):
         self.detail = detail
 
 
+#: A JWKS document is read again this often, and on a token whose ``kid`` it lacks, but
+#: then at most every REFETCH_SECONDS (a stream of made-up kids cannot hammer the IdP).
+JWKS_REFRESH_SECONDS = 300.0
+JWKS_REFETCH_SECONDS = 5.0
+JWKS_TIMEOUT_SECONDS = 5.0
+
+
+class Jwks:
+    """The identity provider's signing keys, by ``kid``: fetched from ``url`` (aiohttp, not
+    blocking the loop), parsed by PyJWT's PyJWKSet, refreshed every JWKS_REFRESH_SECONDS or
+    on an unknown ``kid`` (rotation without a restart). When the endpoint is down or answers
+    garbage the last good set is kept."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.keys: dict[str, jwt.PyJWK] = {}
+        self.fetched_at = 0.0  # monotonic, of the last good set
+        self.tried_at = -JWKS_REFETCH_SECONDS  # monotonic, of the last attempt
+        self.fetches = 0  # attempts, for tests and logs
+        self.last_error: str | None = None
+        self._lock = asyncio.Lock()
+
+    async def key(self, kid: str) -> jwt.PyJWK | None:
+        now = time.monotonic()
+        stale = now - self.fetched_at > JWKS_REFRESH_SECONDS
+        if (kid not in self.keys or stale) and now - self.tried_at >= JWKS_REFETCH_SECONDS:
+            await self.fetch()
+        return self.keys.get(kid)
+
+    async def fetch(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self.tried_at < JWKS_REFETCH_SECONDS:
+                return  # another token fetched meanwhile
+            self.tried_at = time.monotonic()
+            self.fetches += 1
+            try:
+                timeout = aiohttp.ClientTimeout(total=JWKS_TIMEOUT_SECONDS)
+                async with aiohttp.ClientSession(timeout=timeout) as http:
+                    async with http.get(self.url) as resp:
+                        resp.raise_for_status()
+                        document = await resp.json(content_type=None)
+                found = jwt.PyJWKSet.from_dict(document)
+            except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("JWKS %s not read (the last good set is kept): %s", self.url, exc)
+                return
+            self.keys = {k.key_id: k for k in found.keys if k.key_id}
+            self.fetched_at = time.monotonic()
+            self.last_error = None
+
+
 @dataclass(frozen=True)
 class TokenVerifier:
     secret: str | None
     public_key: str | None
     leeway: float = 0.0
+    issuer: str | None = None
+    audience: str | None = None
+    jwks: Jwks | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
-        return cls(settings.jwt_secret, settings.jwt_public_key)
+        return cls(
+            settings.jwt_secret,
+            settings.jwt_public_key,
+            settings.jwt_leeway_seconds,
+            settings.jwt_issuer,
+            settings.jwt_audience,
+            Jwks(settings.jwt_jwks_url) if settings.jwt_jwks_url else None,
+        )
 
-    def verify(self, token: str | None) -> Claims:
-        if not token:
-            raise TokenError("missing_token", "pass auth_token=... or Authorization: Bearer ...")
+    async def averify(self, token: str | None) -> Claims:
+        """:meth:`verify`, with the key of an RS256/ES256 token looked up by its ``kid`` in
+        the JWKS (``TOCSIN_JWT_JWKS_URL``), fetched if need be."""
+        if self.jwks is None or not token:
+            return self.verify(token)
+        header = self._header(token)
+        if header.get("alg") not in ASYMMETRIC:
+            return self.verify(token)
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise TokenError("invalid_signature", "the token names no key (kid) of the JWKS")
+        jwk = await self.jwks.key(kid)
+        if jwk is None:
+            raise TokenError("invalid_signature", f"key {kid!r} is not in the JWKS")
+        return self.verify(token, jwk.key)
+
+    @staticmethod
+    def _header(token: str) -> dict[str, Any]:
         try:
-            header = jwt.get_unverified_header(token)
+            return jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise TokenError("malformed_token", str(exc)) from None
-        alg = header.get("alg")
-        if alg == "HS256" and self.secret:
-            key: str = self.secret
-        elif alg in {"RS256", "ES256"} and self.public_key:
+
+    def verify(self, token: str | None, jwk_key: Any = None) -> Claims:
+        if not token:
+            raise TokenError("missing_token", "pass auth_token=... or Authorization: Bearer ...")
+        alg = self._header(token).get("alg")
+        if jwk_key is not None and alg in ASYMMETRIC:
+            key: Any = jwk_key
+        elif alg == "HS256" and self.secret:
+            key = self.secret
+        elif alg in ASYMMETRIC and self.public_key:
             key = self.public_key
         else:
             raise TokenError("invalid_signature", f"algorithm {alg!r} is not accepted here")
@@ -87,8 +187,10 @@ class TokenVerifier:
                 token,
                 key,
                 algorithms=[alg],
-                options={"require": ["sub", "exp"]},
+                options={"require": ["sub", "exp"], "verify_aud": self.audience is not None},
                 leeway=self.leeway,
+                issuer=self.issuer,
+                audience=self.audience,
             )
         except jwt.ExpiredSignatureError:
             raise TokenError("token_expired", "the token's exp is in the past") from None
@@ -96,6 +198,12 @@ class TokenVerifier:
             raise TokenError("invalid_signature", "signature verification failed") from None
         except jwt.MissingRequiredClaimError as exc:
             raise TokenError("invalid_claims", str(exc)) from None
+        except jwt.InvalidIssuerError:
+            raise TokenError("invalid_claims", f"claim iss: expected {self.issuer!r}") from None
+        except jwt.InvalidAudienceError:
+            raise TokenError("invalid_claims", f"claim aud: expected {self.audience!r}") from None
+        except jwt.ImmatureSignatureError as exc:
+            raise TokenError("invalid_claims", f"claim nbf/iat: {exc}") from None
         except jwt.PyJWTError as exc:
             raise TokenError("malformed_token", str(exc)) from None
         try:

@@ -62,10 +62,10 @@ def json_error(status: int, error: str, detail: str, **headers: str) -> web.Resp
     return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
 
 
-def parse_device(request: web.Request, gw: Gateway) -> Device | web.Response:
+async def parse_device(request: web.Request, gw: Gateway) -> Device | web.Response:
     token = request.query.get("auth_token") or bearer(request.headers.get("Authorization"))
     try:
-        claims = gw.verifier.verify(token)
+        claims = await gw.verifier.averify(token)
     except TokenError as exc:
         return json_error(401, exc.error, exc.detail)
     if not claims.is_admin and not claims.regions:
@@ -101,7 +101,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         audit("origin_refused", request, origin=request.headers.get("Origin"))
         return refused
-    device = parse_device(request, gw)
+    device = await parse_device(request, gw)
     if isinstance(device, web.Response):
         return device
     holder = uuid.uuid4().hex

@@ -223,7 +223,7 @@ async def stats_handler(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     token = bearer(request.headers.get("Authorization")) or request.query.get("auth_token")
     try:
-        claims = gw.verifier.verify(token)
+        claims = await gw.verifier.averify(token)
     except TokenError as exc:
         return web.json_response({"error": exc.error, "detail": exc.detail}, status=401)
     if not READERS.intersection(claims.roles):

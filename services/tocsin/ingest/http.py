@@ -35,7 +35,7 @@ def publish_handler(
     async def publish(request: web.Request) -> web.Response:
         token = bearer(request.headers.get("Authorization")) or request.query.get("auth_token")
         try:
-            claims = verifier.verify(token)
+            claims = await verifier.averify(token)
         except TokenError as exc:
             return web.json_response({"error": exc.error, "detail": exc.detail}, status=401)
         if Role.PUBLISHER not in claims.roles and not claims.is_admin:
