@@ -5,9 +5,10 @@ records and the counters of every device's link (tocsin.bench.netem).
 * **duplicates per delivery**: every extra alert frame (raw) over the deliveries;
 * **detection of a dead link**, from each hold (blackhole or stall) of a device's link:
   server side, to the first time the gateway ended a connection that was open through the
-  link when the hold began (as the link read it: the gateway's FIN or reset); client side,
-  to the first time the client gave up on its silent connection. Holds nobody noticed
-  (short stalls, as they should be) are counted apart;
+  link when the hold began (as the link read it: the gateway's FIN or reset), and to its
+  last bytes before that end (its close frame: when it gave up); client side, to the first
+  time the client gave up on its silent connection. Holds nobody noticed (short stalls, as
+  they should be) are counted apart;
 * **bytes per delivered alert**: bytes the links carried, both ways (WebSocket frames,
   pings, acks, handshakes), over the deliveries.
 """
@@ -37,7 +38,8 @@ class NetFigures:
     connections: int  # through the links, refused handshakes and reconnects included
     cuts: int
     holds: int
-    server_detect: list[float] = field(default_factory=list)
+    server_detect: list[float] = field(default_factory=list)  # its socket ended
+    server_gave_up: list[float] = field(default_factory=list)  # its close frame
     client_detect: list[float] = field(default_factory=list)
     #: holds during which the server / the client ended nothing (an outage that went by)
     server_missed: int = 0
@@ -63,8 +65,9 @@ class NetFigures:
             "deliver p50 / p99 / max": f"{self.p50:.2f} / {self.p99:.2f} / {self.worst:.2f} s",
             "duplicates per delivery": f"{self.dupes_per_delivery:.3f}",
             "holds / cuts": f"{self.holds} / {self.cuts}",
-            "dead link found, server (p50 / max)": spread(self.server_detect),
-            "dead link found, client (p50 / max)": spread(self.client_detect),
+            "dead link: server gave up (p50 / max)": spread(self.server_gave_up),
+            "dead link: server socket ended": spread(self.server_detect),
+            "dead link: client gave up": spread(self.client_detect),
             "holds unnoticed, server / client": f"{self.server_missed} / {self.client_missed}",
             "bytes on the wire per delivery": f"{self.bytes_per_alert:,.0f}",
             "connections through the links": str(self.connections),
@@ -76,12 +79,13 @@ class NetFigures:
         return "\n".join(f"  {k:<{width}}  {v}" for k, v in row.items())
 
 
-def server_detection(link: Link, hold: Outage) -> float | None:
-    """Seconds from the hold's start to the gateway ending a connection that was open
-    through the link when it began (during the hold); None: it ended none."""
+def server_detection(link: Link, hold: Outage) -> tuple[float, float] | None:
+    """Seconds from the hold's start to the gateway's last bytes on, and to its end of, a
+    connection that was open through the link when the hold began (ended during the hold);
+    None: it ended none."""
     end = hold.end if hold.end is not None else math.inf
     found = [
-        c.server_closed - hold.start
+        (c.server_closed - hold.start, (c.server_last or c.server_closed) - hold.start)
         for c in link.conns
         if c.upstream is not None
         and c.upstream < hold.start
@@ -124,7 +128,8 @@ def figures(profile: str, outcome: Outcome) -> NetFigures:
             if server is None:
                 out.server_missed += 1
             else:
-                out.server_detect.append(server)
+                out.server_detect.append(server[0])
+                out.server_gave_up.append(max(0.0, server[1]))
             found = client_detection(client, hold)
             if found is None:
                 out.client_missed += 1

@@ -13,6 +13,13 @@ connections (:class:`Link`) at once; their injectors (:func:`concurrent_connects
 :func:`token_changes`, :func:`stalled_readers`) drive them. Waiting is on conditions with
 deadlines; random sleeps only shape the load (churn delays, downtimes) or are the fault
 itself (how long a reader stalls).
+
+Bad networks (``run_scenario(netem=...)``, tests/chaos/test_bad_network.py): each device
+gets its own :class:`tocsin.bench.netem.Link` (latency, bandwidth, stalls, blackholes,
+cuts) between it and the gateway or the proxy, so all its connections share that link's
+state; :func:`link_outages` runs the links' outages. With ``backoff`` (:class:`Backoff`)
+the clients reconnect as an SDK does (exponential backoff with full jitter, close codes
+honoured: 4009 stops them) and abort a connection silent for two heartbeats.
 """
 
 from __future__ import annotations

@@ -46,7 +46,6 @@ stay: they must lose nothing in a stall.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,19 +55,18 @@ import pytest
 from tocsin.bench.netem import Profile, profile
 
 from .badnet import figures
-from .harness import LONG, Backoff, Mode, link_outages, run_scenario
-from .test_chaos import PROFILES, check
+from .harness import LONG, Backoff, link_outages, run_scenario
+from .harness import MODE as CHAOS_MODE
+from .test_chaos import PROFILES, check, copies
 from .verifier import DeviceSpec
 
-
-def bad_network_mode() -> Mode:
-    if LONG:
-        seconds = float(os.environ.get("TOCSIN_CHAOS_SECONDS", "60"))
-        return Mode("long", seconds, 25.0, int(seconds * 25 * 1.2) + 10, 120.0, 2, 1)
-    return Mode("short", 8.0, 20.0, 400, 45.0, 1, 1)
-
-
-MODE = bad_network_mode()
+#: The suite's mode; short: 8 s of load at 20 alerts/s (links need a few seconds to
+#: misbehave); long: a longer drain (a dead zone's clients back off up to 30 s).
+MODE = (
+    replace(CHAOS_MODE, drain_seconds=120.0)
+    if LONG
+    else replace(CHAOS_MODE, load_seconds=8.0, rate=20.0, max_alerts=400)
+)
 
 
 @dataclass(frozen=True)
@@ -98,13 +96,7 @@ def case(name: str) -> Case:
 
 
 def specs(client_acks_only: bool) -> list[DeviceSpec]:
-    out = []
-    for copy in range(MODE.copies):
-        for spec in PROFILES:
-            suffix = f"-{copy}" if copy else ""
-            mode = "client" if client_acks_only else spec.ack_mode
-            out.append(replace(spec, client_id=spec.client_id + suffix, ack_mode=mode))
-    return out
+    return copies([replace(s, ack_mode="client") if client_acks_only else s for s in PROFILES])
 
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(MODE.timeout + 120)]

@@ -118,12 +118,16 @@ class Outage:
 
 @dataclass
 class ConnRecord:
-    """One connection through the link: when it opened, reached the upstream, and when
-    each side ended it (EOF or reset, as the link read it; None: it did not)."""
+    """One connection through the link: when it opened, reached the upstream, when the link
+    last read bytes from each side (a WebSocket peer's last bytes before it closes are its
+    close frame), and when each side ended it (EOF or reset, as the link read it; None: it
+    did not)."""
 
     id: int
     opened: float
     upstream: float | None = None
+    client_last: float | None = None
+    server_last: float | None = None
     client_closed: float | None = None
     server_closed: float | None = None
     cut: float | None = None
@@ -462,7 +466,12 @@ class Link:
         reset = False
         try:
             while data := await reader.read(min(CHUNK, p.buffer)):
-                await chan.put(data, time.monotonic() + p.latency)  # waits while full
+                now = time.monotonic()
+                if upward:
+                    conn.record.client_last = now
+                else:
+                    conn.record.server_last = now
+                await chan.put(data, now + p.latency)  # waits while full
         except (OSError, ConnectionError):
             reset = True
         self._ended(conn.record, upward)
