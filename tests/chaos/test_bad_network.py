@@ -19,7 +19,10 @@ up on a connection from which nothing came for two heartbeats (the server pings 
 nothing misdelivered, and **no alert frame sent twice on one connection** (its
 ``repeats_on_connection``, one of ``Report.failures()``). Each scenario prints the figures
 of :mod:`tests.chaos.badnet` (time to deliver, duplicates per delivery, how fast each side
-found a dead link, bytes on the wire per delivered alert).
+found a dead link, bytes on the wire per delivered alert). ``make chaos`` adds
+``flapping_eager_reset``: the flapping link with the backoff reset at every
+``connection_established`` instead of after a connection stayed up (the comparison in
+docs/reliability.md).
 
 The gateway's settings are chosen so that a slow link is not taken for a dead one:
 
@@ -84,6 +87,10 @@ def case(name: str) -> Case:
             "2g": Case(profile("2g"), 10.0, backoff, False),
             "dead_zone": Case(profile("dead_zone"), 5.0, backoff, True),
             "flapping": Case(profile("flapping"), 5.0, backoff, True),
+            # the backoff reset at every connection_established, not after a minute up
+            "flapping_eager_reset": Case(
+                profile("flapping"), 5.0, replace(backoff, stable=0.0), True
+            ),
         }[name]
     backoff = Backoff(0.1, 2.0, 5.0)
     return {
@@ -102,7 +109,12 @@ def specs(client_acks_only: bool) -> list[DeviceSpec]:
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(MODE.timeout + 120)]
 
 
-@pytest.mark.parametrize("name", ["2g", "dead_zone", "flapping"])
+#: ``make chaos`` also compares the flapping link with a backoff reset at every
+#: connection_established (docs/reliability.md, Bad networks).
+NAMES = ["2g", "dead_zone", "flapping"] + (["flapping_eager_reset"] if LONG else [])
+
+
+@pytest.mark.parametrize("name", NAMES)
 async def test_bad_network(tmp_path: Path, name: str) -> None:
     c = case(name)
     overrides: dict[str, Any] = {
@@ -121,11 +133,11 @@ async def test_bad_network(tmp_path: Path, name: str) -> None:
         netem=c.link,
         backoff=c.backoff,
     )
-    net = figures(name, outcome)
+    net = figures(name, outcome)  # the figures of docs/reliability.md, Bad networks
     print(f"\nbad network {name}\n{net.table()}")
     check(outcome)
     assert outcome.report.repeats_on_connection == 0
-    assert [c.stopped_by for c in outcome.clients if c.stopped_by is not None] == []
+    assert [x.stopped_by for x in outcome.clients if x.stopped_by is not None] == []
     assert net.holds + net.cuts > 0  # the link did misbehave
     if name == "dead_zone":
         # a blackhole longer than two heartbeats is found by both sides
