@@ -732,7 +732,7 @@ class DeviceClient:
                 async with asyncio.timeout(10):
                     ws = await http.ws_connect(self.ws_url, params=self.params(regions))
             except Exception:  # refused, a gateway restarting: again, with backoff
-                await asyncio.sleep(self.rng.uniform(0.05, 0.3))
+                await self.backoff_sleep()
                 continue
             conn = self.verifier.open_connection(self.spec.key, regions, opened, acks, role, prompt)
             link = Link(self, ws, conn)
