@@ -42,7 +42,7 @@ The gateway's settings are chosen so that a slow link is not taken for a dead on
   plus the time to move a window (10 + 0.6 + 1.4 s), well inside it.
 
 Devices ack (``ack_mode=client``) on the dead zone and flapping links: an ``auto`` device
-counts what the gateway wrote to a socket as delivered (CONTRACT §6), so a link cut with
+counts what the gateway wrote to a socket as delivered (docs/protocol.md §5), so a link cut with
 alerts on the wire loses them by design. On ``2g`` nothing is cut, so the ``auto`` devices
 stay: they must lose nothing in a stall.
 """
