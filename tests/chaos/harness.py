@@ -13,6 +13,13 @@ connections (:class:`Link`) at once; their injectors (:func:`concurrent_connects
 :func:`token_changes`, :func:`stalled_readers`) drive them. Waiting is on conditions with
 deadlines; random sleeps only shape the load (churn delays, downtimes) or are the fault
 itself (how long a reader stalls).
+
+Bad networks (``run_scenario(netem=...)``, tests/chaos/test_bad_network.py): each device
+gets its own :class:`tocsin.bench.netem.Link` (latency, bandwidth, stalls, blackholes,
+cuts) between it and the gateway or the proxy, so all its connections share that link's
+state; :func:`link_outages` runs the links' outages. With ``backoff`` (:class:`Backoff`)
+the clients reconnect as an SDK does (exponential backoff with full jitter, close codes
+honoured: 4009 stops them) and abort a connection silent for two heartbeats.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
+from tocsin.bench.netem import Link as NetLink
+from tocsin.bench.netem import Profile
 from tocsin.core.auth import mint_token
 from tocsin.core.embedded import (
     NatsCluster,
@@ -48,11 +57,13 @@ from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 from tocsin.core.supervisor import settings_env
 from tocsin.core.topology import apply_topology
+from tocsin.schemas.codes import Close
 
 from ..conftest import SECRET
 from ..support import GatewayProcess, spawn_tocsin
 from .proxy import RoundRobinProxy
 from .verifier import (
+    REPLACED,
     Connection,
     DeviceSpec,
     Fault,
@@ -123,6 +134,13 @@ class Scene:
     @property
     def ws_url(self) -> str:
         return self.proxy.ws_url if self.proxy is not None else self.gws[0].ws_url
+
+    @property
+    def upstream(self) -> tuple[str, int]:
+        """Where a device's bad-network link forwards to: the proxy, or the gateway."""
+        if self.proxy is not None:
+            return self.proxy.host, self.proxy.port
+        return "127.0.0.1", self.gws[0].port
 
     async def start(self) -> None:
         if self.cluster:
@@ -245,6 +263,9 @@ class Scene:
         return seqs
 
     async def stop(self) -> None:
+        for c in self.clients:
+            if c.netlink is not None:
+                await c.netlink.stop()
         if self.proxy is not None:
             await self.proxy.stop()
         if self.nc is not None:
@@ -441,6 +462,53 @@ class DeviceClient:
     #: set while there is one: what :func:`slow_reader_stalls` stops reading.
     current: aiohttp.ClientWebSocketResponse | None = None
     up: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The device's own bad-network link (run_scenario's ``netem``): every connection of
+    #: the device, reconnects included, goes through it, so they share its state.
+    netlink: NetLink | None = None
+    #: Reconnect as an SDK does (:class:`Backoff`) and give up on a connection that has
+    #: been silent for two heartbeats; None: the suite's quick reconnects.
+    backoff: Backoff | None = None
+    #: When this client gave up on a silent connection (dead-link detection).
+    dead_links: list[float] = field(default_factory=list)
+    #: The server's heartbeat_interval, from the last connection_established.
+    heartbeat: float | None = None
+    last_frame: float = 0.0  # when the current connection last brought a frame
+    #: A close code on which the client stopped reconnecting (4009: another connection
+    #: owns the device).
+    stopped_by: int | None = None
+    _attempt: int = 0  # reconnects since the last stable connection
+
+    @property
+    def ws_url(self) -> str:
+        return self.netlink.ws_url if self.netlink is not None else self.scene.ws_url
+
+    async def backoff_sleep(self) -> None:
+        """After a failed attempt: the SDK's backoff, or the suite's short random pause."""
+        if self.backoff is None:
+            await asyncio.sleep(self.rng.uniform(0.05, 0.3))
+            return
+        delay = self.backoff.delay(self._attempt, self.rng)
+        self._attempt += 1
+        await first_of([self.finish], delay)
+
+    async def after_close(self, conn: Connection, code: int | None) -> bool:
+        """An SDK's reaction to a closed connection (docs/protocol.md §3, §7): wait as its
+        close code says; False: do not reconnect (4009)."""
+        assert self.backoff is not None
+        b = self.backoff
+        if conn.established is not None and conn.closed is not None:
+            if conn.closed - conn.established >= b.stable:
+                self._attempt = 0  # it stayed up: start again from the base delay
+        if code == REPLACED:
+            self.stopped_by = code
+            return False
+        if code == Close.TOKEN_EXPIRED:
+            return True  # a new token (each connect mints one), at once
+        if code == Close.GOING_AWAY:
+            await first_of([self.finish], self.rng.uniform(0, b.base))  # soon, with jitter
+            return True
+        await self.backoff_sleep()
+        return True
 
     def kick(self) -> bool:
         """Make the client drop its connection now and reconnect (False: it is between
@@ -469,10 +537,11 @@ class DeviceClient:
                     http = self.http
                     if self.spec.behaviour == "stalling":  # a window too small to hide a stall
                         http = self.small_window_http(STALLING_RCVBUF)
-                    ws = await http.ws_connect(self.scene.ws_url, params=params)
+                    ws = await http.ws_connect(self.ws_url, params=params)
             except Exception:  # refused, gateway restarting, 503: reconnect with backoff
-                await asyncio.sleep(self.rng.uniform(0.05, 0.3))
+                await self.backoff_sleep()
                 continue
+            self.last_frame = time.monotonic()
             return ws
         return None
 
@@ -497,9 +566,17 @@ class DeviceClient:
         await ws.close()
 
     @staticmethod
-    async def receive(ws: aiohttp.ClientWebSocketResponse, timeout: float) -> dict[str, Any] | None:
+    async def receive(
+        ws: aiohttp.ClientWebSocketResponse,
+        timeout: float,
+        heard: DeviceClient | None = None,
+    ) -> dict[str, Any] | None:
+        """The next frame other than a ping (answered); None once the socket closed.
+        ``heard``: the client whose ``last_frame`` each frame (pings too) renews."""
         while True:
             msg = await ws.receive(timeout)
+            if heard is not None:
+                heard.last_frame = time.monotonic()
             if msg.type is aiohttp.WSMsgType.TEXT:
                 frame: dict[str, Any] = orjson.loads(msg.data)
                 if frame["type"] == "ping":
@@ -541,6 +618,9 @@ class DeviceClient:
                 with contextlib.suppress(Exception):
                     await ws.close()
                 self.verifier.connection_closed(conn, time.monotonic(), ws.close_code)
+                if self.backoff is not None and not self.finish.is_set():
+                    if not await self.after_close(conn, ws.close_code):
+                        return
         finally:
             if self.http is not None:
                 await self.http.close()
@@ -559,8 +639,15 @@ class DeviceClient:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             next_pause = time.monotonic() + self.rng.uniform(0.3, 1.0)
         established = False
+        sdk = self.backoff is not None
         while not self.finish.is_set():
             now = time.monotonic()
+            silent = 2 * (self.heartbeat or HANDSHAKE_SECONDS / 2)
+            if sdk and now - self.last_frame > silent:
+                # nothing from the server for two heartbeats: the link is dead, give up on it
+                self.dead_links.append(now)
+                live_transport(ws).abort()
+                return
             if self._kick.is_set() and established:
                 self._kick.clear()
                 self._open_fault = self.verifier.fault_start("reconnect_queue_node_down", now)
@@ -577,7 +664,7 @@ class DeviceClient:
                 await self.pause(ws)
                 next_pause = time.monotonic() + self.rng.uniform(1.0, 4.0)
             try:
-                frame = await self.receive(ws, 0.25)
+                frame = await self.receive(ws, 0.25, self if sdk else None)
             except TimeoutError:
                 continue
             if frame is None:
@@ -586,6 +673,7 @@ class DeviceClient:
             kind = frame["type"]
             if kind == "connection_established":
                 established = True
+                self.heartbeat = float(frame["heartbeat_interval"])
                 self.current = ws
                 self.up.set()
                 self.verifier.connection_established(conn, at)
@@ -642,9 +730,9 @@ class DeviceClient:
             http = self.http if rcvbuf is None else self.small_window_http(rcvbuf)
             try:
                 async with asyncio.timeout(10):
-                    ws = await http.ws_connect(self.scene.ws_url, params=self.params(regions))
+                    ws = await http.ws_connect(self.ws_url, params=self.params(regions))
             except Exception:  # refused, a gateway restarting: again, with backoff
-                await asyncio.sleep(self.rng.uniform(0.05, 0.3))
+                await self.backoff_sleep()
                 continue
             conn = self.verifier.open_connection(self.spec.key, regions, opened, acks, role, prompt)
             link = Link(self, ws, conn)
@@ -898,6 +986,27 @@ LINKED = ("concurrent", "token_change", "stalled")
 SETTLE_SECONDS = 3.0
 #: Deadline for one connection's connection_established (or its end).
 ESTABLISH_SECONDS = 15.0
+#: An SDK client gives up on a new connection that brought no frame for this long (before
+#: connection_established tells it the heartbeat).
+HANDSHAKE_SECONDS = 20.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How an SDK reconnects (docs/protocol.md §7): after a failed attempt or a dropped
+    connection, a delay drawn from [0, min(cap, base * 2^n)] (full jitter; n counts the
+    attempts since the last connection that stayed up ``stable`` seconds); 1001 soon (within
+    ``base``), 4401 at once with a new token, 4009 never (another connection owns the
+    device)."""
+
+    base: float
+    cap: float
+    stable: float
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0, min(self.cap, self.base * 2 ** min(attempt, 30)))
+
+
 #: A stalled reader's burst: 130 alerts of ~30 KB (3.9 MB) for a region only the stalled
 #: devices' tokens (and admin) hold.
 BURST_ALERTS = 130
@@ -1019,9 +1128,13 @@ async def run_scenario(
     load_after_faults: float | None = None,
     overrides: dict[str, Any] | None = None,
     large: float = 0.0,
+    netem: Profile | None = None,
+    backoff: Backoff | None = None,
 ) -> Outcome:
     """``load_after_faults``: the load lasts until every injector returned and this many
-    seconds more (else ``mode.load_seconds``, the injectors running alongside)."""
+    seconds more (else ``mode.load_seconds``, the injectors running alongside). ``netem``:
+    each device talks through its own bad-network link with this profile (its outages run
+    when :func:`link_outages` says); ``backoff``: the devices reconnect as an SDK does."""
     mode = mode or MODE
     seed = seed if seed is not None else int(os.environ.get("TOCSIN_CHAOS_SEED", time.time_ns()))
     seed %= 1_000_000
@@ -1041,6 +1154,7 @@ async def run_scenario(
             finish,
             pause_seconds=pause_seconds,
             pauses=mode.faults,
+            backoff=backoff,
         )
         for s in specs
     ]
@@ -1049,6 +1163,10 @@ async def run_scenario(
     started = time.monotonic()
     try:
         await scene.start()
+        if netem is not None:
+            for c in clients:
+                link = NetLink([scene.upstream], netem, rng=random.Random(rng.random()))
+                c.netlink = await link.start()
         await asyncio.gather(*(c.introduce() for c in clients))
         for c in clients:
             if c.spec.behaviour == "never_ack":
@@ -1120,6 +1238,26 @@ async def run_scenario(
 
 
 # ----------------------------------------------------------------------- faults
+
+
+def link_outages(seconds: float) -> Injector:
+    """Every device's bad-network link runs its profile's outages (each link its own, at
+    random) for ``seconds``; one under way then runs to its end. Each outage becomes a
+    fault of the verifier, by its kind (stall, blackhole, cut)."""
+
+    async def inject(scene: Scene, v: Verifier, rng: random.Random, over: asyncio.Event) -> None:
+        links = [c.netlink for c in scene.clients if c.netlink is not None]
+        stop = asyncio.Event()
+        runs = [asyncio.ensure_future(link.run_outages(stop)) for link in links]
+        try:
+            await asyncio.sleep(seconds)  # the faults' span
+        finally:
+            stop.set()
+            await asyncio.gather(*runs, return_exceptions=True)
+            for link in links:
+                v.faults.extend(Fault(o.kind, o.start, o.end) for o in link.outages)
+
+    return inject
 
 
 async def spaced(rng: random.Random, n: int, load_over: asyncio.Event) -> None:

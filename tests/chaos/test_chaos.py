@@ -17,6 +17,9 @@ and a connection that stops reading for good while a new one takes over
 connection used) the verifier counts unflagged repeats, per-connection gaps and order,
 acks that settled what the acking connection never received, and whether exactly one
 connection survived, promptly, with the others closed with 4009.
+
+Bad networks (a 2G link with stalls, a dead zone, a flapping link, each device through its
+own shaping link, clients that reconnect as an SDK does) are in test_bad_network.py.
 """
 
 from __future__ import annotations

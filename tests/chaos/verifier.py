@@ -651,17 +651,22 @@ class Verifier:
         code = "no close frame" if c.close_code is None else f"closed {int(c.close_code)}"
         return f"{est}, {code} +{c.closed - since:.2f} s"
 
-    def worst_delay_of(self, devices: set[str]) -> float:
-        """Worst first-receipt delay over the given devices (e.g. bystanders of a slow one)."""
-        worst = 0.0
-        for device in devices:
+    def delays_of(self, devices: set[str] | None = None) -> list[float]:
+        """First receipt minus PubAck of each published alert each device got (of every
+        device with None)."""
+        out: list[float] = []
+        for device in self.receipts if devices is None else sorted(devices):
             seen: set[int | str] = set()
             for rec in self.receipts.get(device, []):
                 if rec.alert_id in seen or rec.alert_id not in self.published:
                     continue
                 seen.add(rec.alert_id)
-                worst = max(worst, rec.at - self.published[rec.alert_id].acked_at)
-        return worst
+                out.append(rec.at - self.published[rec.alert_id].acked_at)
+        return out
+
+    def worst_delay_of(self, devices: set[str]) -> float:
+        """Worst first-receipt delay over the given devices (e.g. bystanders of a slow one)."""
+        return max(self.delays_of(devices), default=0.0)
 
 
 @dataclass
