@@ -166,6 +166,11 @@ class Scene:
             # never truncate: every alert must be delivered (the verifier asserts it)
             offline_queue_max=1_000_000,
             max_inflight=10_000,  # clients that never ack still receive everything
+            # The suite's devices are not abusers (the limits have tests of their own):
+            # several devices of one user, and bursts of frames, must not be refused.
+            max_connections_per_user=100,
+            max_messages_per_minute=60_000,
+            rate_limit_burst=10_000,
         ).model_copy(update=self.overrides)
         self.env = settings_env(self.settings) | {
             "TOCSIN_MAX_INFLIGHT": str(self.settings.max_inflight),

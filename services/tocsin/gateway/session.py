@@ -51,6 +51,8 @@ PING = WSMsgType.PING
 #: A closing handshake (close frame out, the client's back) may take this long, capped at
 #: one heartbeat; then the socket is aborted. Nothing of the device waits for it.
 CLOSE_SECONDS = 5.0
+#: The same, for a peer found silent or not reading (4000, 4008).
+DEAD_CLOSE_SECONDS = 0.2
 
 
 class Mode(enum.StrEnum):
@@ -623,6 +625,10 @@ class Session:
         the socket is aborted, and so is one whose unread frames would keep it open."""
         code, reason = self.closing or (Close.NORMAL, "")
         limit = min(CLOSE_SECONDS, self.gw.settings.heartbeat_seconds)
+        if code in (Close.HEARTBEAT_TIMEOUT, Close.SLOW_CLIENT):
+            # Silent or not reading: its answer to the close frame would not come either
+            # (a dead link holds it a heartbeat longer). The frame goes out, then the abort.
+            limit = min(limit, DEAD_CLOSE_SECONDS)
         if not self.ws.closed:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(limit):
