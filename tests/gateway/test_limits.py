@@ -5,6 +5,7 @@ nats-server and namespace, as two instances behind a load balancer would."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -297,5 +298,26 @@ async def test_browser_origins(
         assert got == status, body
         if status == 403:
             assert body["error"] == "origin_not_allowed"
+    finally:
+        await running.stop()
+
+
+async def test_security_events_leave_one_audit_line_each_without_the_token(
+    make_settings: Callable[..., Settings], js: JetStreamContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    running = await start_gateway(make_settings())
+    tok = token("audited", ("KE",))
+    try:
+        caplog.set_level(logging.INFO, logger="tocsin.audit")
+        await handshake(running.ws_url, auth_token=tok, origin="https://evil.example")
+        await handshake(running.ws_url, auth_token=tok[:-4] + "AAAA")  # a bad signature
+        events = [r for r in caplog.records if r.name == "tocsin.audit"]
+        # handshake() asks twice (the upgrade, then a GET for the body): a line each
+        assert [getattr(r, "event", None) for r in events] == ["origin_refused"] * 2 + [
+            "invalid_signature"
+        ] * 2
+        for record in events:
+            text = record.getMessage() + repr(record.__dict__)
+            assert tok.split(".")[1] not in text  # not even the token's payload
     finally:
         await running.stop()

@@ -166,9 +166,12 @@ class TokenVerifier:
     @staticmethod
     def _header(token: str) -> dict[str, Any]:
         try:
-            return jwt.get_unverified_header(token)
+            header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise TokenError("malformed_token", str(exc)) from None
+        if not isinstance(header.get("alg"), str):  # found by tests/unit/test_fuzz.py
+            raise TokenError("malformed_token", "header alg: expected a string")
+        return header
 
     def verify(self, token: str | None, jwk_key: Any = None) -> Claims:
         if not token:

@@ -46,6 +46,7 @@ from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 
 log = logging.getLogger(__name__)
+audit = logging.getLogger("tocsin.audit")
 
 #: A gateway not heard for this long is dead: its connection slots are free again.
 LEASE_SECONDS = 15.0
@@ -200,13 +201,22 @@ class Guard:
         key = entry.key.removeprefix("ban.")
         ban = Ban.parse(entry.value or b"") if entry.operation is None else None
         if ban is None:
-            self.bans.pop(key, None)
+            lifted = self.bans.pop(key, None)
+            if lifted is not None and lifted.remaining > 0:
+                audit.warning(
+                    "ban of %s lifted", lifted.sub, extra={"event": "ban_lifted", "sub": lifted.sub}
+                )
             return
         fresh = key not in self.bans
         self.bans[key] = ban
         if fresh and ban.remaining > 0:
-            log.warning(
-                "ban: %s banned for %.0f s (%s, by %s)", ban.sub, ban.remaining, ban.reason, ban.by
+            audit.warning(
+                "%s banned for %.0f s (%s, by %s)",
+                ban.sub,
+                ban.remaining,
+                ban.reason,
+                ban.by,
+                extra={"event": "ban", "sub": ban.sub, "reason": ban.reason, "by": ban.by},
             )
             self.on_ban(ban)
 

@@ -67,6 +67,7 @@ async def parse_device(request: web.Request, gw: Gateway) -> Device | web.Respon
     try:
         claims = await gw.verifier.averify(token)
     except TokenError as exc:
+        audit(exc.error, request)
         return json_error(401, exc.error, exc.detail)
     if not claims.is_admin and not claims.regions:
         return json_error(403, "no_regions", "the token's regions claim grants no region")
@@ -352,15 +353,10 @@ async def over_limit(session: Session) -> bool:
             user,
             extra={"event": "rate_limit_warning", "sub": user, "dropped": session.limit.dropped},
         )
-        try:
-            ban = await gw.guard.warned(user)
+        try:  # a ban is logged by every gateway's watcher (guard.py), this one's too
+            await gw.guard.warned(user)
         except Exception as exc:  # NATS away: no ban now; the warnings go on counting
             log.warning("could not ban %s: %s", user, exc)
-            ban = None
-        if ban is not None:
-            audit_log.warning(
-                "banned %s", user, extra={"event": "ban", "sub": user, "reason": ban.reason}
-            )
     return True
 
 
