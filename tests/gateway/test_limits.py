@@ -321,3 +321,27 @@ async def test_security_events_leave_one_audit_line_each_without_the_token(
             assert tok.split(".")[1] not in text  # not even the token's payload
     finally:
         await running.stop()
+
+
+async def test_a_handshake_sent_a_byte_at_a_time_is_dropped(
+    make_settings: Callable[..., Settings], js: JetStreamContext
+) -> None:
+    """A slow-loris upgrade (the request line, one header, then nothing) is closed once
+    TOCSIN_HANDSHAKE_TIMEOUT_SECONDS pass without a whole request; a WebSocket that opened
+    in time stays open well past it."""
+    running = await start_gateway(make_settings(handshake_timeout_seconds=1, heartbeat_seconds=0.5))
+    try:
+        ok = await Client.connect(running.ws_url, token("patient", ("KE",)))
+        ok.answer_pings = False  # pings queued for next(); its WebSocket pongs keep it
+        await ok.next("connection_established")
+        reader, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.write(b"GET /api/v1/alerts/ws HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 15) == b""  # closed, nothing answered
+        writer.close()
+        for _ in range(6):  # three seconds of pings: three handshake timeouts
+            await ok.next("ping")
+        assert not ok.closed.is_set()
+        await ok.close()
+    finally:
+        await running.stop()

@@ -96,6 +96,14 @@ def test_settings_are_frozen() -> None:
         ("TOCSIN_WS_COMPRESSION", "true"),
         ("TOCSIN_WS_SEND_BUFFER_KIB", "-1"),
         ("TOCSIN_WS_SEND_BUFFER_KIB", "256k"),
+        ("TOCSIN_ALLOWED_ORIGINS", "evil.example"),
+        ("TOCSIN_ALLOWED_ORIGINS", "https://a.example/path"),
+        ("TOCSIN_JWT_JWKS_URL", "ftp://id.example/jwks"),
+        ("TOCSIN_RATE_LIMIT_BURST", "0"),
+        ("TOCSIN_BAN_AFTER_WARNINGS", "0"),
+        ("TOCSIN_BAN_DURATION_MINUTES", "0"),
+        ("TOCSIN_HANDSHAKE_TIMEOUT_SECONDS", "0"),
+        ("TOCSIN_JWT_LEEWAY_SECONDS", "-1"),
     ],
 )
 def test_bad_value_names_its_variable(

@@ -55,6 +55,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print=None,
         access_log=log if settings.log_level == "DEBUG" else None,
         handle_signals=True,
+        # aiohttp arms this at connect too: a client that has not sent a whole request by
+        # then (a slow-loris upgrade) is closed (docs/security.md)
+        keepalive_timeout=settings.handshake_timeout_seconds,
     )
     return 0
 

@@ -107,6 +107,14 @@ class Settings(BaseSettings):
         "offers it (browsers always do), 'off' never. Fewer bytes per alert, for ~105 KiB "
         "of compressor per connection and CPU per frame (docs/benchmarks.md)",
     )
+    handshake_timeout_seconds: float = Field(
+        default=10,
+        gt=0,
+        le=300,
+        description="a connection whose first HTTP request (the WebSocket upgrade) has not "
+        "arrived whole by then is closed; also how long an idle HTTP keep-alive connection is "
+        "kept",
+    )
     rate_limit_burst: int = Field(
         default=10,
         ge=1,

@@ -38,7 +38,11 @@ class LocalGateway:
 
 async def start_local_gateway(settings: Settings) -> LocalGateway:
     """``create_app(settings)`` served on a free loopback port, started (NATS connected)."""
-    runner = web.AppRunner(create_app(settings), shutdown_timeout=settings.shutdown_grace_seconds)
+    runner = web.AppRunner(
+        create_app(settings),
+        shutdown_timeout=settings.shutdown_grace_seconds,
+        keepalive_timeout=settings.handshake_timeout_seconds,  # as `tocsin gateway` does
+    )
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
