@@ -345,3 +345,36 @@ async def test_a_handshake_sent_a_byte_at_a_time_is_dropped(
         await ok.close()
     finally:
         await running.stop()
+
+
+async def test_one_user_can_never_read_or_settle_another_users_queue(
+    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+) -> None:
+    """Read: a user connecting with another's client_id (and with names built to collide
+    once joined: ``a__b``/``c`` against ``a``/``b__c``) opens a queue of its own, empty,
+    and gets nothing of the other's backlog. Ack: acking the other's seqs settles nothing
+    of the other's: its backlog is whole when it comes back. No client frame names a
+    queue, so reset and delete have no path at all: subscription changes act on the
+    connection's own device."""
+    running = await start_gateway(make_settings())
+    try:
+        victim = token("a", ("KE",))
+        await Client.introduce(running.ws_url, victim, client_id="b__c")
+        missed = [await append(js, names, alert("KE-30")) for _ in range(3)]
+        intruder = await Client.connect(running.ws_url, token("a__b", ("KE",)), client_id="c")
+        hello = await intruder.next("connection_established")
+        assert hello["pending"] == 0
+        for m in missed:  # below its own queue's start: nothing of its own to settle
+            await intruder.send({"type": "ack", "seq": m.seq})
+        await intruder.send({"type": "update_filters", "filters": {"risk_threshold": 0.9}})
+        await intruder.next("subscription_response")
+        await intruder.nothing_more()
+        await intruder.close()
+        back = await Client.connect(running.ws_url, victim, client_id="b__c")
+        assert (await back.next("connection_established"))["pending"] == 3
+        got = await back.alerts(3, ack=True)
+        assert [f["seq"] for f in got] == [m.seq for m in missed]
+        await back.close()
+        assert names.device_consumer("a", "b__c") != names.device_consumer("a__b", "c")
+    finally:
+        await running.stop()
