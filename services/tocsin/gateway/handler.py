@@ -341,6 +341,17 @@ async def over_limit(session: Session) -> bool:
     taken, retry_after = session.limit.admit(time.monotonic())
     if taken:
         return False
+    if session.limit.flooding and session.closing is None:
+        user = session.device.user_id
+        audit_log.warning(
+            "flood from %s: connection closed",
+            user,
+            extra={"event": "flood_closed", "sub": user, "dropped": session.limit.dropped},
+        )
+        session.close(
+            Close.POLICY_VIOLATION, "flooding: frames over the rate limit after a warning"
+        )
+        return True
     if retry_after is not None:
         gw = session.gw
         session.rate_limit_warnings += 1

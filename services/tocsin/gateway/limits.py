@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 
 #: Warnings to one connection are at least this far apart (the warning is rate-limited too).
 WARNING_INTERVAL = 1.0
+#: Frames dropped since the last warning past which the connection is closed (1008): a
+#: client that goes on sending this much after being told to wait is flooding, and every
+#: frame it sends costs the gateway a read and a parse that others wait behind.
+FLOOD_FRAMES = 50
 
 
 @dataclass
@@ -43,6 +47,7 @@ class RateLimit:
     bucket: TokenBucket
     warn_after: float = 0.0
     dropped: int = 0
+    unheeded: int = 0  # dropped since the last warning
 
     def admit(self, now: float) -> tuple[bool, float | None]:
         """(whether the frame is taken, the ``retry_after_s`` to warn with, or None)."""
@@ -51,6 +56,12 @@ class RateLimit:
             return True, None
         self.dropped += 1
         if now < self.warn_after:
+            self.unheeded += 1
             return False, None
         self.warn_after = now + max(WARNING_INTERVAL, wait)
+        self.unheeded = 0
         return False, round(wait, 3)
+
+    @property
+    def flooding(self) -> bool:
+        return self.unheeded >= FLOOD_FRAMES
