@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -235,3 +236,56 @@ class SilentClient(Client):
     """A client that answers no ping of either kind: the protocol's nor WebSocket ones."""
 
     autoping: ClassVar[bool] = False
+
+
+async def handshake(url: str, **params: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, JSON body and headers of a refused handshake (101, {}, {} if it opened: then
+    it is closed at once)."""
+    return await handshake_with(url, {}, params)
+
+
+async def handshake_with(
+    url: str, headers: dict[str, str], params: dict[str, str]
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """:func:`handshake` with request ``headers`` (e.g. ``Origin``)."""
+    async with aiohttp.ClientSession() as http:
+        try:
+            async with http.ws_connect(url, params=params, headers=headers):
+                return 101, {}, {}
+        except aiohttp.WSServerHandshakeError as exc:
+            # The same request again, for the body; the answer may differ if the state
+            # changed in between (a slot freed): then no body, and the caller asks again.
+            async with http.get(url, params=params, headers=headers) as resp:
+                if resp.status != exc.status or resp.content_type != "application/json":
+                    return exc.status, {}, {}
+                return exc.status, await resp.json(), dict(resp.headers)
+
+
+def session_of(running: RunningGateway, user: str, client_id: str | None = None) -> Any:
+    """The one open session of ``user`` (and ``client_id``) in an in-process gateway."""
+    [session] = [
+        s
+        for s in running.gw.sessions
+        if s.device.user_id == user and client_id in (None, s.device.client_id)
+    ]
+    return session
+
+
+async def run_tocsin(
+    settings: Settings, *args: str, cwd: Path | None = None, timeout: float = 60
+) -> tuple[int, str, str]:
+    """``python -m tocsin ARGS`` with ``settings``, as a process of its own (this event loop
+    stays free: an in-process gateway answers meanwhile); exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tocsin",
+        *args,
+        env=settings_env(settings),
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

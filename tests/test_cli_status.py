@@ -5,9 +5,7 @@ test against a real gateway's stats responder."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,10 +29,18 @@ from tocsin.cli.status import (
 from tocsin.core.embedded import free_port
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
-from tocsin.core.supervisor import settings_env
 from tocsin.ingest.pipeline import Reason, Rejection, dead_letter
 
-from .support import Client, RunningGateway, alert, append, eventually, start_gateway, token
+from .support import (
+    Client,
+    RunningGateway,
+    alert,
+    append,
+    eventually,
+    run_tocsin,
+    start_gateway,
+    token,
+)
 from .test_cli import clean_env, lines, tocsin
 
 #: A process's deadline: it starts Python and imports tocsin before it connects.
@@ -70,20 +76,7 @@ STREAM_KEYS = {
 async def status(settings: Settings, *args: str, cwd: Path) -> tuple[int, str, str]:
     """``python -m tocsin status ARGS`` as a process of its own; this event loop stays free
     (an in-process gateway or a test's responder answers while it runs)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tocsin",
-        "status",
-        *args,
-        env=settings_env(settings),
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), PROCESS_DEADLINE)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_tocsin(settings, "status", *args, cwd=cwd, timeout=PROCESS_DEADLINE)
 
 
 async def status_json(settings: Settings, *args: str, cwd: Path) -> dict[str, Any]:

@@ -13,7 +13,6 @@ from nats.js import JetStreamContext
 
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
-from tocsin.gateway.session import Session
 from tocsin.schemas.codes import Close
 
 from ..support import (
@@ -23,16 +22,12 @@ from ..support import (
     alert,
     append,
     eventually,
+    session_of,
     start_gateway,
     token,
 )
 
 HEARTBEAT = 0.5  # the ticker then visits each session every 0.25 s (sweep_seconds)
-
-
-def session_of(running: RunningGateway, user: str) -> Session:
-    [session] = [s for s in running.gw.sessions if s.device.user_id == user]
-    return session
 
 
 async def test_websocket_pongs_keep_a_client_alive(

@@ -22,19 +22,10 @@ from ..support import (
     SilentClient,
     alert,
     append,
+    handshake,
     start_gateway,
     token,
 )
-
-
-async def handshake(url: str, **params: str) -> tuple[int, dict[str, object]]:
-    async with aiohttp.ClientSession() as http:
-        try:
-            async with http.ws_connect(url, params=params):
-                return 101, {}
-        except aiohttp.WSServerHandshakeError as exc:
-            async with http.get(url, params=params) as resp:  # same request, read the body
-                return exc.status, await resp.json()
 
 
 @pytest.mark.parametrize(
@@ -55,7 +46,7 @@ async def handshake(url: str, **params: str) -> tuple[int, dict[str, object]]:
 async def test_bad_tokens_get_401_with_json_body(
     gateway: RunningGateway, tok: str, error: str
 ) -> None:
-    status, body = await handshake(gateway.ws_url, auth_token=tok)
+    status, body, _ = await handshake(gateway.ws_url, auth_token=tok)
     assert status == 401
     assert body["error"] == error and body["detail"]
 
@@ -85,12 +76,12 @@ async def test_bearer_header_is_accepted(gateway: RunningGateway) -> None:
 async def test_bad_parameters_are_named(
     gateway: RunningGateway, params: dict[str, str], status: int, needle: str
 ) -> None:
-    code, body = await handshake(gateway.ws_url, auth_token=token(), **params)
+    code, body, _ = await handshake(gateway.ws_url, auth_token=token(), **params)
     assert code == status and needle in str(body["detail"])
 
 
 async def test_token_without_regions_is_refused(gateway: RunningGateway) -> None:
-    code, body = await handshake(gateway.ws_url, auth_token=token(regions=()))
+    code, body, _ = await handshake(gateway.ws_url, auth_token=token(regions=()))
     assert code == 403 and body["error"] == "no_regions"
 
 
@@ -329,7 +320,7 @@ async def test_compression_is_negotiated_where_the_setting_and_the_client_want_i
 
 
 async def test_an_unknown_compression_is_refused_by_name(gateway: RunningGateway) -> None:
-    status, body = await handshake(
+    status, body, _ = await handshake(
         gateway.ws_url, auth_token=token("cara"), client_id="phone", compression="gzip"
     )
     assert status == 400 and body["error"] == "invalid_parameter"

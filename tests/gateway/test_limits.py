@@ -6,70 +6,36 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import pytest
 from nats.js import JetStreamContext
 
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
-from tocsin.core.supervisor import settings_env
 from tocsin.gateway.guard import LEASE_SECONDS, user_key
-from tocsin.gateway.session import Session
 from tocsin.schemas.codes import Close
 
 from ..support import (
     Client,
     GatewayProcess,
-    RunningGateway,
     alert,
     append,
     eventually,
+    handshake,
+    handshake_with,
+    run_tocsin,
+    session_of,
     start_gateway,
     token,
 )
 
 
-def session_of(running: RunningGateway, user: str, client_id: str = "phone") -> Session:
-    [session] = [
-        s
-        for s in running.gw.sessions
-        if s.device.user_id == user and s.device.client_id == client_id
-    ]
-    return session
-
-
-async def handshake(url: str, **params: str) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """Status, JSON body and headers of a refused handshake (101 and {} if it opened)."""
-    headers = {"Origin": params.pop("origin")} if "origin" in params else {}
-    async with aiohttp.ClientSession() as http:
-        try:
-            async with http.ws_connect(url, params=params, headers=headers):
-                return 101, {}, {}
-        except aiohttp.WSServerHandshakeError as exc:
-            async with http.get(url, params=params, headers=headers) as resp:
-                return exc.status, await resp.json(), dict(resp.headers)
-
-
 async def tocsin_ban(settings: Settings, *args: str) -> tuple[int, str, str]:
     """``tocsin ban ARGS`` as an operator runs it, in its own process (exit code, out, err)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tocsin",
-        "ban",
-        *args,
-        env=settings_env(settings),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await run_tocsin(settings, "ban", *args)
 
 
 # ------------------------------------------------------------------ the rate limit
@@ -294,7 +260,8 @@ async def test_browser_origins(
         params = {"auth_token": token("browser", ("KE",))}
         if origin is not None:
             params["origin"] = f"http://127.0.0.1:{running.port}" if origin == "SAME" else origin
-        got, body, _ = await handshake(running.ws_url, **params)
+        headers = {"Origin": params.pop("origin")} if "origin" in params else {}
+        got, body, _ = await handshake_with(running.ws_url, headers, params)
         assert got == status, body
         if status == 403:
             assert body["error"] == "origin_not_allowed"
@@ -309,7 +276,9 @@ async def test_security_events_leave_one_audit_line_each_without_the_token(
     tok = token("audited", ("KE",))
     try:
         caplog.set_level(logging.INFO, logger="tocsin.audit")
-        await handshake(running.ws_url, auth_token=tok, origin="https://evil.example")
+        await handshake_with(
+            running.ws_url, {"Origin": "https://evil.example"}, {"auth_token": tok}
+        )
         await handshake(running.ws_url, auth_token=tok[:-4] + "AAAA")  # a bad signature
         events = [r for r in caplog.records if r.name == "tocsin.audit"]
         # handshake() asks twice (the upgrade, then a GET for the body): a line each
