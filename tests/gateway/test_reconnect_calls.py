@@ -193,3 +193,35 @@ async def test_a_claim_after_the_owners_gateway_vanished_reads_the_record_once(
     assert calls.record_reads() - (before["STREAM.MSG.GET"] + before["DIRECT.GET"]) == 1
     assert seen["record write"] == 2  # the claim and the release
     assert (await records.recorded(consumer) or {}).get("owner") is None
+
+
+async def test_a_handshake_abandoned_while_waiting_its_turn_claims_nothing(
+    gateway: RunningGateway, calls: Calls, nc: Nats, names: Names
+) -> None:
+    opening = gateway.gw.owners.opening
+    taken = 0
+    while not opening.locked():  # every place taken, as by a storm of other devices
+        await opening.acquire()
+        taken += 1
+    try:
+        before = await settled(calls, nc)
+        client = await Client.connect(gateway.ws_url, token("gaveup"), client_id=CLIENT_ID)
+        await eventually(lambda: bool(gateway.gw.owners.holders), what="the session waits")
+        await client.close()  # the client gives up before connection_established
+        await eventually(
+            lambda: all(
+                s.transport is None or s.transport.is_closing()
+                for s in gateway.gw.owners.holders.values()  # type: ignore[attr-defined]
+            ),
+            what="the gateway saw the client leave",
+        )
+    finally:
+        for _ in range(taken):
+            opening.release()
+    await released(gateway, names, "gaveup")
+    seen = await settled(calls, nc) - before
+
+    assert not client.established
+    assert seen == {}  # no record read, no claim, no queue created
+    consumer = names.device_consumer("gaveup", CLIENT_ID)
+    assert await gateway.gw.owners.records.recorded(consumer) is None

@@ -118,6 +118,9 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
         if not gw.nc.is_connected:
             raise NatsError("not connected to NATS")  # fail fast: the claim needs JetStream
         async with gw.owners.opening:  # a bounded number at once (reconnect storms)
+            transport = session.transport
+            if transport is not None and transport.is_closing():
+                return  # the client gave up while it waited its turn: nothing to claim
             claim = session.claim = await gw.owners.acquire(
                 session, device.user_id, device.client_id
             )
