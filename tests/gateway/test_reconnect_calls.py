@@ -23,6 +23,7 @@ from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 
 from tocsin.core.naming import Names
+from tocsin.gateway.session import Session
 
 from ..support import Client, RunningGateway, alert, append, eventually, token
 
@@ -208,11 +209,9 @@ async def test_a_handshake_abandoned_while_waiting_its_turn_claims_nothing(
         client = await Client.connect(gateway.ws_url, token("gaveup"), client_id=CLIENT_ID)
         await eventually(lambda: bool(gateway.gw.owners.holders), what="the session waits")
         await client.close()  # the client gives up before connection_established
+        waiting = [s for s in gateway.gw.owners.holders.values() if isinstance(s, Session)]
         await eventually(
-            lambda: all(
-                s.transport is None or s.transport.is_closing()
-                for s in gateway.gw.owners.holders.values()  # type: ignore[attr-defined]
-            ),
+            lambda: all(s.transport is None or s.transport.is_closing() for s in waiting),
             what="the gateway saw the client leave",
         )
     finally:
