@@ -57,7 +57,8 @@ RETRYABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUna
 #: wait their turn before the first JetStream call. A reconnect storm (every device of a
 #: restarted gateway within seconds) would otherwise put thousands of requests in flight:
 #: their replies wait behind each other in one event loop until they time out, are retried
-#: and time out again (measured: 10,000 devices, every claim timed out; docs/reliability.md).
+#: and time out again (measured: of 10,000 devices at most 124 had their backlog after 300 s;
+#: with the bound all of them in 62 s; docs/reliability.md "Reconnect storms").
 OPENS_AT_ONCE = 64
 #: Sessions of one gateway that save their position and let go at once (a SIGTERM ends
 #: them all together).
