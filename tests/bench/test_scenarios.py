@@ -26,6 +26,7 @@ from tocsin.bench.scenarios import (
     delivery,
     ownership,
     replicas,
+    storm,
     subscriptions,
 )
 from tocsin.cli import build_parser, main
@@ -305,3 +306,38 @@ async def test_compression_measures_every_mode_and_compresses_only_where_negotia
     text = compression.report(results, WHEN)
     rows = table_rows(text, "4 devices, a burst")
     assert [r[0] for r in rows] == list(modes) and [r[1] for r in rows[:2]] == ["0/4", "4/4"]
+
+
+async def test_storm_every_device_gets_its_backlog_after_each_restart() -> None:
+    opts = storm.Options(devices=12, alerts=2, window=0.5, deadline=60, processes=1)
+    results = await storm.run(opts)
+
+    assert [r["signal"] for r in results["rounds"]] == ["term", "kill"]
+    for r in results["rounds"]:
+        assert (r["complete"], r["incomplete"]) == (12, 0), r["handshake_failures"]
+        assert r["backlog_ms"]["n"] == 12 and r["all_live_seconds"] >= r["backlog_ms"]["p50"] / 1000
+        assert r["attempts"] >= 12
+        # every reconnect read its queue and its backlog: the counting saw them all
+        calls = r["js_storm"]["counts"]
+        assert calls["JS CONSUMER.INFO"] >= 12 and calls["JS CONSUMER.MSG.NEXT"] >= 12
+    term, kill = results["rounds"]
+    assert term["js_shutdown"]["counts"]["record write (DEVICES publish)"] == 12  # released
+    assert "record write (DEVICES publish)" not in kill["js_shutdown"]["counts"]  # killed
+
+    text = storm.report(results, WHEN)
+    rows = table_rows(text, "# tocsin bench storm")
+    assert [r[0] for r in rows] == ["term", "kill"] and {r[6] for r in rows} == {"12/12"}
+    per = table_rows(text, "## JetStream per reconnect, storm")
+    assert per[-2][0] == "**JS API calls (subscriber)**"
+
+
+def test_storm_options_are_checked_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, field in (
+        (["--devices", "-1"], "--devices"),
+        (["--signals", "term,stop"], "--signals"),
+        (["--gateway-code", "/nonexistent"], "--gateway-code"),
+    ):
+        with pytest.raises(SystemExit) as caught:
+            main(["bench", "storm", *argv])
+        assert caught.value.code == 2
+        assert f"error: {field}" in capsys.readouterr().err

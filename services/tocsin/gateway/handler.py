@@ -183,15 +183,21 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
     try:
         if not gw.nc.is_connected:
             raise NatsError("not connected to NATS")  # fail fast: the claim needs JetStream
-        claim = session.claim = await gw.owners.acquire(session, device.user_id, device.client_id)
-        gw.feed.register(session)  # before the queue is opened: live alerts buffer from now on
-        opened = await gw.queues.open(
-            device.user_id,
-            device.client_id,
-            device.claims.receivable_regions(),
-            device.filters,
-            claim.found,
-        )
+        async with gw.owners.opening:  # a bounded number at once (reconnect storms)
+            transport = session.transport
+            if transport is not None and transport.is_closing():
+                return  # the client gave up while it waited its turn: nothing to claim
+            claim = session.claim = await gw.owners.acquire(
+                session, device.user_id, device.client_id
+            )
+            gw.feed.register(session)  # before the queue is opened: live alerts buffer
+            opened = await gw.queues.open(
+                device.user_id,
+                device.client_id,
+                device.claims.receivable_regions(),
+                device.filters,
+                claim.found,
+            )
         session.resume(opened.position, opened.subscription)
         if session.closing:  # asked to leave while opening: let go at once
             return
@@ -277,21 +283,30 @@ async def _leave(gw: Gateway, session: Session, opened: bool) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(gw.settings.takeover_seconds):
                 await claim.settled.wait()
-    if opened and claim.owning:
-        try:
-            await session.checkpoint()
-        except Exception as exc:
-            log.warning("could not save the position of %s: %s", session.consumer, exc)
-    device = session.device
-    record = (
-        session.current_record()
-        if opened
-        else claim.found or Record.new(device.user_id, device.client_id)
+    # Saved already: JetStream confirmed the queue at the floor, and nothing moved it since
+    # (no read, no ack, no NATS outage).
+    saved = (
+        opened
+        and not claim.was_suspended
+        and session.queue_at_floor
+        and session.window.floor == session.saved_floor
     )
-    try:
-        await gw.owners.release(claim, record)
-    except Exception as exc:
-        log.warning("could not release %s: %s", session.consumer, exc)
+    async with gw.owners.releasing:  # a bounded number at once (SIGTERM ends them all)
+        if opened and claim.owning and not saved:
+            try:
+                await session.checkpoint()
+            except Exception as exc:
+                log.warning("could not save the position of %s: %s", session.consumer, exc)
+        device = session.device
+        record = (
+            session.current_record()
+            if opened
+            else claim.found or Record.new(device.user_id, device.client_id)
+        )
+        try:
+            await gw.owners.release(claim, record)
+        except Exception as exc:
+            log.warning("could not release %s: %s", session.consumer, exc)
 
 
 async def receive(session: Session) -> None:

@@ -53,6 +53,17 @@ RECONNECT_GRACE_SECONDS = 3.0
 #: JetStream did not answer (a leader is being elected, the server is busy): try again.
 RETRYABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
 
+#: Connections of one gateway that claim their device and open its queue at once; the others
+#: wait their turn before the first JetStream call. A reconnect storm (every device of a
+#: restarted gateway within seconds) would otherwise put thousands of requests in flight:
+#: their replies wait behind each other in one event loop until they time out, are retried
+#: and time out again (measured: of 10,000 devices at most 124 had their backlog after 300 s;
+#: with the bound all of them in 62 s; docs/reliability.md "Reconnect storms").
+OPENS_AT_ONCE = 64
+#: Sessions of one gateway that save their position and let go at once (a SIGTERM ends
+#: them all together).
+RELEASES_AT_ONCE = 256
+
 T = TypeVar("T")
 
 
@@ -93,6 +104,9 @@ class Claim:
     usable: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set while the claim is not SUSPENDED: what a session that ended off NATS waits for.
     settled: asyncio.Event = field(default_factory=asyncio.Event)
+    #: It was SUSPENDED at some time: what the session knows of its queue may be stale (a
+    #: restarted nats-server may have lost its latest writes), so its close saves anyway.
+    was_suspended: bool = False
 
     def __post_init__(self) -> None:
         self.epoch = self.seq
@@ -119,9 +133,18 @@ class Claim:
         else:
             self.usable.clear()
         if state is State.SUSPENDED:
+            self.was_suspended = True
             self.settled.clear()
         else:
             self.settled.set()
+
+
+class Answer(enum.Enum):
+    """What asking an owner's gateway to let its device go came to."""
+
+    RELEASED = "released"  # it let go (or there was no gateway to ask): read the record again
+    GONE = "gone"  # no responders: the gateway is off NATS, the record is the one read
+    NO = "no"  # not (yet): ask again until the deadline
 
 
 class Holder(Protocol):
@@ -158,6 +181,8 @@ class Owners:
         self.claims: dict[str, Claim] = {}
         self.counts = {"taken_over": 0, "superseded": 0, "busy": 0, "lost": 0}
         self._taken: set[str] = set()  # holders asked to let go (counted once each)
+        self.opening = asyncio.Semaphore(OPENS_AT_ONCE)  # held from the claim to the open
+        self.releasing = asyncio.Semaphore(RELEASES_AT_ONCE)  # held by a save and release
         self.reconnected_at = -1e18  # monotonic: this gateway's last NATS reconnect
 
     async def start(self) -> None:
@@ -188,11 +213,15 @@ class Owners:
         first: str | None = None
         seen = False
         let_go: set[tuple[str, int]] = set()  # (owner, record seq) that need not be asked
+        known = False  # seq and record are the record as it stands: no need to read it
+        seq, record = 0, None
         while True:
             if time.monotonic() > deadline:
                 self.counts["busy"] += 1
                 raise Busy(f"{name}: not claimed within the takeover deadline")
-            seq, record = await self._retrying(lambda: self.records.read(name), deadline)
+            if not known:
+                seq, record = await self._retrying(lambda: self.records.read(name), deadline)
+            known = False
             owner = record.owner if record is not None else None
             if owner == holder.id:  # our own write landed though its answer was lost: it
                 return self._claimed(holder, seq, record)  # holds what the record was
@@ -214,8 +243,13 @@ class Owners:
                     continue  # written meanwhile: read it again
                 return self._claimed(holder, new, record)
             assert record is not None
-            if await self._ask(name, record, holder.id, deadline):
+            answer = await self._ask(name, record, holder.id, deadline)
+            if answer is not Answer.NO:
                 let_go.add((owner, seq))
+                # GONE: its gateway is off NATS and wrote nothing: claim on the seq read,
+                # without reading the record again. A write meanwhile (the owner back and
+                # saving, a third claim) makes the claim a conflict: then it is read again.
+                known = answer is Answer.GONE
             elif time.monotonic() >= deadline:
                 self.counts["busy"] += 1
                 raise Busy(f"{name}: its connection on {record.gateway} does not let go")
@@ -225,14 +259,14 @@ class Owners:
         self.claims[holder.id] = claim
         return claim
 
-    async def _ask(self, name: str, record: Record, by: str, deadline: float) -> bool:
-        """Ask the owner's gateway to let the device go: True once it did, or once that
+    async def _ask(self, name: str, record: Record, by: str, deadline: float) -> Answer:
+        """Ask the owner's gateway to let the device go: RELEASED once it did, GONE once that
         gateway is not on NATS (its sessions are suspended: nothing of it can act)."""
         if record.gateway is None:
-            return True
+            return Answer.RELEASED
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return False
+            return Answer.NO
         subject = self._names.gateway_takeover_subject(record.gateway)
         request = {"consumer": name, "owner": record.owner, "by": by}
         try:
@@ -246,11 +280,11 @@ class Owners:
             wait = self.reconnected_at + RECONNECT_GRACE_SECONDS - time.monotonic()
             if wait > 0 and deadline - time.monotonic() > wait:
                 await asyncio.sleep(min(wait, 0.2))
-                return False
-            return True
+                return Answer.NO
+            return Answer.GONE
         except TimeoutError:  # nats.errors.TimeoutError is one
-            return False
-        return reply.data == b"released"
+            return Answer.NO
+        return Answer.RELEASED if reply.data == b"released" else Answer.NO
 
     async def _ask_legacy(self, name: str, by: str, deadline: float) -> None:
         """A record without ``owner`` was written by a version before ownership, whose

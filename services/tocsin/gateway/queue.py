@@ -83,6 +83,15 @@ def _stored_subscription(name: str, metadata: dict[str, str] | None) -> Subscrip
         return Subscription()
 
 
+def at_floor(info: ConsumerInfo, floor: int) -> bool:
+    """The consumer stands exactly where a reset to ``floor + 1`` would put it: it has
+    delivered nothing past ``floor`` and holds nothing unacknowledged (a clean close saved
+    it there, or a live device's checkpoint did and nothing was read since). Its
+    ``num_pending`` is then what the reset would answer."""
+    delivered = info.delivered.stream_seq if info.delivered else 0
+    return delivered == floor and not info.num_ack_pending and not info.num_redelivered
+
+
 class DeviceQueues:
     """Operations on device consumers; one instance per gateway process."""
 
@@ -173,10 +182,13 @@ class DeviceQueues:
         subscription = _stored_subscription(name, info.config.metadata)
         if filters is not None:
             subscription = Subscription(groups=subscription.groups, filters=filters)
-        await self._apply(info.config, subscription, regions)
+        changed = await self._apply(info.config, subscription, regions)
         start_seq = info.config.opt_start_seq or 1
         floor = max(info.ack_floor.stream_seq if info.ack_floor else 0, start_seq - 1)
-        pending = await self.reset(name, floor + 1)
+        if not changed and at_floor(info, floor):
+            pending = int(info.num_pending or 0)  # a reset would change nothing
+        else:
+            pending = await self.reset(name, floor + 1)
         dropped = 0
         cap = self._settings.offline_queue_max
         if pending > cap:
@@ -268,10 +280,11 @@ class DeviceQueues:
 
     async def _apply(
         self, config: ConsumerConfig, subscription: Subscription, regions: tuple[str, ...] | None
-    ) -> None:
+    ) -> bool:
         """Store ``subscription``, its subject filters and the current queue settings on the
         consumer, in place (JetStream keeps the delivery and ack state); nothing is sent when
-        all are current."""
+        all are current. True when something was sent (the filters may have changed what
+        is pending)."""
         subjects = coarse_filters(self._names, subscription, regions)
         metadata = _own_metadata(config.metadata)
         stored = subscription.to_json()
@@ -282,12 +295,13 @@ class DeviceQueues:
             and all(getattr(config, key) == value for key, value in tuned.items())
         )
         if current:
-            return
+            return False
         metadata[SUBSCRIPTION_KEY] = stored
         config.metadata = metadata
         for key, value in tuned.items():
             setattr(config, key, value)
         await self._js.add_consumer(self._stream, self._with_filters(config, subjects))
+        return True
 
     async def subscribe(
         self, consumer: str, subscription: Subscription, regions: tuple[str, ...] | None

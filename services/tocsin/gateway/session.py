@@ -297,6 +297,12 @@ class Session:
         ``pending`` is the backlog found when the connection opened (None: unknown)."""
         reader = None
         reset_needed = pending is None
+
+        def read(reader: Any, before: int) -> None:
+            if reader.delivered != before:  # JetStream delivered: it may be past the floor
+                self.queue_at_floor = False
+                self.queue_reads += 1
+
         try:
             while not self.stopped.is_set():  # a swallowed cancel ends here too
                 try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
@@ -305,7 +311,11 @@ class Session:
                 except TimeoutError:
                     self._act()
                     reader = reader or await self.gw.queues.reader(self.consumer)
-                    await self._touch(reader)
+                    before = reader.delivered
+                    try:
+                        await self._touch(reader)
+                    finally:
+                        read(reader, before)
                     continue
                 if reset_needed:
                     pending = await self.checkpoint()
@@ -313,7 +323,11 @@ class Session:
                 if reader is None:
                     self._act()
                     reader = await self.gw.queues.reader(self.consumer)
-                await self._drain(reader, pending)
+                before = reader.delivered
+                try:
+                    await self._drain(reader, pending)
+                finally:
+                    read(reader, before)
         finally:
             if reader is not None:
                 with contextlib.suppress(Exception):
@@ -539,6 +553,13 @@ class Session:
         self.window.floor = self.saved_floor = self.recorded_floor = position.floor
         self.window.next_seq = position.next_seq
         self.high_water = position.sent
+        #: JetStream confirmed the queue stands exactly at ``saved_floor`` (delivered nothing
+        #: past it, holds nothing unacked), and it was not read since: as open() left it,
+        #: or as a checkpoint of a live session did. Then a save at close that would move
+        #: nothing is not made (handler._leave). ``queue_reads`` counts the reads that got
+        #: messages (catchup).
+        self.queue_at_floor = True
+        self.queue_reads = 0
 
     @property
     def position(self) -> Position:
@@ -595,8 +616,11 @@ class Session:
         reads resume there); return how many alerts it holds from there."""
         self._act()
         floor = self.window.floor
+        reads = self.queue_reads
         pending = await self.gw.queues.reset(self.consumer, floor + 1)
         self.saved_floor = floor
+        # In catchup a read follows; a read that overlapped the reset may have moved it.
+        self.queue_at_floor = self.mode is Mode.LIVE and reads == self.queue_reads
         return pending
 
     def stats(self) -> ConnectionStats:

@@ -23,6 +23,8 @@ SCENARIOS: dict[str, str] = {
     "ownership": "what claiming a device costs per WebSocket handshake: times and NATS "
     "operations (in-process gateway)",
     "replicas": "R1 against R3 device consumers on a 3-node cluster, and a node's loss",
+    "storm": "a gateway restart (SIGTERM, then SIGKILL) with every device reconnecting at "
+    "once: time until all are live with their backlog, handshake failures, JetStream calls",
     "subscriptions": "subscription change round trips and the fine filter's cost per device "
     "on broadcast (in-process gateway)",
 }
