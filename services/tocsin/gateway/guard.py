@@ -45,6 +45,8 @@ from nats.js.kv import KeyValue
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 
+from .ownership import OPENS_AT_ONCE, RELEASES_AT_ONCE
+
 log = logging.getLogger(__name__)
 audit = logging.getLogger("tocsin.audit")
 
@@ -163,6 +165,10 @@ class Guard:
         self.on_ban: Callable[[Ban], None] = lambda ban: None
         self._tasks: list[asyncio.Task[None]] = []
         self.warnings: dict[str, list[float]] = {}  # sub -> monotonic times of its warnings
+        # The slots' JetStream calls, bounded like the claims' (ownership.OPENS_AT_ONCE):
+        # a reconnect storm must not put thousands of requests in flight at once.
+        self._gate = asyncio.Semaphore(OPENS_AT_ONCE)
+        self._release_gate = asyncio.Semaphore(RELEASES_AT_ONCE)
 
     async def start(self) -> None:
         self._kv = await guard_bucket(self._js, self._settings, self._names)
@@ -267,12 +273,9 @@ class Guard:
         value = orjson.dumps({"sub": sub, "client_id": client_id, "session": session})
         self.held[slot] = session  # before it exists: the sweep must not take it for a leak
         try:
-            await self._js.publish(self._prefix + slot, value)
-        except BaseException:
-            await self.release(slot, session)
-            raise
-        try:
-            count, dead = await self._count(sub, client_id)
+            async with self._gate:
+                await self._js.publish(self._prefix + slot, value)
+                count, dead = await self._count(sub, client_id)
         except BaseException:
             await self.release(slot, session)
             raise
@@ -310,7 +313,8 @@ class Guard:
             return
         del self.held[slot]
         with contextlib.suppress(Exception):
-            await self._js.purge_stream(self._stream, subject=self._prefix + slot)
+            async with self._release_gate:
+                await self._js.purge_stream(self._stream, subject=self._prefix + slot)
 
     def spawn_purge(self, subject: str) -> None:
         async def purge() -> None:
