@@ -94,6 +94,8 @@ class Session:
         # and here, as plain ints for the hot paths; resume() sets them, position reads them.
         self.saved_floor = 0  # the floor JetStream knows
         self.high_water = 0  # highest seq sent to this device, by any of its connections
+        self.queue_at_floor = False  # see resume()
+        self.queue_reads = 0
         self.out: deque[tuple[int, bytes]] = deque()
         #: seq -> (when ALERTS stored it, live): timed when its first frame is written.
         self.appended: dict[int, tuple[float, bool]] = {}
