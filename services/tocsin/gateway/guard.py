@@ -229,7 +229,11 @@ class Guard:
     def _on_lease_entry(self, entry: Any) -> None:
         instance = entry.key.removeprefix("gw.")
         if entry.operation is None:
-            self.gateways[instance] = time.monotonic()
+            # As old as the server says (a watcher starting up gets the last lease of a
+            # gateway that died just before): its lease runs from its write, not from now.
+            created = entry.created  # a datetime (nats-py: the message's metadata)
+            age = time.time() - created.timestamp() if created is not None else 0.0
+            self.gateways[instance] = time.monotonic() - min(max(age, 0.0), LEASE_SECONDS)
         else:
             self.gateways.pop(instance, None)
 
@@ -338,6 +342,8 @@ class Guard:
             except Exception as exc:  # NATS away: the lease lapses, the slots count no more
                 log.warning("gateway lease not renewed: %s", exc)
             self._tasks = [t for t in self._tasks if not t.done()]
+            now = time.monotonic()  # forget users whose warnings are a minute old
+            self.warnings = {u: ts for u, ts in self.warnings.items() if now - ts[-1] < 60}
 
     async def _sweep_own(self) -> None:
         """Purge this instance's slots that no open connection holds (a release that failed
