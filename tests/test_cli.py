@@ -277,14 +277,20 @@ def run_env(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path, int]]:
                 pass
 
 
-def _stream_peers(nats_port: int, stream: str) -> tuple[int, list[str]]:
-    """Replicas and the servers holding ``stream``, asked over NATS."""
+def _stream_peers(nats_port: int, stream: str, data: Path) -> tuple[int, list[str]]:
+    """Replicas and the servers holding ``stream``, asked over NATS as the operator (the
+    embedded server's users are in the data dir)."""
     import asyncio
 
     import nats
 
+    from tocsin.core.natsauth import load_or_create_passwords, with_user
+
+    password = load_or_create_passwords(data)["operator"]
+    url = with_user(f"nats://127.0.0.1:{nats_port}", "operator", password)
+
     async def ask() -> tuple[int, list[str]]:
-        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        nc = await nats.connect(url)
         try:
             info = await nc.jetstream().stream_info(stream)
         finally:
@@ -330,12 +336,13 @@ def test_run_end_to_end_tail_publish_and_clean_stop(
             assert banner.count("nats://127.0.0.1:") >= 3
             nats_port = int(env["TOCSIN_NATS_PORT"])
             nodes = [f"tocsin-n{i}" for i in (1, 2, 3)]
-            assert _stream_peers(nats_port, "ALERTS") == (3, nodes)
-            assert _stream_peers(nats_port, "INGEST") == (3, nodes)
+            assert _stream_peers(nats_port, "ALERTS", data) == (3, nodes)
+            assert _stream_peers(nats_port, "INGEST", data) == (3, nodes)
 
-        # The dev secret: generated once, private, printed.
+        # The dev secret: generated once, private, printed. The NATS users' passwords too.
         secret_file = data / "dev-secret"
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE((data / "nats-users.json").stat().st_mode) == 0o600
         assert secret_file.read_text().strip() in banner
 
         # A device that connects first, then two alerts: one over HTTP, one over NATS.

@@ -393,6 +393,16 @@ def test_redactor_forms_of_a_keyed_value() -> None:
     assert redact("no auth_token: send one") == "no auth_token: send one"
 
 
+def test_redactor_takes_the_credentials_out_of_urls() -> None:
+    redact = Redactor()
+    assert redact("NATS nats://gateway:pa55-w0rd_x@127.0.0.1:4222,nats://tok3n@h:4223") == (
+        "NATS nats://[redacted]@127.0.0.1:4222,nats://[redacted]@h:4223"
+    )
+    assert redact("see http://127.0.0.1:8080/readyz or mail a@b.org") == (
+        "see http://127.0.0.1:8080/readyz or mail a@b.org"
+    )
+
+
 def test_redactor_ignores_a_short_secret() -> None:
     assert Redactor(["abc"])("abc abcdef") == "abc abcdef"
     assert Redactor([None, ""])("x") == "x"

@@ -104,6 +104,8 @@ def test_settings_are_frozen() -> None:
         ("TOCSIN_BAN_DURATION_MINUTES", "0"),
         ("TOCSIN_HANDSHAKE_TIMEOUT_SECONDS", "0"),
         ("TOCSIN_JWT_LEEWAY_SECONDS", "-1"),
+        ("TOCSIN_NATS_CREDS", "/nonexistent/user.creds"),
+        ("TOCSIN_NATS_INBOX_PREFIX", "has.dots"),
     ],
 )
 def test_bad_value_names_its_variable(

@@ -25,7 +25,7 @@ def _iso(ts: float) -> str:
 
 
 async def _ban(settings: Settings, args: argparse.Namespace) -> int:
-    nc = await connect_once(nats_urls(settings))
+    nc = await connect_once(nats_urls(settings), settings)
     try:
         js = nc.jetstream()
         names = Names(settings.namespace)

@@ -60,7 +60,21 @@ def ws_url(settings: Settings, port: int | None = None) -> str:
 
 
 def nats_urls(settings: Settings) -> list[str]:
-    return list(settings.nats_url) or [f"nats://127.0.0.1:{settings.nats_port}"]
+    """Where a command on this machine reaches NATS. A URL without credentials to a server
+    on this machine gets the operator's from ``tocsin run``'s users file, if there is one
+    (``<TOCSIN_DATA_DIR>/nats-users.json``, as the dev JWT secret is found)."""
+    from tocsin.core.natsauth import USERS_FILE, load_or_create_passwords, with_user
+
+    urls = list(settings.nats_url) or [f"nats://127.0.0.1:{settings.nats_port}"]
+    if not (settings.data_dir / USERS_FILE).is_file():
+        return urls
+    password = load_or_create_passwords(settings.data_dir)["operator"]
+    return [
+        with_user(u, "operator", password)
+        if urlsplit(u).hostname in ("127.0.0.1", "localhost", "::1") and "@" not in u
+        else u
+        for u in urls
+    ]
 
 
 # --------------------------------------------------------------------------- JWT secret
@@ -157,11 +171,13 @@ def redact(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
-async def connect_once(urls: list[str]) -> Client:
+async def connect_once(urls: list[str], settings: Settings | None = None) -> Client:
     """One bounded attempt to reach NATS, for a command that does one thing and exits;
     :class:`Fail` (the URLs without credentials) when nobody answers."""
     import nats
     from nats.errors import NoServersError
+
+    from tocsin.core.natsauth import connect_options
 
     async def quiet(exc: Exception) -> None:  # failures are reported below, once
         return None
@@ -176,6 +192,7 @@ async def connect_once(urls: list[str]) -> Client:
                 allow_reconnect=False,
                 max_reconnect_attempts=1,
                 error_cb=quiet,
+                **(connect_options(settings) if settings is not None else {}),
             ),
             timeout=15,
         )

@@ -131,7 +131,7 @@ async def _publish_nats(settings: Settings, payload: bytes, alert_id: object) ->
     urls = nats_urls(settings)
     subject = Names(settings.namespace).ingest_subject
 
-    nc = await connect_once(urls)
+    nc = await connect_once(urls, settings)
     try:
         ack = await nc.jetstream().publish(subject, payload, timeout=10)
     except NoRespondersError:

@@ -15,6 +15,14 @@ from pathlib import Path
 
 from tocsin.core.embedded import NatsCluster, NatsServer
 from tocsin.core.logs import setup_logging
+from tocsin.core.naming import Names
+from tocsin.core.natsauth import (
+    INBOXES,
+    USERS_FILE,
+    authorization_config,
+    load_or_create_passwords,
+    with_user,
+)
 from tocsin.core.settings import Settings, exit_on_bad_settings
 from tocsin.core.supervisor import (
     Child,
@@ -107,6 +115,15 @@ class _Nats:
     note: str
     replicas: int
     server: NatsServer | NatsCluster | None = None  # embedded: stopped at the end
+    #: embedded: each party's password (core/natsauth.py); external: none (the URL's)
+    passwords: dict[str, str] | None = None
+
+    def for_party(self, party: str) -> list[str]:
+        """The URLs ``party`` connects with: its user's on the embedded server."""
+        urls = self.url.split(",")
+        if self.passwords is None:
+            return urls
+        return [with_user(u, party, self.passwords[party]) for u in urls]
 
 
 def _check_ports(settings: Settings) -> int:
@@ -142,6 +159,10 @@ def _start_nats(settings: Settings, data_dir: Path) -> _Nats:
             ",".join(settings.nats_url), "external, from TOCSIN_NATS_URL", settings.replicas
         )
     max_consumers = max(100_000, settings.max_devices + 64)
+    # A user per party with least privilege (docs/security.md): the engine may only publish
+    # to ingest.alerts; nothing connects without a password.
+    passwords = load_or_create_passwords(data_dir)
+    users = authorization_config(Names(settings.namespace), passwords)
     server: NatsServer | NatsCluster
     if settings.cluster > 1:
         server = NatsCluster(
@@ -149,6 +170,7 @@ def _start_nats(settings: Settings, data_dir: Path) -> _Nats:
             size=settings.cluster,
             first_port=settings.nats_port,
             max_consumers=max_consumers,
+            extra_config=users,
         )
         where = f"{server.store_dir}/n1..n{settings.cluster}"
         _say(
@@ -162,6 +184,7 @@ def _start_nats(settings: Settings, data_dir: Path) -> _Nats:
             port=settings.nats_port,
             log_file=data_dir / "nats-server.log",
             max_consumers=max_consumers,
+            extra_config=users,
         )
         _say(f"starting nats-server (JetStream data in {server.store_dir})")
         logs = str(server.log_file)
@@ -173,7 +196,8 @@ def _start_nats(settings: Settings, data_dir: Path) -> _Nats:
     if settings.cluster > 1 and "TOCSIN_REPLICAS" not in os.environ:
         replicas = 3  # a cluster is for surviving a node: streams at R3
     pids = ", ".join(str(pid) for pid in server.pids)
-    return _Nats(server.url, f"embedded, pid {pids}, log {logs}", replicas, server)
+    note = f"embedded, pid {pids}, log {logs}; users in {data_dir / USERS_FILE}"
+    return _Nats(server.url, note, replicas, server, passwords)
 
 
 def _secret(settings: Settings, data_dir: Path) -> tuple[str, str]:
@@ -247,14 +271,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "ingest_metrics_port": metrics_port,
             }
         )
-        env = settings_env(resolved)
         if nats.server is not None and not stop:
             # The streams first, from here: on a cluster, the ingest service and the
             # gateway creating the same stream at once each wait out a request timeout
             # (measured: 10 s longer start-up); updating existing ones together is fast.
-            _apply_topology(settings, nats.server.urls, nats.replicas)
+            _apply_topology(settings, nats.for_party("operator"), nats.replicas)
         for name in ("ingest", "gateway"):
             if not stop:
+                own: dict[str, object] = {"nats_url": nats.for_party(name)}
+                if nats.passwords is not None:  # replies to inboxes of its own
+                    own["nats_inbox_prefix"] = INBOXES[name]
+                env = settings_env(resolved.model_copy(update=own))
                 children.append(Child(name, tocsin_argv(name), env).start())
         ready = not stop and _await_ready(
             children, http_base(settings, http_port) + "/readyz", stop

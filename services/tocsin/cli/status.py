@@ -684,7 +684,7 @@ def render(doc: dict[str, Any], colour: bool = False) -> str:
 
 
 async def _status(settings: Settings, args: argparse.Namespace) -> int:
-    nc = await connect_once(nats_urls(settings))
+    nc = await connect_once(nats_urls(settings), settings)
     try:
         doc = await collect(nc, Names(settings.namespace), args.top, args.wait, args.gateways)
     finally:

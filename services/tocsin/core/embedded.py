@@ -168,6 +168,7 @@ class NatsCluster:
     max_consumers: int = 100_000
     #: Client port of the first node (the others take free ports); 0 = all free.
     first_port: int = 0
+    extra_config: str = ""  # every node's (e.g. the users of core/natsauth.py)
     nodes: list[NatsServer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -189,6 +190,7 @@ class NatsCluster:
                     cluster_port=routes_ports[i],
                     routes=routes,
                     name=f"{self.name}-n{i + 1}",
+                    extra_config=self.extra_config,
                 )
                 for i in range(self.size)
             ]

@@ -163,6 +163,8 @@ _KEYED = re.compile(
     r"([^\s\"'\\&,;)}\[\]]+)"
 )
 _BEARER = re.compile(r"(?i)(\bbearer\s+)([A-Za-z0-9._~+/=-]{8,})")
+#: A URL's user information (nats://user:password@host, nats://token@host).
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)([^/@\s\"']+)@")
 REDACTED = "[redacted]"
 REDACTED_JWT = "[redacted-jwt]"
 #: Shorter secrets are not looked for as they are (they would match ordinary words); the
@@ -188,6 +190,7 @@ class Redactor:
             text = self._secrets.sub(REDACTED, text)
         text = _JWT.sub(REDACTED_JWT, text)
         text = _KEYED.sub(lambda m: m.group(1) + REDACTED, text)
+        text = _USERINFO.sub(lambda m: m.group(1) + REDACTED + "@", text)
         return _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
 
     def value(self, value: object) -> object:

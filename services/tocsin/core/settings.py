@@ -35,6 +35,17 @@ class Settings(BaseSettings):
     nats_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="NATS server URLs, comma-separated; empty = embedded"
     )
+    nats_creds: Path | None = Field(
+        default=None,
+        description="a NATS .creds file (JWT + NKey) to connect with; user/password or a "
+        "token go in TOCSIN_NATS_URL (nats://user:password@host:4222)",
+    )
+    nats_inbox_prefix: str = Field(
+        default="_INBOX",
+        pattern=r"^_?[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+        description="prefix of this service's reply inboxes: one of its own lets NATS "
+        "permissions keep other users from reading its replies (docs/security.md)",
+    )
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
     jwt_secret: str | None = Field(default=None, min_length=32, repr=False)
@@ -186,6 +197,13 @@ class Settings(BaseSettings):
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
                 raise ValueError(f"{origin!r} is not an origin (scheme://host[:port]) or *")
         return [o.lower() for o in value]
+
+    @field_validator("nats_creds")
+    @classmethod
+    def _creds_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{str(value)!r} is not a file (a NATS .creds file)")
+        return value
 
     @field_validator("jwt_jwks_url")
     @classmethod

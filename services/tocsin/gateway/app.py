@@ -12,6 +12,7 @@ from aiohttp import web
 
 from tocsin.core.auth import TokenVerifier
 from tocsin.core.naming import Names
+from tocsin.core.natsauth import connect_options
 from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology, topology_ready
 from tocsin.ingest.http import publish_handler
@@ -59,6 +60,7 @@ def create_app(settings: Settings) -> web.Application:
             drain_timeout=5,
             disconnected_cb=disconnected,
             reconnected_cb=reconnected,
+            **connect_options(settings),  # a .creds file, its own inbox prefix
         )
         js = nc.jetstream()
         await apply_topology(js, settings, names)

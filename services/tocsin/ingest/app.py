@@ -30,6 +30,7 @@ from nats.js.errors import NotFoundError
 
 from tocsin.core.logs import bind, log_context
 from tocsin.core.naming import Names
+from tocsin.core.natsauth import connect_options
 from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology
 
@@ -133,6 +134,7 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
         # Seconds, fractions included: nats-py sleeps on it. faststream and nats-py annotate
         # it int, wrongly (nats-io/nats.py#1000); 0.5 matches the gateway's connection.
         reconnect_time_wait=0.5,  # type: ignore[arg-type]
+        **connect_options(settings),  # a .creds file, its own inbox prefix
     )
     accepted = settings.accepted_alert_types
     state: dict[str, JetStreamContext] = {}
