@@ -13,7 +13,13 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 
 #: What an operator would set: placeholders for the variables compose.yaml requires.
-PLACEHOLDERS = {"TOCSIN_JWT_SECRET": "placeholder-secret-0123456789abcdef-0123"}
+PLACEHOLDERS = {
+    "TOCSIN_JWT_SECRET": "placeholder-secret-0123456789abcdef-0123",
+    "NATS_ENGINE_PASSWORD": "placeholder-engine",
+    "NATS_INGEST_PASSWORD": "placeholder-ingest",
+    "NATS_GATEWAY_PASSWORD": "placeholder-gateway",
+    "NATS_OPERATOR_PASSWORD": "placeholder-operator",
+}
 
 _VAR = re.compile(
     r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)"

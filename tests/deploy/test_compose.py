@@ -10,6 +10,7 @@ import re
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -76,11 +77,20 @@ def test_the_schema_check_catches_a_misspelt_key(model: dict[str, Any]) -> None:
 
 
 def test_the_jwt_secret_is_required_with_a_message_naming_it() -> None:
+    without = {k: v for k, v in PLACEHOLDERS.items() if k != "TOCSIN_JWT_SECRET"}
     with pytest.raises(InterpolationError, match="TOCSIN_JWT_SECRET") as caught:
-        load(env={})
+        load(env=without)
     assert "32 characters" in str(caught.value)
     raw = COMPOSE.read_text()
     assert "${TOCSIN_JWT_SECRET:?" in raw  # unset *or empty* is refused
+
+
+@pytest.mark.parametrize("party", ["ENGINE", "INGEST", "GATEWAY", "OPERATOR"])
+def test_every_nats_password_is_required_with_a_message_naming_it(party: str) -> None:
+    name = f"NATS_{party}_PASSWORD"
+    with pytest.raises(InterpolationError, match=name):
+        load(env={k: v for k, v in PLACEHOLDERS.items() if k != name})
+    assert "${" + name + ":?" in COMPOSE.read_text()
 
 
 def test_every_file_a_service_mounts_or_builds_from_exists(
@@ -172,8 +182,12 @@ def test_the_services_run_the_production_settings(services: dict[str, dict[str, 
         settings = Settings(**values)
         assert settings.replicas == 3, name
         assert len(settings.nats_url) == len(NATS_NODES), name
-        hosts = {url.split("//")[1].split(":")[0] for url in settings.nats_url}
-        assert hosts == set(NATS_NODES), name
+        urls = [urlsplit(url) for url in settings.nats_url]
+        assert {u.hostname for u in urls} == set(NATS_NODES), name
+        party = "gateway" if name in GATEWAYS else name  # its own NATS user, least privilege
+        assert {u.username for u in urls} == {party}, name
+        assert {u.password for u in urls} == {PLACEHOLDERS[f"NATS_{party.upper()}_PASSWORD"]}
+        assert settings.nats_inbox_prefix == f"_INBOX_{party}", name
     for name in GATEWAYS:
         env = environment(services[name])
         assert env["TOCSIN_JWT_SECRET"] == PLACEHOLDERS["TOCSIN_JWT_SECRET"]

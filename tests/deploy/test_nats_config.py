@@ -21,6 +21,7 @@ import pytest
 from nats.js.api import StreamConfig
 
 from tocsin.core.embedded import free_port, server_binary, stop_process, wait_for_port
+from tocsin.core.natsauth import with_user
 
 from .compose import ROOT, environment, load
 
@@ -29,9 +30,14 @@ NODES = ("nats-1", "nats-2", "nats-3")
 
 
 def config_variables(path: Path = CONFIG) -> set[str]:
-    """The ``$NAME`` references of a nats-server config, comments left out."""
+    """The ``$NAME`` references of a nats-server config and the files it includes,
+    comments left out."""
     text = "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())
-    return set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", text))
+    bare = re.sub(r'"[^"]*"', '""', text)  # "$JS.API.>" is a subject: quoted, no variable
+    names = set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", bare))
+    for included in re.findall(r"^\s*include\s+(\S+)", text, re.M):
+        names |= config_variables(path.parent / included)
+    return names
 
 
 @dataclass
@@ -116,6 +122,10 @@ def test_config_reads_the_variables_compose_sets() -> None:
         "NATS_ROUTE_PORT",
         "NATS_ROUTES",
         "NATS_STORE_DIR",
+        "NATS_ENGINE_PASSWORD",
+        "NATS_INGEST_PASSWORD",
+        "NATS_GATEWAY_PASSWORD",
+        "NATS_OPERATOR_PASSWORD",
     }
 
 
@@ -202,7 +212,10 @@ async def test_the_config_forms_a_cluster_whose_r3_stream_survives_a_killed_node
     assert varz["server_name"] == "nats-1" and varz["cluster"]["name"] == "tocsin"
     assert len(varz["cluster"]["urls"]) >= 2  # routes to the two others
 
-    nc = await nats.connect([n.url for n in cluster], max_reconnect_attempts=-1)
+    password = cluster[0].env["NATS_OPERATOR_PASSWORD"]  # nobody gets in without one
+    nc = await nats.connect(
+        [with_user(n.url, "operator", password) for n in cluster], max_reconnect_attempts=-1
+    )
     try:
         js = nc.jetstream(timeout=5)
         await js.add_stream(
@@ -221,7 +234,9 @@ async def test_the_config_forms_a_cluster_whose_r3_stream_survives_a_killed_node
         # them directly (the first connection may have been to the victim).
         victim = next(n for n in cluster if n.name == placed.leader)
         victim.kill()
-        survivors = await nats.connect([n.url for n in cluster if n is not victim])
+        survivors = await nats.connect(
+            [with_user(n.url, "operator", password) for n in cluster if n is not victim]
+        )
         try:
             js = survivors.jetstream(timeout=2)
 

@@ -4,6 +4,8 @@ it can neither read ALERTS nor publish an alert past validation."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,11 +17,16 @@ from nats.js.errors import Error as JetStreamError
 
 from tocsin.core.embedded import NatsServer
 from tocsin.core.naming import Names
-from tocsin.core.natsauth import authorization_config, load_or_create_passwords, with_user
+from tocsin.core.natsauth import (
+    INBOXES,
+    authorization_config,
+    load_or_create_passwords,
+    with_user,
+)
 from tocsin.core.settings import isolated_settings
 from tocsin.core.topology import apply_topology
 
-from ..support import alert
+from ..support import alert, eventually
 
 NAMES = Names("")
 
@@ -59,7 +66,11 @@ async def test_the_engine_may_publish_to_ingest_and_nothing_else(
     async def record(exc: Exception) -> None:
         violations.append(str(exc))
 
-    engine = await nats.connect(with_user(srv.url, "engine", passwords["engine"]), error_cb=record)
+    engine = await nats.connect(
+        with_user(srv.url, "engine", passwords["engine"]),
+        error_cb=record,
+        inbox_prefix=INBOXES["engine"],  # its PubAcks: the only inboxes it may read
+    )
     js = engine.jetstream()
     try:
         event = orjson.dumps(alert("KE-30"))
@@ -72,6 +83,10 @@ async def test_the_engine_may_publish_to_ingest_and_nothing_else(
         with pytest.raises((NatsError, JetStreamError)):
             await js.stream_info(NAMES.alerts_stream)
         assert any("permissions violation" in v.lower() for v in violations), violations
+        before = len(violations)
+        await engine.subscribe("_INBOX.>")  # nor another party's default inboxes
+        await engine.flush()
+        await eventually(lambda: len(violations) > before, what="the subscription refused")
     finally:
         await engine.close()
     operator = await nats.connect(with_user(srv.url, "operator", passwords["operator"]))
@@ -80,3 +95,17 @@ async def test_the_engine_may_publish_to_ingest_and_nothing_else(
         assert state.messages == 0  # nothing reached ALERTS from the engine
     finally:
         await operator.close()
+
+
+def test_deploy_users_conf_is_what_natsauth_writes() -> None:
+    """deploy/nats/users.conf is generated: the permissions of the embedded server and of
+    compose's cluster cannot drift apart."""
+    written = subprocess.run(
+        [sys.executable, "-m", "tocsin.core.natsauth"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    committed = (Path(__file__).resolve().parents[2] / "deploy" / "nats" / "users.conf").read_text()
+    assert committed == written, "run: python -m tocsin.core.natsauth > deploy/nats/users.conf"

@@ -2,8 +2,9 @@
 parties may publish and subscribe to, as a nats-server ``authorization`` block.
 
 * ``engine`` (the alert engine): publish to ``ingest.alerts`` only; its PubAcks come to
-  its inbox. It cannot read ``ALERTS`` (no JetStream API, no ``alerts.>``) nor publish
-  alerts past validation (``alerts.>``).
+  inboxes under ``_INBOX_engine`` (its client's inbox prefix: nats-py ``inbox_prefix``,
+  Go ``nats.CustomInboxPrefix``). It cannot read ``ALERTS`` (no JetStream API, no
+  ``alerts.>``) nor publish alerts past validation (``alerts.>``).
 * ``ingest``: the JetStream API (its consumer on ``INGEST``, appends), acks, ``alerts.>``
   and the dead-letter subjects.
 * ``gateway``: the JetStream API (device queues, records, the ``GUARD`` bucket), acks and
@@ -11,11 +12,11 @@ parties may publish and subscribe to, as a nats-server ``authorization`` block.
   and ``alerts.>`` (``POST /api/v1/alerts`` appends the alerts it validated).
 * ``operator``: everything (``tocsin status``, ``tocsin ban``, the ``nats`` CLI).
 
-The gateways take their inboxes under a prefix of their own (``TOCSIN_NATS_INBOX_PREFIX``),
-so a party allowed the default ``_INBOX.>`` (the engine, for its PubAcks) cannot read the
-replies they get: alerts fetched from device queues come to the gateway's inbox. The
-ingest service's faststream pull subscriber uses ``_INBOX`` whatever the prefix, so its
-replies (the engine's own events, PubAcks) are not hidden from the engine.
+Every party but the operator takes its inboxes under a prefix of its own
+(``TOCSIN_NATS_INBOX_PREFIX`` for tocsin's services) and may subscribe to that prefix
+only, so none can read the replies another gets: alerts fetched from device queues come
+to the gateway's inbox. (The ingest service's faststream pull subscriber uses ``_INBOX``
+whatever the prefix, so the ingest user may also subscribe there; no other party may.)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .settings import Settings
 
 PARTIES = ("engine", "ingest", "gateway", "operator")
 #: Inbox prefixes of the parties that must not share ``_INBOX`` (nats-py ``inbox_prefix``).
-INBOXES = {"ingest": "_INBOX_ingest", "gateway": "_INBOX_gateway"}
+INBOXES = {"engine": "_INBOX_engine", "ingest": "_INBOX_ingest", "gateway": "_INBOX_gateway"}
 USERS_FILE = "nats-users.json"
 
 
@@ -41,13 +42,15 @@ def permissions(names: Names, party: str) -> dict[str, Any]:
     prefix = f"{names.namespace}." if names.namespace else ""
     jetstream = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]
     if party == "engine":
-        return {"publish": {"allow": [names.ingest_subject]}, "subscribe": {"allow": ["_INBOX.>"]}}
+        return {
+            "publish": {"allow": [names.ingest_subject]},
+            "subscribe": {"allow": [f"{INBOXES['engine']}.>"]},  # its PubAcks, nothing else
+        }
     if party == "ingest":
         return {
             "publish": {"allow": [*jetstream, names.alerts_all, names.dlq_all]},
             # faststream's pull subscriber takes its inboxes under _INBOX whatever the
-            # connection's prefix: the engine could see those replies (its own events
-            # coming back from INGEST, PubAcks), nothing of another party's.
+            # connection's prefix (no other party but the operator may subscribe there).
             "subscribe": {"allow": [f"{INBOXES['ingest']}.>", "_INBOX.>"]},
         }
     if party == "gateway":
@@ -68,13 +71,43 @@ def permissions(names: Names, party: str) -> dict[str, Any]:
     raise ValueError(f"unknown party {party!r}; one of {', '.join(PARTIES)}")
 
 
-def authorization_config(names: Names, passwords: dict[str, str]) -> str:
-    """The ``authorization`` block for nats-server's config (JSON is valid there)."""
+def authorization_config(names: Names, passwords: dict[str, str] | None = None) -> str:
+    """The ``authorization`` block for nats-server's config (JSON is valid there). Without
+    ``passwords``, each is the variable ``$NATS_<PARTY>_PASSWORD`` (deploy/nats/users.conf:
+    nats-server reads it from the environment)."""
     users = [
-        {"user": party, "password": passwords[party], "permissions": permissions(names, party)}
+        {
+            "user": party,
+            "password": passwords[party] if passwords else variable(party),
+            "permissions": permissions(names, party),
+        }
         for party in PARTIES
     ]
-    return "authorization " + json.dumps({"users": users}, indent=2) + "\n"
+    text = "authorization " + json.dumps({"users": users}, indent=2) + "\n"
+    if not passwords:  # a variable is read only bare, never inside quotes
+        for party in PARTIES:
+            text = text.replace(f'"{variable(party)}"', variable(party))
+    return text
+
+
+def variable(party: str) -> str:
+    return f"$NATS_{party.upper()}_PASSWORD"
+
+
+def main() -> None:
+    """``python -m tocsin.core.natsauth``: deploy/nats/users.conf, as committed."""
+    print(
+        "# The users of deploy/nats/nats.conf, written by `python -m tocsin.core.natsauth`\n"
+        "# (tests/deploy/test_nats_users.py checks it is what that prints). Passwords come\n"
+        "# from the environment (compose.yaml): NATS_ENGINE_PASSWORD, NATS_INGEST_PASSWORD,\n"
+        "# NATS_GATEWAY_PASSWORD, NATS_OPERATOR_PASSWORD. Permissions: docs/security.md.\n"
+        + authorization_config(Names()),
+        end="",
+    )
+
+
+if __name__ == "__main__":
+    main()
 
 
 def load_or_create_passwords(data_dir: Path) -> dict[str, str]:
