@@ -22,6 +22,8 @@ from ..support import (
     alert,
     append,
     eventually,
+    handshake,
+    run_tocsin,
     start_gateway,
     token,
 )
@@ -146,3 +148,23 @@ async def test_a_connection_that_ends_while_nats_is_down_saves_what_it_sent_once
     frames = await again.alerts(2, ack=True)
     assert [(f["seq"], f["redelivered"]) for f in frames] == [(s, True) for s in sent]
     await again.close()
+
+
+@pytest.mark.slow
+async def test_a_ban_after_a_nats_restart_still_closes_the_users_sockets(own: OwnNats) -> None:
+    """The gateway watches the GUARD bucket for bans; after NATS restarts it watches anew
+    (its watchers' consumers have no heartbeat to notice the restart by), so a ban made
+    then still closes the user's socket (1008) and refuses its handshakes (429)."""
+    server, running = own.server, own.gateway
+    tok = token("after-restart", ("KE",))
+    client = await Client.connect(running.ws_url, tok)
+    await client.next("connection_established")
+    server.stop()
+    server.start()
+    await eventually(lambda: running.gw.nc.is_connected, timeout=20, what="the gateway back")
+    code, _, err = await run_tocsin(running.settings, "ban", "add", "after-restart")
+    assert code == 0, err
+    assert await client.wait_closed(timeout=20) == 1008
+    status, body, _ = await handshake(running.ws_url, auth_token=tok)
+    assert status == 429 and body["error"] == "banned"
+    await client.session.close()

@@ -117,6 +117,13 @@ class Gateway:
     async def on_reconnected(self) -> None:
         self.owners.reconnected_at = time.monotonic()
         self.spawn(self._reclaim())
+        self.spawn(self._rewatch())
+
+    async def _rewatch(self) -> None:
+        try:
+            await self.guard.rewatch()
+        except Exception as exc:  # tried again at the next reconnect; bans still expire
+            log.warning("could not watch bans and leases again: %s", exc)
 
     async def _reclaim(self) -> None:
         """Each suspended session writes its record as owner, conditional on the one it last

@@ -164,6 +164,8 @@ class Guard:
         self.held: dict[str, str] = {}  # slot key -> session id, this instance's
         self.on_ban: Callable[[Ban], None] = lambda ban: None
         self._tasks: list[asyncio.Task[None]] = []
+        self._watchers: list[asyncio.Task[None]] = []
+        self._announced: set[str] = set()  # bans acted on before a rewatch
         self.warnings: dict[str, list[float]] = {}  # sub -> monotonic times of its warnings
         # The slots' JetStream calls, bounded like the claims' (ownership.OPENS_AT_ONCE):
         # a reconnect storm must not put thousands of requests in flight at once.
@@ -174,18 +176,36 @@ class Guard:
         self._kv = await guard_bucket(self._js, self._settings, self._names)
         await self._renew()
         self.gateways[self.instance] = time.monotonic()
+        self._watchers = await self._start_watching()
+        self._tasks = [asyncio.create_task(self._lease_loop())]
+
+    async def _start_watching(self) -> list[asyncio.Task[None]]:
+        assert self._kv is not None
         bans = await self._kv.watch("ban.>")
         leases = await self._kv.watch("gw.>")
-        self._tasks = [
+        return [
             asyncio.create_task(self._watch(bans, self._on_ban_entry)),
             asyncio.create_task(self._watch(leases, self._on_lease_entry)),
-            asyncio.create_task(self._lease_loop()),
         ]
 
-    async def stop(self) -> None:
-        for task in self._tasks:
+    async def rewatch(self) -> None:
+        """After NATS came back: watch anew. The watchers' ordered consumers have no idle
+        heartbeat to notice a restarted server by, and a ban missed then would hold on
+        the other instances only. What is in the bucket comes again (a ban already known is
+        not announced twice)."""
+        for task in self._watchers:
             task.cancel()
-        for task in self._tasks:
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        # Bans lifted meanwhile are not replayed: start from what the bucket holds, and do
+        # not announce again the ones already acted on.
+        self._announced = set(self.bans)
+        self.bans = {}
+        self._watchers = await self._start_watching()
+
+    async def stop(self) -> None:
+        for task in self._tasks + self._watchers:
+            task.cancel()
+        for task in self._tasks + self._watchers:
             with contextlib.suppress(BaseException):
                 await task
         if self._kv is not None:  # a clean stop frees the lease and the slots at once
@@ -200,10 +220,12 @@ class Guard:
                 entry = await watcher.updates(timeout=3600)
             except TimeoutError:
                 continue
-            if entry is not None:
-                handle(entry)
+            handle(entry)  # None: what the bucket held has been replayed
 
     def _on_ban_entry(self, entry: Any) -> None:
+        if entry is None:
+            self._announced.clear()  # from here on a ban is new news
+            return
         key = entry.key.removeprefix("ban.")
         ban = Ban.parse(entry.value or b"") if entry.operation is None else None
         if ban is None:
@@ -213,7 +235,7 @@ class Guard:
                     "ban of %s lifted", lifted.sub, extra={"event": "ban_lifted", "sub": lifted.sub}
                 )
             return
-        fresh = key not in self.bans
+        fresh = key not in self.bans and key not in self._announced
         self.bans[key] = ban
         if fresh and ban.remaining > 0:
             audit.warning(
@@ -227,6 +249,8 @@ class Guard:
             self.on_ban(ban)
 
     def _on_lease_entry(self, entry: Any) -> None:
+        if entry is None:
+            return
         instance = entry.key.removeprefix("gw.")
         if entry.operation is None:
             # As old as the server says (a watcher starting up gets the last lease of a
