@@ -343,6 +343,8 @@ def test_run_end_to_end_tail_publish_and_clean_stop(
         secret_file = data / "dev-secret"
         assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
         assert stat.S_IMODE((data / "nats-users.json").stat().st_mode) == 0o600
+        for party, password in json.loads((data / "nats-users.json").read_text()).items():
+            assert password not in banner, f"the {party} user's NATS password reached a log line"
         assert secret_file.read_text().strip() in banner
 
         # A device that connects first, then two alerts: one over HTTP, one over NATS.

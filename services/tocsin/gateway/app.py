@@ -71,7 +71,8 @@ def create_app(settings: Settings) -> web.Application:
         log.info(
             "gateway %s ready on NATS %s",
             gw.instance,
-            nc.connected_url.netloc if nc.connected_url else "?",
+            # host and port only: the netloc holds the user and password (TOCSIN_NATS_URL)
+            f"{nc.connected_url.hostname}:{nc.connected_url.port}" if nc.connected_url else "?",
         )
         try:
             yield
