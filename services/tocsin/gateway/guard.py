@@ -166,6 +166,7 @@ class Guard:
         self._tasks: list[asyncio.Task[None]] = []
         self._watchers: list[asyncio.Task[None]] = []
         self._announced: set[str] = set()  # bans acted on before a rewatch
+        self.ready = False  # the bucket is open and watched (start, or the lease loop)
         self.warnings: dict[str, list[float]] = {}  # sub -> monotonic times of its warnings
         # The slots' JetStream calls, bounded like the claims' (ownership.OPENS_AT_ONCE):
         # a reconnect storm must not put thousands of requests in flight at once.
@@ -173,11 +174,23 @@ class Guard:
         self._release_gate = asyncio.Semaphore(RELEASES_AT_ONCE)
 
     async def start(self) -> None:
-        self._kv = await guard_bucket(self._js, self._settings, self._names)
-        await self._renew()
+        """Open the bucket, take the lease, watch; if JetStream cannot answer yet (a cluster
+        without quorum, a bucket whose leader is being elected) the gateway starts anyway
+        and the lease loop tries again every few seconds. Meanwhile handshakes get no slot
+        and no ban is known (they could not be served without JetStream either)."""
         self.gateways[self.instance] = time.monotonic()
-        self._watchers = await self._start_watching()
+        try:
+            await self._open()
+        except Exception as exc:
+            log.warning("the GUARD bucket is not ready (%s); trying again", exc)
         self._tasks = [asyncio.create_task(self._lease_loop())]
+
+    async def _open(self) -> None:
+        kv = await guard_bucket(self._js, self._settings, self._names)
+        self._kv = kv
+        await self._renew()
+        self._watchers = await self._start_watching()
+        self.ready = True
 
     async def _start_watching(self) -> list[asyncio.Task[None]]:
         assert self._kv is not None
@@ -193,6 +206,8 @@ class Guard:
         heartbeat to notice a restarted server by, and a ban missed then would hold on
         the other instances only. What is in the bucket comes again (a ban already known is
         not announced twice)."""
+        if not self.ready:
+            return  # the lease loop opens and watches it
         for task in self._watchers:
             task.cancel()
         await asyncio.gather(*self._watchers, return_exceptions=True)
@@ -208,7 +223,7 @@ class Guard:
         for task in self._tasks + self._watchers:
             with contextlib.suppress(BaseException):
                 await task
-        if self._kv is not None:  # a clean stop frees the lease and the slots at once
+        if self.ready and self._kv is not None:  # a clean stop frees lease and slots at once
             with contextlib.suppress(Exception):
                 await self._kv.delete(f"gw.{self.instance}")
 
@@ -297,6 +312,8 @@ class Guard:
             raise Refused("banned", f"banned until {_iso(ban.until)}: {ban.reason}", ban.remaining)
         if not self._nc.is_connected:  # fail fast: the handshake cannot be served anyway
             raise NatsError("not connected to NATS")
+        if not self.ready:
+            raise NatsError("the GUARD bucket is not ready")
         slot = self._slot(sub, self.instance, client_id)
         value = orjson.dumps({"sub": sub, "client_id": client_id, "session": session})
         self.held[slot] = session  # before it exists: the sweep must not take it for a leak
@@ -361,6 +378,9 @@ class Guard:
         while True:
             await asyncio.sleep(LEASE_SECONDS / 3)
             try:
+                if not self.ready:
+                    await self._open()
+                    log.info("the GUARD bucket is ready: bans and connection slots hold")
                 await self._renew()
                 await self._sweep_own()
             except Exception as exc:  # NATS away: the lease lapses, the slots count no more
