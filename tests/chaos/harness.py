@@ -45,7 +45,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from tocsin.bench.netem import Link as NetLink
-from tocsin.bench.netem import Profile
+from tocsin.bench.netem import Profile, small_window
 from tocsin.core.auth import mint_token
 from tocsin.core.embedded import (
     NatsCluster,
@@ -751,14 +751,7 @@ class DeviceClient:
         the window negotiated in the handshake is small too (set afterwards, the kernel
         keeps honouring the window it already advertised)."""
         if self._small_http is None:
-
-            def small(addr: Any) -> socket.socket:
-                family, kind, proto = addr[0], addr[1], addr[2]
-                sock = socket.socket(family, kind, proto)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-                return sock
-
-            connector = aiohttp.TCPConnector(socket_factory=small, force_close=True)
+            connector = aiohttp.TCPConnector(socket_factory=small_window(rcvbuf), force_close=True)
             self._small_http = aiohttp.ClientSession(connector=connector)
         return self._small_http
 

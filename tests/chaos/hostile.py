@@ -17,22 +17,16 @@ import asyncio
 import collections
 import contextlib
 import json
-import socket
 import sys
 import time
 from typing import Any
 
 import aiohttp
 
+from tocsin.bench.netem import small_window
 from tocsin.core.auth import mint_token
 
 KINDS = ("garbage", "flood", "oversized", "binary", "deaf")
-
-
-def _small(addr: Any) -> socket.socket:
-    sock = socket.socket(addr[0], addr[1], addr[2])
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    return sock
 
 
 async def one(
@@ -40,7 +34,7 @@ async def one(
 ) -> None:
     kind = kinds[i % len(kinds)]
     tok = mint_token(secret, f"hostile-{i}", regions=["KE"])
-    connector = aiohttp.TCPConnector(socket_factory=_small if kind == "deaf" else None)
+    connector = aiohttp.TCPConnector(socket_factory=small_window(4096) if kind == "deaf" else None)
     async with aiohttp.ClientSession(connector=connector) as http:
         while time.monotonic() < until:
             try:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 from nats.js import JetStreamContext
 
+from tocsin.bench.netem import small_window
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 from tocsin.schemas.codes import Close
@@ -128,12 +128,7 @@ async def test_a_reader_that_stops_reading_is_cut_off_by_its_send_buffer(
         make_settings(heartbeat_seconds=HEARTBEAT, ws_send_buffer_kib=64, max_inflight=64)
     )
 
-    def small(addr: Any) -> socket.socket:
-        sock = socket.socket(addr[0], addr[1], addr[2])
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        return sock
-
-    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=small))
+    http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(socket_factory=small_window(4096)))
     try:
         params = {"auth_token": token("stuck", ("UG",)), "ack_mode": "auto"}
         ws = await http.ws_connect(running.ws_url, params=params, autoping=False)

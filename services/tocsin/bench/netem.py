@@ -35,9 +35,27 @@ import socket
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from tocsin.core.embedded import free_port
+
+
+def small_window(rcvbuf: int) -> Callable[[Any], socket.socket]:
+    """An aiohttp ``TCPConnector(socket_factory=...)`` whose sockets get SO_RCVBUF =
+    ``rcvbuf`` before they connect, so the window they advertise is small too (set
+    afterwards, the kernel keeps honouring the window it already advertised): a client
+    that stops reading backs up into its server at once."""
+
+    def factory(addr: Any) -> socket.socket:
+        family, kind, proto = addr[0], addr[1], addr[2]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        return sock
+
+    return factory
+
 
 OUTAGES = ("stall", "blackhole", "cut")
 #: The most read from a socket at once.

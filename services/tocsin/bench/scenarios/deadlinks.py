@@ -27,7 +27,6 @@ import contextlib
 import datetime as dt
 import os
 import re
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from tocsin.core.naming import Names
 from tocsin.gateway.handler import WS_PATH
 from tocsin.ingest.pipeline import append_alert
 
+from ..netem import small_window
 from ..procs import Stack, usage
 from .common import (
     code_version,
@@ -173,7 +173,7 @@ class Run:
         await asyncio.to_thread(stack.start)
         http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         small = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, socket_factory=_small_socket)
+            connector=aiohttp.TCPConnector(limit=0, socket_factory=small_window(RCVBUF))
         )
         clients: list[Client] = []
         try:
@@ -293,12 +293,6 @@ class Run:
             "rss_kib_per_socket": (peak["rss"] - rss0) / n / 1024,
             "kernel_tcp_kib_per_socket": (peak["tcp"] - tcp0) / n / 1024,
         }
-
-
-def _small_socket(addr: Any) -> socket.socket:
-    sock = socket.socket(addr[0], addr[1], addr[2])
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-    return sock
 
 
 async def _settled(read: Any, target: int, limit: float = 10.0) -> int:
