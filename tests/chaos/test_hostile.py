@@ -142,7 +142,9 @@ async def test_hostile_clients_cost_themselves_their_sockets_not_the_others_late
     )
     closed, refused = outcome["closed"], outcome["refused"]
     for kind in ("garbage", "flood", "binary"):
-        assert set(closed[kind]) == {"1008"}, (kind, closed[kind])  # banned, and only that
+        # banned (1008); on a loaded machine a close whose handshake could not finish while
+        # the client kept writing is aborted instead (1006, session.shut): never anything else
+        assert "1008" in closed[kind] and set(closed[kind]) <= {"1008", "1006"}, (kind, closed)
         assert refused[kind].get("429"), (kind, refused[kind])  # and refused coming back
     # the 2 MB frame: 1009; the 100 KB ones' errors count too, so a ban (1008), or an
     # abort when the close meets a socket busy with a 100 KB frame (1006); refused after
