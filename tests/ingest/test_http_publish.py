@@ -105,6 +105,53 @@ async def test_publishing_the_same_alert_again_is_a_duplicate_with_the_same_seq(
     assert await count(js, names.alerts_stream) == 1
 
 
+async def test_an_integer_alert_id_and_its_decimal_string_are_one_alert(
+    gateway: RunningGateway, js: JetStreamContext, names: Names, http: aiohttp.ClientSession
+) -> None:
+    tok = publisher()
+    status, first = await post_json(http, gateway, alert("KE-30", alert_id=700024863), tok)
+    assert status == 202 and first["duplicate"] is False, first
+    status, again = await post_json(http, gateway, alert("KE-30", alert_id="700024863"), tok)
+    assert status == 202 and again["duplicate"] is True and again["seq"] == first["seq"], again
+    assert await count(js, names.alerts_stream) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"alert_id": 2**53}, "alert_id"),  # rounds in JavaScript and Dart
+        ({"alert_id": 9007199254740993}, "alert_id"),
+        ({"risk_score": "0.8"}, "risk_score"),
+        ({"risk_score": True}, "risk_score"),
+        ({"confidence_score": "0.9"}, "confidence_score"),
+        ({"affected_population": "5"}, "affected_population"),
+        ({"affected_population": 5.0}, "affected_population"),
+        ({"action_required": "true"}, "action_required"),
+        ({"action_required": 1}, "action_required"),
+        ({"location": {"region": "KE", "lat": "1", "lon": 2}}, "location.lat"),
+    ],
+)
+async def test_fields_are_checked_strictly_and_the_error_names_the_field(
+    gateway: RunningGateway,
+    js: JetStreamContext,
+    names: Names,
+    http: aiohttp.ClientSession,
+    change: dict[str, Any],
+    field: str,
+) -> None:
+    status, body = await post_json(http, gateway, {**alert("KE-30"), **change}, publisher())
+    assert status == 422 and body["error"] == "invalid_alert", body
+    assert [e["field"] for e in body["errors"]][0].startswith(field), body
+    await nothing_appended(js, names)
+
+
+async def test_the_largest_exact_integer_alert_id_is_accepted(
+    gateway: RunningGateway, js: JetStreamContext, http: aiohttp.ClientSession
+) -> None:
+    status, body = await post_json(http, gateway, alert("KE-30", alert_id=2**53 - 1), publisher())
+    assert status == 202 and body["alert_id"] == 2**53 - 1, body
+
+
 async def test_json_with_charset_parameter_is_accepted(
     gateway: RunningGateway, js: JetStreamContext, names: Names, http: aiohttp.ClientSession
 ) -> None:

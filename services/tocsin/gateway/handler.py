@@ -423,7 +423,8 @@ def parse_frame(text: str) -> tuple[Any, Error | None]:
     if not isinstance(data, dict):
         return None, Error(code=ErrorCode.INVALID_FRAME, detail="frame: expected a JSON object")
     try:
-        return client_frame_adapter.validate_python(data), None
+        # strict: a field's JSON type must be the schema's ("seq": "5" is an error, CONTRACT §6)
+        return client_frame_adapter.validate_python(data, strict=True), None
     except ValidationError as exc:
         return None, _frame_error(exc)
 

@@ -75,8 +75,8 @@ class Location(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     region: str = Field(pattern=REGION_PATTERN, examples=["KE-30"])
-    lat: float | None = Field(default=None, ge=-90, le=90)
-    lon: float | None = Field(default=None, ge=-180, le=180)
+    lat: float | None = Field(default=None, ge=-90, le=90, strict=True)
+    lon: float | None = Field(default=None, ge=-180, le=180, strict=True)
 
     @model_validator(mode="after")
     def _point_is_whole(self) -> Location:
@@ -100,10 +100,11 @@ class Alert(BaseModel):
     message: str = Field(min_length=1, max_length=8000)
     priority: Priority = Priority.NORMAL
     location: Location
-    risk_score: float | None = Field(default=None, ge=0, le=1)
-    confidence_score: float | None = Field(default=None, ge=0, le=1)
-    affected_population: int | None = Field(default=None, ge=0)
-    action_required: bool = False
+    # strict: a JSON number / integer / boolean, not "0.8", true, 5.0 or "true" (CONTRACT §4)
+    risk_score: float | None = Field(default=None, ge=0, le=1, strict=True)
+    confidence_score: float | None = Field(default=None, ge=0, le=1, strict=True)
+    affected_population: int | None = Field(default=None, ge=0, strict=True)
+    action_required: bool = Field(default=False, strict=True)
     action_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
     created_at: UtcDatetime | None = None
     expiry_time: UtcDatetime | None = None
