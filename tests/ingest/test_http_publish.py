@@ -141,7 +141,7 @@ async def test_fields_are_checked_strictly_and_the_error_names_the_field(
 ) -> None:
     status, body = await post_json(http, gateway, {**alert("KE-30"), **change}, publisher())
     assert status == 422 and body["error"] == "invalid_alert", body
-    assert [e["field"] for e in body["errors"]][0].startswith(field), body
+    assert body["errors"][0]["field"].startswith(field), body
     await nothing_appended(js, names)
 
 
