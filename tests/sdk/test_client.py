@@ -488,3 +488,20 @@ async def test_filters_are_sent_on_the_first_connection_only(
         [flood] = await publish(js, names, 1, alert_type="flood")
         await handler.until(1)
         assert handler.ids == [str(flood["alert_id"])]
+
+
+async def test_no_gateway_is_unreachable_only_when_the_app_sets_a_limit() -> None:
+    from tocsin.core.supervisor import free_port
+    from tocsin_client import Backoff, Unreachable
+
+    url = f"ws://127.0.0.1:{free_port()}/api/v1/alerts/ws"  # nothing listens
+    client = TocsinClient(
+        url, token("sdk-o"), max_failed_attempts=3, backoff=Backoff(initial=0.01, maximum=0.02)
+    )
+    await client.start()
+    try:
+        with pytest.raises(Unreachable) as caught:
+            await client.connected(DEADLINE)
+        assert caught.value.attempts == 3 and caught.value.url == url
+    finally:
+        await client.close()

@@ -1,4 +1,6 @@
-"""``tocsin tail``: connect as one device and print every frame it receives.
+"""``tocsin tail``: connect as one device and print every frame it receives (an alert as
+one summary line, every other frame as its JSON), over the Python SDK (``tocsin_client``):
+pings answered, each alert acked once printed, reconnects with backoff.
 
 Filter flags (``--location-regions``, ``--bbox``, ``--near``, ``--location-filter``,
 ``--risk-threshold``, ``--alert-types``) become connect query parameters, so they replace
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -198,8 +201,18 @@ def _stderr(line: str) -> None:
 
 
 async def _tail(settings: Settings, args: argparse.Namespace) -> int:
-    import aiohttp
+    """One device over the Python SDK (tocsin_client): it answers pings, acks each alert
+    once printed, and reconnects (with the same backoff and close-code rules as any app)."""
+    from tocsin_client import (
+        HandshakeRefused,
+        ProtocolError,
+        Replaced,
+        TocsinClient,
+        TokenSource,
+        Unreachable,
+    )
 
+    token: TokenSource
     if args.token:
         token = args.token
         wanted = subscribing(args)
@@ -209,75 +222,82 @@ async def _tail(settings: Settings, args: argparse.Namespace) -> int:
         roles, regions = roles_and_regions(args)
         # Check the flags before minting: a bad flag must not wait on a missing secret.
         wanted = subscribing(args, None if "admin" in roles else tuple(regions))
-        token = mint(settings, args.user, roles, regions, TAIL_TOKEN_TTL)
+        mint(settings, args.user, roles, regions, TAIL_TOKEN_TTL)  # fails early, before connecting
+
+        def token() -> str:  # a fresh one before the last expires (tail may run for days)
+            return mint(settings, args.user, roles, regions, TAIL_TOKEN_TTL)
+
     url = args.url or ws_url(settings)
-    params = {"auth_token": token, "client_id": args.client_id, "ack_mode": args.ack_mode}
-    params |= wanted.params
-    # Frames still to send after connecting; each waits for its subscription_response.
+
+    def state(now: str, detail: str) -> None:
+        if now == "waiting" and client.connections:
+            _stderr(f"disconnected; {detail}")
+
+    client = TocsinClient(
+        url,
+        token,
+        client_id=args.client_id,
+        ack_mode=args.ack_mode,
+        filters=wanted.params,
+        max_failed_attempts=1,  # no gateway at all: say so, do not wait for one
+        on_state=state,
+    )
+    # Frames still to be answered after connecting, in order; each waits for its answer.
     # Alerts before the last answer were judged by the old subscription: printed, not counted.
     setup = wanted.frames()
+    expected = [frame["type"] for frame in setup]
+
+    async def send_setup() -> None:
+        for frame in setup:
+            if frame["type"] == "update_filters":
+                await client.update_filters(frame["filters"])
+            elif frame["type"] == "unsubscribe":
+                await client.unsubscribe(frame["groups"])
+            else:
+                await client.subscribe(frame["groups"])
+
     seen = 0
-    async with aiohttp.ClientSession() as session:
+    async with client:
+        sender = asyncio.ensure_future(send_setup())
         try:
-            ws = await session.ws_connect(url, params=params, autoping=True)
-        except aiohttp.WSServerHandshakeError as exc:
-            # The refusal's JSON body is not kept by aiohttp: ask again without the upgrade
-            # (the handshake checks run before the upgrade, so the answer is the same).
-            body = ""
-            try:
-                async with session.get(url, params=params) as resp:
-                    if resp.status == exc.status:
-                        body = (await resp.text()).strip()
-            except aiohttp.ClientError:
-                pass
-            if body:
-                print(body, flush=True)
-            _stderr(f"{url} refused the WebSocket with HTTP {exc.status}")
-            return 1
-        except (aiohttp.ClientError, OSError) as exc:
-            raise Fail(f"cannot connect to {url}: {exc} {NOT_RUNNING_HINT}") from None
-        async with ws:
-            async for msg in ws:
-                if msg.type is not aiohttp.WSMsgType.TEXT:
-                    continue
-                try:
-                    frame = json.loads(msg.data)
-                except json.JSONDecodeError:
-                    print(f"(not JSON) {msg.data}", flush=True)
-                    continue
+            async for frame in client.frames():
                 print(format_frame(frame), flush=True)
+                client.max_failed_attempts = None  # connected once: keep reconnecting
                 kind = frame.get("type")
-                if kind == "ping":
-                    await ws.send_str(json.dumps({"type": "pong", "ts": frame.get("ts")}))
-                elif kind == "connection_established" and setup:
-                    await ws.send_str(json.dumps(setup[0]))
-                elif kind == "subscription_response" and setup:
-                    if frame.get("action") != setup[0]["type"]:
+                if kind == "subscription_response" and expected:
+                    if frame.get("action") != expected[0]:
                         continue
                     if frame.get("status") != "ok":
-                        _stderr(f"{setup[0]['type']} {frame.get('status')}: {frame.get('detail')}")
-                        await ws.close()
+                        _stderr(f"{expected[0]} {frame.get('status')}: {frame.get('detail')}")
                         return 1
-                    setup.pop(0)
-                    if setup:
-                        await ws.send_str(json.dumps(setup[0]))
-                elif kind == "error" and setup:
+                    expected.pop(0)
+                elif kind == "error" and expected and frame.get("code") != "invalid_ack":
                     # An answer to our frame from a gateway that cannot do it (e.g. too old).
-                    _stderr(f"{setup[0]['type']} refused: {frame.get('detail')}")
-                    await ws.close()
+                    _stderr(f"{expected[0]} refused: {frame.get('detail')}")
                     return 1
-                elif kind == "alert":
-                    if args.ack_mode == "client" and isinstance(frame.get("seq"), int):
-                        await ws.send_str(json.dumps({"type": "ack", "seq": frame["seq"]}))
-                    if setup:
-                        continue
+                elif kind == "alert" and not expected:
                     seen += 1
                     if args.count and seen >= args.count:
-                        await ws.close()
+                        await client.ack()
                         return 0
-            code = ws.close_code
-    _stderr(f"connection closed by the server (code {code})")
-    return 0 if code == 1000 and not args.count and not setup else 1
+        except HandshakeRefused as exc:
+            if exc.body:
+                print(json.dumps(exc.body, ensure_ascii=False), flush=True)
+            _stderr(f"{url} refused the WebSocket with HTTP {exc.status}")
+            return 1
+        except Unreachable as exc:
+            raise Fail(f"cannot connect to {url}: {exc.reason} {NOT_RUNNING_HINT}") from None
+        except Replaced:
+            _stderr("another connection of this device took over (4009); not reconnecting")
+            return 1
+        except ProtocolError as exc:
+            _stderr(str(exc))
+            return 1
+        finally:
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+    return 0
 
 
 def cmd_tail(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from .errors import (
     Replaced,
     SubscriptionRefused,
     TocsinError,
+    Unreachable,
 )
 from .seen import DEFAULT_KEEP_SECONDS, MemorySeenStore, SeenStore
 
@@ -39,6 +40,7 @@ __all__ = [
     "TocsinClient",
     "TocsinError",
     "TokenSource",
+    "Unreachable",
     "__version__",
     "token_expiry",
 ]

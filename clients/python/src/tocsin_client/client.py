@@ -32,6 +32,7 @@ from .errors import (
     ProtocolError,
     Replaced,
     SubscriptionRefused,
+    Unreachable,
 )
 from .seen import DEFAULT_KEEP_SECONDS, MemorySeenStore, SeenStore
 
@@ -140,6 +141,7 @@ class TocsinClient:
         ack_delay: float = 0.2,
         request_timeout: float = 30.0,
         compression: bool = False,
+        max_failed_attempts: int | None = None,
         session: aiohttp.ClientSession | None = None,
         on_state: Callable[[State, str], None] | None = None,
     ) -> None:
@@ -159,6 +161,11 @@ class TocsinClient:
         self.ack_delay = ack_delay
         self.request_timeout = request_timeout
         self.compression = compression
+        #: Give up (Unreachable) after this many attempts in a row that reached no gateway;
+        #: None: never. May be changed while running (``tocsin tail`` sets it after the
+        #: first connection).
+        self.max_failed_attempts = max_failed_attempts
+        self._failed_attempts = 0
         self._on_state = on_state
         self._provider = None if isinstance(token, str) else token
         self._token: str | None = token if isinstance(token, str) else None
@@ -468,7 +475,13 @@ class TocsinClient:
             return await self._refused(exc.status, exc.headers, params, force_refresh)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.info("tocsin: cannot connect to %s: %s", self.url, exc)
+            self._failed_attempts += 1
+            limit = self.max_failed_attempts
+            if limit is not None and self._failed_attempts >= limit:
+                reason = str(exc) or type(exc).__name__
+                raise Unreachable(self.url, self._failed_attempts, reason) from exc
             return self.backoff.next_delay(), False
+        self._failed_attempts = 0
         self._generation += 1
         self._ws = ws
         self._ack_high = self._ack_sent = 0

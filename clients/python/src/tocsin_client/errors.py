@@ -75,5 +75,16 @@ class Replaced(TocsinError):
         super().__init__(f"4009 replaced by another connection of this device {reason}".strip())
 
 
+class Unreachable(TocsinError):
+    """``max_failed_attempts`` connection attempts in a row reached no gateway (refused,
+    timed out, DNS): raised only when the application set that limit."""
+
+    def __init__(self, url: str, attempts: int, reason: str) -> None:
+        self.url = url
+        self.attempts = attempts
+        self.reason = reason
+        super().__init__(f"cannot connect to {url} ({attempts} attempts): {reason}")
+
+
 class ClientClosed(TocsinError):
     """The client was closed (``close()``) while a request waited for its answer."""
