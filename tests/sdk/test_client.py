@@ -505,3 +505,42 @@ async def test_no_gateway_is_unreachable_only_when_the_app_sets_a_limit() -> Non
         assert caught.value.attempts == 3 and caught.value.url == url
     finally:
         await client.close()
+
+
+async def test_a_silent_link_is_dropped_after_two_heartbeats_and_resumed(
+    make_settings: Callable[..., Settings],
+    js: JetStreamContext,
+    names: Names,
+    gateway_process: Callable[[Settings], GatewayProcess],
+) -> None:
+    import os
+    import signal
+
+    proc = gateway_process(make_settings(heartbeat_seconds=1.0))
+    assert proc.proc is not None
+    states: list[str] = []
+    client = TocsinClient(
+        proc.ws_url,
+        token("sdk-p"),
+        client_id="p1",
+        connect_timeout=2,
+        on_state=lambda s, _: states.append(s),
+    )
+    await client.start()
+    try:
+        await client.connected(DEADLINE)
+        handler = Handler().run(client)
+        first = await publish(js, names, 1)
+        await handler.until(1)
+        os.kill(proc.proc.pid, signal.SIGSTOP)  # frozen: the socket stays open, silent
+        try:
+            await eventually(lambda: client.state != "connected", LONG, "the dead link seen")
+            during = await publish(js, names, 2)
+        finally:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        await eventually(lambda: client.connections == 2, LONG, "the reconnect")
+        await handler.until(3, LONG)
+        assert handler.ids == ids_of(first + during)
+        assert "waiting" in states
+    finally:
+        await client.close()

@@ -142,6 +142,7 @@ class TocsinClient:
         request_timeout: float = 30.0,
         compression: bool = False,
         max_failed_attempts: int | None = None,
+        connect_timeout: float = 15.0,
         session: aiohttp.ClientSession | None = None,
         on_state: Callable[[State, str], None] | None = None,
     ) -> None:
@@ -165,6 +166,9 @@ class TocsinClient:
         #: None: never. May be changed while running (``tocsin tail`` sets it after the
         #: first connection).
         self.max_failed_attempts = max_failed_attempts
+        #: A handshake not answered within this is abandoned (a frozen gateway accepts
+        #: TCP but never answers the upgrade).
+        self.connect_timeout = connect_timeout
         self._failed_attempts = 0
         self._on_state = on_state
         self._provider = None if isinstance(token, str) else token
@@ -468,9 +472,14 @@ class TocsinClient:
             params |= _filter_params(self._filters)
         self._set_state("connecting", self.url)
         try:
-            ws = await self._session.ws_connect(
-                self.url, params=params, autoping=True, compress=15 if self.compression else 0
-            )
+            async with asyncio.timeout(self.connect_timeout):
+                ws = await self._session.ws_connect(
+                    self.url,
+                    params=params,
+                    autoping=True,
+                    compress=15 if self.compression else 0,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+                )
         except aiohttp.WSServerHandshakeError as exc:
             return await self._refused(exc.status, exc.headers, params, force_refresh)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -524,7 +533,8 @@ class TocsinClient:
         assert self._session is not None
         http = self.url.replace("wss://", "https://", 1).replace("ws://", "http://", 1)
         try:
-            async with self._session.get(http, params=params) as resp:
+            limit = aiohttp.ClientTimeout(total=self.connect_timeout)
+            async with self._session.get(http, params=params, timeout=limit) as resp:
                 if resp.status == status:
                     body = await resp.json(content_type=None)
                     if isinstance(body, dict):
