@@ -334,6 +334,21 @@ async def test_a_provider_is_asked_again_when_its_token_is_refused(gateway: Runn
         assert hello["user_id"] == "sdk-h" and len(calls) == 2
 
 
+async def test_a_failing_token_callable_is_asked_again_later(gateway: RunningGateway) -> None:
+    calls = 0
+
+    async def provider() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("identity provider unreachable")
+        return token("sdk-q")
+
+    async with TocsinClient(gateway.ws_url, provider, client_id="p") as client:
+        assert (await client.connected(DEADLINE))["user_id"] == "sdk-q"
+        assert calls == 2
+
+
 async def test_the_token_is_refreshed_before_exp_without_loss(
     gateway: RunningGateway, js: JetStreamContext, names: Names
 ) -> None:

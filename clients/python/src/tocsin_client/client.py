@@ -460,7 +460,11 @@ class TocsinClient:
     async def _connect_once(self, force_refresh: bool) -> tuple[float, bool]:
         """One connection, from handshake to close: returns (delay, refresh the token)."""
         assert self._session is not None
-        token = await self._fresh_token(force_refresh)
+        try:
+            token = await self._fresh_token(force_refresh)
+        except Exception as exc:  # the identity provider is away: try again later
+            log.warning("tocsin: the token callable failed: %r", exc)
+            return self.backoff.next_delay(), force_refresh
         params: dict[str, str] = {
             "auth_token": token,
             "client_id": self.client_id,
