@@ -35,6 +35,14 @@ def test_the_wheel_holds_the_tree_typed_without_plotting_dependencies(tmp_path: 
     }
     assert source - names == set(), "modules of services/tocsin/ missing from the wheel"
     assert "tocsin/py.typed" in names
+    # The Python SDK ships in it too (`tocsin tail` uses it), typed.
+    client = {
+        str(p.relative_to(ROOT / "clients" / "python" / "src"))
+        for p in (ROOT / "clients" / "python" / "src" / "tocsin_client").rglob("*.py")
+        if "__pycache__" not in p.parts
+    }
+    assert client and client - names == set(), "tocsin_client missing from the wheel"
+    assert "tocsin_client/py.typed" in names
     requires = meta.get_all("Requires-Dist") or []
     always = [r for r in requires if "extra ==" not in r]
     assert always and not any("matplotlib" in r for r in always), always
