@@ -195,6 +195,8 @@ class TocsinClient:
         self.state: State = "idle"
         #: What ended the client, if it ended by itself (AuthError, Replaced, ...).
         self.failure: Exception | None = None
+        #: The delay before the current (or last) reconnect, in seconds.
+        self.last_delay: float | None = None
         #: Connections that reached ``connection_established`` (1 = never reconnected).
         self.connections = 0
 
@@ -443,6 +445,7 @@ class TocsinClient:
                 delay, force_refresh = await self._connect_once(force_refresh)
                 if self._closing:
                     break
+                self.last_delay = delay
                 self._set_state("waiting", f"reconnecting in {delay:.2f} s")
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
