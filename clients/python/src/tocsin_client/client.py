@@ -190,7 +190,6 @@ class TocsinClient:
         self._runner: asyncio.Task[None] | None = None
         self._closing = False
         self._rotating = False  # this client closed the socket to switch tokens
-        self._token_refused = False
         self._wake = asyncio.Event()
         self.state: State = "idle"
         #: What ended the client, if it ended by itself (AuthError, Replaced, ...).
