@@ -134,3 +134,33 @@ def test_nats_subjects_are_the_ones_the_code_uses() -> None:
         "country": "KE", "region": "KE-30", "level": "high", "alert_type": "outbreak_risk"
     }  # fmt: skip
     assert set(channels["alertsStream"]["parameters"]) == set(parts.groupdict())
+
+
+def test_the_ingest_side_agrees_with_what_faststream_generates() -> None:
+    """faststream describes its own subscriber (``faststream docs gen``): every subject it
+    receives is a channel of this document that the ingest service receives."""
+    from faststream.specification import AsyncAPI
+
+    from tocsin.core.settings import Settings
+    from tocsin.ingest.app import create_app
+
+    app = create_app(Settings(jwt_secret="s" * 40), ["nats://127.0.0.1:1"])  # not connected
+    generated = json.loads(
+        AsyncAPI(app.broker, schema_version="3.0.0").to_specification().to_json()
+    )
+    received = {
+        generated["channels"][op["channel"]["$ref"].rsplit("/", 1)[1]]["bindings"]["nats"][
+            "subject"
+        ]
+        for op in generated["operations"].values()
+        if op["action"] == "receive"
+    }
+    assert received == {"ingest.alerts"}
+    doc = load()
+    ours = {
+        pointer(doc, op["channel"]["$ref"].removeprefix("#"))["address"]
+        for op in doc["operations"].values()
+        if op["action"] == "receive"
+        and "nats" in json.dumps(pointer(doc, op["channel"]["$ref"].removeprefix("#"))["servers"])
+    }
+    assert received == ours
