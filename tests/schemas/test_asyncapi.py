@@ -145,6 +145,7 @@ def test_the_ingest_side_agrees_with_what_faststream_generates() -> None:
     from tocsin.ingest.app import create_app
 
     app = create_app(Settings(jwt_secret="s" * 40), ["nats://127.0.0.1:1"])  # not connected
+    assert app.broker is not None
     generated = json.loads(
         AsyncAPI(app.broker, schema_version="3.0.0").to_specification().to_json()
     )
