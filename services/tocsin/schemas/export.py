@@ -10,7 +10,8 @@ The two directions differ on purpose (docs/protocol.md §2, CONTRACT §8):
   objects (``additionalProperties: false``), a closed union of frame types.
 * ``server-frame.json`` says what the server **sends** and leaves room for what a later
   server may add: no ``additionalProperties: false`` anywhere, and the union ends in a
-  fallback for a frame ``type`` it does not list (``UnknownFrame``). A field is required
+  fallback for a frame ``type`` it does not list (``UnknownFrame``); the ``error`` frame's
+  ``code`` may be one it does not list. A field is required
   when the server always sends it; one the server leaves out when it has no value (the
   alert's ``risk_score``, ...) is optional and never ``null``.
 * ``filters`` (``update_filters``, and the ``filters`` the server shows in
@@ -126,6 +127,12 @@ def _as_sent(schema: Any) -> None:
 def server_frame_schema() -> dict[str, Any]:
     doc = _with_filters(server_frame_adapter.json_schema(), "server")
     _as_sent(doc["$defs"])
+    # A later server may add error codes (docs/protocol.md §4): a client takes any string.
+    error = doc["$defs"]["Error"]["properties"]
+    error["code"] = {
+        "anyOf": [{"$ref": "#/$defs/ErrorCode"}, {"type": "string"}],
+        "description": "one of ErrorCode, or a code a later server added",
+    }
     known = sorted(doc.pop("discriminator")["mapping"])
     doc["$defs"]["UnknownFrame"] = {
         "type": "object",
