@@ -1,0 +1,32 @@
+"""Fixtures of the client tests: a gateway process of their own and the control harness."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from nats.js import JetStreamContext
+
+from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
+
+from ..support import GatewayProcess
+from .harness import Harness, serve_control
+
+
+@pytest.fixture
+def harness(
+    make_settings: Callable[..., Settings],
+    gateway_process: Callable[[Settings], GatewayProcess],
+    js: JetStreamContext,
+    names: Names,
+) -> Harness:
+    # short heartbeats: pings (and the client's pongs) within a test's time
+    settings = make_settings(heartbeat_seconds=1.0)
+    return Harness(gateway_process(settings), js, names, settings)
+
+
+@pytest.fixture
+async def control(harness: Harness) -> AsyncIterator[str]:
+    async for url in serve_control(harness):
+        yield url
