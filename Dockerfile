@@ -10,6 +10,7 @@ WORKDIR /src
 # What the install needs, and nothing else (.dockerignore keeps the rest out).
 COPY pyproject.toml README.md ./
 COPY services/ services/
+COPY clients/js/tocsin.js clients/js/tocsin.js
 COPY schemas/ schemas/
 RUN pip install . && rm -rf /src
 

@@ -15,15 +15,29 @@ from .harness import Harness, serve_control
 
 
 @pytest.fixture
-def harness(
+def make_harness(
     make_settings: Callable[..., Settings],
     gateway_process: Callable[[Settings], GatewayProcess],
     js: JetStreamContext,
     names: Names,
-) -> Harness:
-    # short heartbeats: pings (and the client's pongs) within a test's time
-    settings = make_settings(heartbeat_seconds=1.0)
-    return Harness(gateway_process(settings), js, names, settings)
+) -> Callable[..., Harness]:
+    def make(**overrides: object) -> Harness:
+        # short heartbeats: pings (and the client's pongs) within a test's time; the
+        # development sign-in on, as under `tocsin run` (the tests talk over loopback)
+        values: dict[str, object] = {
+            "heartbeat_seconds": 1.0,
+            "dev_sign_in": True,
+            "stats_cache_seconds": 0,
+        }
+        settings = make_settings(**(values | overrides))
+        return Harness(gateway_process(settings), js, names, settings)
+
+    return make
+
+
+@pytest.fixture
+def harness(make_harness: Callable[..., Harness]) -> Harness:
+    return make_harness()
 
 
 @pytest.fixture

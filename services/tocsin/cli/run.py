@@ -269,6 +269,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "data_dir": data_dir,
                 "replicas": nats.replicas,
                 "ingest_metrics_port": metrics_port,
+                # the page's development sign-in: only with the dev secret made here
+                "dev_sign_in": settings.dev_sign_in
+                or (not settings.jwt_secret and "TOCSIN_DEV_SIGN_IN" not in os.environ),
             }
         )
         if nats.server is not None and not stop:
@@ -288,7 +291,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         failed = not stop and not ready
         if ready:
-            print_banner(settings, http_port, nats.url, nats.note, secret_note, metrics_port)
+            print_banner(
+                settings,
+                http_port,
+                nats.url,
+                nats.note,
+                secret_note,
+                metrics_port,
+                dev_sign_in=resolved.dev_sign_in,
+            )
             failed = not _watch(children, stop)
         if stop:
             _say(f"{signal.Signals(stop.signal or signal.SIGINT).name}: stopping")
