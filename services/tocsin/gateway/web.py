@@ -12,8 +12,8 @@ origin only.
 ``POST /api/v1/dev/token`` mints a token for any user, roles and regions. It exists only
 when ``TOCSIN_DEV_SIGN_IN`` is on (``tocsin run`` turns it on when it made the dev JWT
 secret itself; the default is off), answers only requests from this machine (loopback
-peers) and needs the HS256 secret. docs/security.md says why it must never be on in
-production.
+peers, not through a proxy) and needs the HS256 secret. docs/security.md says why it
+must never be on in production.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ async def dev_token(request: web.Request) -> web.Response:
     settings = request.app[GATEWAY].settings
     if not settings.dev_sign_in or not settings.jwt_secret:
         return _error(404, "not_found", "the development sign-in is off (TOCSIN_DEV_SIGN_IN)")
-    if not _loopback(request.remote):
+    forwarded = "Forwarded" in request.headers or "X-Forwarded-For" in request.headers
+    if not _loopback(request.remote) or forwarded:  # a proxy's requests come from loopback
         return _error(403, "forbidden", "the development sign-in answers this machine only")
     try:
         body = await request.json()
