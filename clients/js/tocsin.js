@@ -304,11 +304,11 @@ export class TocsinClient {
         return;
       }
       if (outcome.error && outcome.kind !== "renew") this.emit("error", outcome.error);
+      if (outcome.kind === "limit") step = this.options.backoffMax; // banned: no haste
       let delay = Math.random() * step * 1000; // full jitter
       if (outcome.kind === "now") delay = 0;
       if (outcome.waitSeconds != null) delay = Math.max(delay, outcome.waitSeconds * 1000);
-      if (outcome.kind === "limit") step = this.options.backoffMax;
-      else step = Math.min(step * 2, this.options.backoffMax);
+      step = Math.min(step * 2, this.options.backoffMax);
       this.attempt += 1;
       this.setState("reconnecting", { attempt: this.attempt, delayMs: Math.round(delay) });
       await sleepMs(delay, signal);
