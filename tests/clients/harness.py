@@ -10,7 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,7 @@ def control_app(h: Harness) -> web.Application:
     return app
 
 
-async def serve_control(h: Harness) -> AsyncIterator[str]:
+async def serve_control(h: Harness) -> AsyncGenerator[str, None]:
     runner = web.AppRunner(control_app(h))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

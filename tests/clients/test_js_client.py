@@ -6,15 +6,33 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncGenerator, Callable
 
 import pytest
 
-from .harness import JS_DIR, Harness, install_ws, need_tool
+from .harness import JS_DIR, Harness, install_ws, need_tool, serve_control
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_javascript_client_passes_its_node_tests(harness: Harness, control: str) -> None:
+    await node_test(harness, control, "client.test.js")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_javascript_client_honours_retry_after(make_harness: Callable[..., Harness]) -> None:
+    capped = make_harness(max_connections_per_user=1)
+    control: AsyncGenerator[str, None] = serve_control(capped)
+    url = await anext(control)
+    try:
+        await node_test(capped, url, "limits.test.js")
+    finally:
+        await control.aclose()
+
+
+async def node_test(harness: Harness, control: str, *files: str) -> None:
+    """``node --test`` on ``files`` of clients/js/test, against ``harness``'s gateway."""
     node = need_tool("node", "the JavaScript client's tests (clients/js/test) are")
     install_ws()
     env = os.environ | {
@@ -27,7 +45,7 @@ async def test_javascript_client_passes_its_node_tests(harness: Harness, control
         "--test",
         "--test-reporter=spec",
         "--test-concurrency=1",
-        *sorted(str(p.relative_to(JS_DIR)) for p in (JS_DIR / "test").glob("*.test.js")),
+        *(f"test/{name}" for name in files),
         cwd=JS_DIR,
         env=env,
         stdout=asyncio.subprocess.PIPE,
