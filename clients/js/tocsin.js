@@ -66,16 +66,21 @@ export function alertKey(alertId) {
   return String(alertId);
 }
 
-/** The `exp` claim of a JWT (seconds), or null; the signature is not checked here. */
-export function tokenExpiry(token) {
+/** The claims of a JWT (its payload, not verified: the gateway does that), or null. */
+export function tokenClaims(token) {
   try {
-    const part = token.split(".")[1];
-    const text = atob(part.replace(/-/g, "+").replace(/_/g, "/"));
-    const exp = JSON.parse(text).exp;
-    return typeof exp === "number" ? exp : null;
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    const claims = JSON.parse(atob(part));
+    return claims !== null && typeof claims === "object" ? claims : null;
   } catch {
     return null;
   }
+}
+
+/** The `exp` claim of a JWT (seconds), or null. */
+export function tokenExpiry(token) {
+  const exp = tokenClaims(token)?.exp;
+  return typeof exp === "number" ? exp : null;
 }
 
 /**

@@ -1,17 +1,11 @@
 // What the alert page and the dashboard share: signing in (a pasted token, #token= in the
 // URL, or the development sign-in of `tocsin run`) and reading a token's claims.
 
+import { tokenClaims as claimsOf } from "/static/tocsin.js";
+
 const TOKEN_KEY = "tocsin.token";
 
-/** The claims of a JWT (not verified: the gateway does that), or null. */
-export function claimsOf(token) {
-  try {
-    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-    return JSON.parse(atob(part));
-  } catch {
-    return null;
-  }
-}
+export { claimsOf };
 
 /** A token from #token= (then removed from the address bar) or from this tab's storage. */
 export function storedToken(key = TOKEN_KEY) {
