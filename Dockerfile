@@ -11,6 +11,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY services/ services/
 COPY clients/python/src/ clients/python/src/
+COPY clients/js/tocsin.js clients/js/tocsin.js
 COPY schemas/ schemas/
 RUN pip install . && rm -rf /src
 

@@ -332,6 +332,11 @@ def test_run_end_to_end_tail_publish_and_clean_stop(
         banner = run_log.read_text()
         assert f"ws://127.0.0.1:{http_port}/api/v1/alerts/ws" in banner
         assert "tail --user alice --regions KE" in banner
+        # the page, with the development sign-in (the dev secret was made here)
+        assert f"http://127.0.0.1:{http_port}/   (development sign-in on)" in banner
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://127.0.0.1:{http_port}/api/v1/web/config", timeout=5) as r:
+            assert json.load(r)["dev_sign_in"] is True
         if cluster > 1:  # TOCSIN_CLUSTER=3: three nodes, streams replicated on all of them
             assert banner.count("nats://127.0.0.1:") >= 3
             nats_port = int(env["TOCSIN_NATS_PORT"])

@@ -22,13 +22,13 @@ from tocsin.cli.common import redact
 from tocsin.cli.status import (
     collect,
     device_of,
-    gather_gateways,
     render,
     stopped_tasks,
 )
 from tocsin.core.embedded import free_port
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
+from tocsin.gateway.stats import gather_gateways
 from tocsin.ingest.pipeline import Reason, Rejection, dead_letter
 
 from .support import (

@@ -218,3 +218,17 @@ def test_namespaces_that_could_collide_are_refused(
     with pytest.raises(SettingsError) as info:
         load_settings()
     assert "TOCSIN_NAMESPACE" in str(info.value)
+
+
+def test_tocsin_run_offers_the_dev_sign_in_only_with_its_own_dev_secret() -> None:
+    from tocsin.cli.run import dev_sign_in
+    from tocsin.core.settings import isolated_settings
+
+    secret = "s" * 32
+    assert dev_sign_in(isolated_settings(), {}) is True  # the dev secret of `tocsin run`
+    assert dev_sign_in(isolated_settings(jwt_secret=secret), {}) is False
+    off = {"TOCSIN_DEV_SIGN_IN": "false"}
+    assert dev_sign_in(isolated_settings(dev_sign_in=False), off) is False
+    on = {"TOCSIN_DEV_SIGN_IN": "true"}
+    assert dev_sign_in(isolated_settings(jwt_secret=secret, dev_sign_in=True), on) is True
+    assert isolated_settings().dev_sign_in is False  # the default: off

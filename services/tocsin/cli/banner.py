@@ -39,6 +39,7 @@ def print_banner(
     nats_note: str,
     secret_note: str,
     ingest_metrics_port: int = 0,
+    dev_sign_in: bool = False,
 ) -> None:
     base = http_base(settings, port)
     ingest = (
@@ -52,9 +53,11 @@ def print_banner(
         if not settings.jwt_secret
         else "\nand with the same TOCSIN_JWT_SECRET in the environment"
     )
+    sign_in = "development sign-in on" if dev_sign_in else "sign in with a token"
     print(
         f"""
 tocsin is ready.
+  Browser     {base}/   ({sign_in})   dashboard: {base}/dashboard
   WebSocket   {ws_url(settings, port)}
   Publish     POST {base}{ALERTS_PATH}   (or NATS subject ingest.alerts)
   Health      {base}/healthz   {base}/readyz

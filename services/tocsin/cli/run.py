@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,6 +212,15 @@ def _secret(settings: Settings, data_dir: Path) -> tuple[str, str]:
     return secret, note
 
 
+def dev_sign_in(settings: Settings, environ: Mapping[str, str]) -> bool:
+    """The page's development sign-in: on when this run makes or reuses the dev JWT secret
+    (``TOCSIN_JWT_SECRET`` unset) unless ``TOCSIN_DEV_SIGN_IN`` says otherwise; with a
+    secret of the deployment, only if asked for (docs/security.md)."""
+    if "TOCSIN_DEV_SIGN_IN" in environ:
+        return settings.dev_sign_in
+    return not settings.jwt_secret
+
+
 def _await_ready(children: list[Child], url: str, stop: _StopRequest) -> bool:
     """Wait for the gateway's /readyz (connected to NATS, streams present)."""
     deadline = time.monotonic() + READY_TIMEOUT
@@ -269,6 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "data_dir": data_dir,
                 "replicas": nats.replicas,
                 "ingest_metrics_port": metrics_port,
+                "dev_sign_in": dev_sign_in(settings, os.environ),
             }
         )
         if nats.server is not None and not stop:
@@ -288,7 +299,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         failed = not stop and not ready
         if ready:
-            print_banner(settings, http_port, nats.url, nats.note, secret_note, metrics_port)
+            print_banner(
+                settings,
+                http_port,
+                nats.url,
+                nats.note,
+                secret_note,
+                metrics_port,
+                dev_sign_in=resolved.dev_sign_in,
+            )
             failed = not _watch(children, stop)
         if stop:
             _say(f"{signal.Signals(stop.signal or signal.SIGINT).name}: stopping")

@@ -306,57 +306,6 @@ async def dead_letters(
     }
 
 
-async def gather_gateways(
-    nc: Client, subject: str, wait: float, expect: int | None = None
-) -> dict[str, Any]:
-    """Ask every gateway at once; gather the answers that come within ``wait`` seconds.
-
-    One request, one reply inbox, no queue group: each gateway subscribed to ``subject``
-    answers. A 503 status (NATS's "no responders") ends the wait at once, and so does the
-    ``expect``-th answer (readable or not) when the caller knows how many gateways run.
-    """
-    from nats.errors import TimeoutError as NatsTimeout
-
-    loop = asyncio.get_running_loop()
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    replies: list[dict[str, Any]] = []
-    unreadable = 0
-    nobody = False
-    try:
-        await nc.publish(subject, b"", reply=inbox)
-        deadline = loop.time() + wait
-        while (remaining := deadline - loop.time()) > 0:
-            try:
-                msg = await sub.next_msg(timeout=remaining)
-            except NatsTimeout:
-                break
-            if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
-                nobody = True  # nobody is subscribed
-                break
-            try:
-                body = json.loads(msg.data)
-            except ValueError:
-                body = None
-            if isinstance(body, dict):
-                replies.append(body)
-            else:
-                unreadable += 1
-            if expect is not None and len(replies) + unreadable >= expect:
-                break
-    finally:
-        await sub.unsubscribe()
-    replies.sort(key=lambda r: str(r.get("instance", "")))
-    return {
-        "subject": subject,
-        "wait_seconds": wait,
-        "answered": len(replies),
-        "unreadable": unreadable,
-        "no_responders": nobody,
-        "replies": replies,
-    }
-
-
 def stopped_tasks(health: dict[str, Any]) -> list[str] | None:
     """The background tasks a gateway says are not running ([]: all run; None: it does not
     say). ``background_tasks_running`` is one flag, or each task's status by name."""
@@ -413,6 +362,8 @@ async def collect(
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> dict[str, Any]:
     """The whole status document (what ``--json`` prints)."""
+    from tocsin.gateway.stats import gather_gateways  # nats loads when the command runs
+
     streams: dict[str, dict[str, Any]] = {}
     dlq_subjects: dict[str, int] = {}
     for key, attribute in STREAMS:

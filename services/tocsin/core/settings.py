@@ -175,6 +175,12 @@ class Settings(BaseSettings):
         le=65535,
         description="the ingest service's /metrics (and /healthz) on TOCSIN_HTTP_HOST; 0: off",
     )
+    dev_sign_in: bool = Field(
+        default=False,
+        description="the browser page's development sign-in (POST /api/v1/dev/token mints "
+        "any token for a loopback caller); `tocsin run` turns it on when it made the dev "
+        "JWT secret itself. Never in production (docs/security.md)",
+    )
     stats_cache_seconds: float = Field(
         default=5.0,
         ge=0,

@@ -20,6 +20,7 @@ from tocsin.ingest.metrics import IngestCounters
 from tocsin.schemas import Close
 
 from . import metrics
+from . import web as pages
 from .context import Gateway
 from .handler import GATEWAY, WS_PATH, websocket
 from .metrics import PUBLISHED
@@ -102,6 +103,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     metrics.setup(app)  # GET /metrics; counts sessions once the gateway exists
+    pages.setup(app)  # GET / and /dashboard, their files, the dev sign-in (web.py)
     return app
 
 

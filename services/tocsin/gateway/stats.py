@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import orjson
 from aiohttp import web
+from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import ConsumerInfo
 
 from tocsin.core.auth import Role, TokenError, bearer
@@ -217,7 +219,58 @@ class Stats:
             log.warning("stats request not answered: %s", exc)
 
 
-async def stats_handler(request: web.Request) -> web.Response:
+async def gather_gateways(
+    nc: Client, subject: str, wait: float, expect: int | None = None
+) -> dict[str, Any]:
+    """Ask every gateway at once; gather the answers that come within ``wait`` seconds.
+
+    One request, one reply inbox, no queue group: each gateway subscribed to ``subject``
+    answers. A 503 status (NATS's "no responders") ends the wait at once, and so does the
+    ``expect``-th answer (readable or not) when the caller knows how many gateways run.
+    """
+    loop = asyncio.get_running_loop()
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    replies: list[dict[str, Any]] = []
+    unreadable = 0
+    nobody = False
+    try:
+        await nc.publish(subject, b"", reply=inbox)
+        deadline = loop.time() + wait
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=remaining)
+            except NatsTimeout:
+                break
+            if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
+                nobody = True  # nobody is subscribed
+                break
+            try:
+                body = orjson.loads(msg.data)
+            except ValueError:
+                body = None
+            if isinstance(body, dict):
+                replies.append(body)
+            else:
+                unreadable += 1
+            if expect is not None and len(replies) + unreadable >= expect:
+                break
+    finally:
+        await sub.unsubscribe()
+    replies.sort(key=lambda r: str(r.get("instance", "")))
+    return {
+        "subject": subject,
+        "wait_seconds": wait,
+        "answered": len(replies),
+        "unreadable": unreadable,
+        "no_responders": nobody,
+        "replies": replies,
+    }
+
+
+async def authorize_reader(request: web.Request) -> web.Response | None:
+    """None when the request's token (``Authorization: Bearer`` or ``auth_token``) holds
+    ``admin`` or ``analyst``; else the 401 or 403 to answer."""
     from .handler import GATEWAY
 
     gw = request.app[GATEWAY]
@@ -231,4 +284,17 @@ async def stats_handler(request: web.Request) -> web.Response:
             {"error": "forbidden", "detail": "roles: the stats need 'admin' or 'analyst'"},
             status=403,
         )
-    return web.json_response(await gw.stats.body(), dumps=lambda o: orjson.dumps(o).decode())
+    return None
+
+
+def json_body(body: Any) -> web.Response:
+    return web.json_response(body, dumps=lambda o: orjson.dumps(o).decode())
+
+
+async def stats_handler(request: web.Request) -> web.Response:
+    from .handler import GATEWAY
+
+    refused = await authorize_reader(request)
+    if refused is not None:
+        return refused
+    return json_body(await request.app[GATEWAY].stats.body())
