@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import nats
 from aiohttp import web
 
+from tocsin.cap import CapRules
 from tocsin.core.auth import TokenVerifier
 from tocsin.core.naming import Names
 from tocsin.core.natsauth import connect_options
@@ -96,6 +97,7 @@ def create_app(settings: Settings) -> web.Application:
             settings.accepted_alert_types,
             js,
             app[PUBLISHED],
+            CapRules.from_settings(settings),
         ),  # type: ignore[arg-type]
     )
     app.router.add_get("/api/v1/alerts/stats", stats_handler)
