@@ -125,18 +125,24 @@ class Supersessions:
     serves anything) and in a cluster (the stream is the truth, R as ``ALERTS``)."""
 
     def __init__(self) -> None:
-        self._by: dict[str, int] = {}  # superseded alert id -> seq of the latest superseder
+        #: superseded alert id -> (seq, id) of its latest superseder
+        self._by: dict[str, tuple[int, str]] = {}
         self._sub: Any = None
         self.entries_read = 0
 
     def is_superseded(self, alert_id: str, seq: int) -> bool:
-        """A later alert than the one at ``seq`` (``ALERTS``) superseded ``alert_id``."""
-        by = self._by.get(alert_id)
-        return by is not None and by > seq
+        """A later alert than the one at ``seq`` (``ALERTS``) superseded ``alert_id``: the
+        hook for every path that must not deliver a superseded alert (backlog, push)."""
+        return self.superseder(alert_id, seq) is not None
 
-    def note(self, alert_id: str, by_seq: int) -> None:
-        if by_seq > self._by.get(alert_id, 0):
-            self._by[alert_id] = by_seq
+    def superseder(self, alert_id: str, seq: int) -> str | None:
+        """The id of the later alert that superseded ``alert_id`` (at ``seq``), or None."""
+        by = self._by.get(alert_id)
+        return by[1] if by is not None and by[0] > seq else None
+
+    def note(self, alert_id: str, by_seq: int, by_id: str) -> None:
+        if by_seq > self._by.get(alert_id, (0, ""))[0]:
+            self._by[alert_id] = (by_seq, by_id)
 
     def __len__(self) -> int:
         return len(self._by)
@@ -158,7 +164,8 @@ class Supersessions:
             self.entries_read += 1
             try:
                 body = orjson.loads(msg.data)
-                self.note(names.parse_index_subject(msg.subject)[1], int(body["seq"]))
+                alert_id = names.parse_index_subject(msg.subject)[1]
+                self.note(alert_id, int(body["seq"]), str(body["by"]))
             except (ValueError, KeyError, TypeError):
                 log.warning("unreadable index entry on %s", msg.subject)
             seen["seq"] = msg.metadata.sequence.stream

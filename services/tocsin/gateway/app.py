@@ -21,6 +21,7 @@ from tocsin.ingest.metrics import IngestCounters
 from tocsin.schemas import Close
 
 from . import metrics
+from .alerts_http import alerts_routes
 from .context import Gateway
 from .handler import GATEWAY, WS_PATH, websocket
 from .metrics import PUBLISHED
@@ -101,6 +102,7 @@ def create_app(settings: Settings) -> web.Application:
         ),  # type: ignore[arg-type]
     )
     app.router.add_get("/api/v1/alerts/stats", stats_handler)
+    alerts_routes(app, CapRules.from_settings(settings))  # after the fixed /api/v1/alerts/*
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     metrics.setup(app)  # GET /metrics; counts sessions once the gateway exists

@@ -14,6 +14,7 @@ from .codes import MAX_CLIENT_FRAME_BYTES, Close, ErrorCode
 from .frames import (
     Ack,
     AlertFrame,
+    BacklogSuperseded,
     BacklogTruncated,
     ClientFrame,
     ConnectionEstablished,
@@ -39,6 +40,7 @@ __all__ = [
     "Alert",
     "AlertFrame",
     "AlertLevel",
+    "BacklogSuperseded",
     "BacklogTruncated",
     "ClientFrame",
     "Close",
