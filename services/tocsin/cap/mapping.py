@@ -179,7 +179,8 @@ class CapMeta:
     description_len: int | None = None  # message[:n] was the description, the rest instruction
     sender_name: str | None = None
     note: str | None = None
-    dropped: tuple[str, ...] = field(default=())  # what tocsin did not keep (docs)
+    #: What of this document tocsin did not keep (docs); not a detail of the alert itself.
+    dropped: tuple[str, ...] = field(default=(), compare=False)
 
     def header(self) -> str:
         """One header line: JSON, ASCII only (NATS headers)."""
@@ -378,6 +379,7 @@ def to_alert(root: Element, rules: CapRules) -> tuple[Alert, CapMeta]:
             "info.category",
             f"category {', '.join(categories)} / event {event!r} maps to no alert type "
             "(TOCSIN_CAP_ALERT_TYPES)",
+            reason="unknown_type",
         )
     headline = _text(info, "headline")
     description = _text(info, "description")

@@ -31,10 +31,11 @@ MAX_CAP_DEPTH = 8
 class CapError(ValueError):
     """A CAP document tocsin does not take; ``field`` names the CAP element (may be empty)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, reason: str = "invalid_cap") -> None:
         super().__init__(f"{field}: {message}" if field else message)
         self.field = field
         self.message = message
+        self.reason = reason  # the ingest Reason (DLQ subject token)
 
 
 @functools.cache

@@ -89,8 +89,8 @@ class StoredAlert:
 
 
 async def lookup(js: JetStreamContext, names: Names, alert_id: str) -> StoredAlert | None:
-    """The alert ``alert_id`` (an integer id as its decimal string), or None: two direct
-    gets by subject (index, then ``ALERTS`` by seq), answered by any replica."""
+    """The alert ``alert_id`` (an integer id as its decimal string), or None: a direct get
+    by subject in the index (any replica answers), then ``ALERTS`` by seq."""
     at = await _last(js, names, AT, alert_id)
     if at is None:
         held = await _last(js, names, HELD, alert_id)
@@ -99,7 +99,7 @@ async def lookup(js: JetStreamContext, names: Names, alert_id: str) -> StoredAle
         return StoredAlert(held.data, dict(held.headers or {}), None)
     seq = int(orjson.loads(at.data)["seq"])
     try:
-        msg = await js.get_msg(names.alerts_stream, seq, direct=True)
+        msg = await js.get_msg(names.alerts_stream, seq)  # ALERTS has no direct gets: its leader
     except NotFoundError:
         return None  # aged out of ALERTS (or deleted) before its index entry
     by = await superseded_by(js, names, alert_id, seq)

@@ -206,10 +206,12 @@ def _atom_time(value: datetime) -> str:
 
 def atom(entries: list[Scanned], rules: CapRules, self_url: str, now: float) -> bytes:
     """An Atom 1.0 feed; each entry's ``alternate`` link is the alert's CAP document."""
-    root = Element(f"{{{ATOM_NS}}}feed")
+    # Plain tags under a literal xmlns: ElementTree's default_namespace refuses the
+    # unqualified attributes Atom uses (rel, href).
+    root = Element("feed", xmlns=ATOM_NS)
 
     def add(parent: Element, name: str, text: str | None = None, **attrs: str) -> Element:
-        node = SubElement(parent, f"{{{ATOM_NS}}}{name}", attrs)
+        node = SubElement(parent, name, attrs)
         if text is not None:
             node.text = text
         return node
@@ -237,7 +239,4 @@ def atom(entries: list[Scanned], rules: CapRules, self_url: str, now: float) -> 
         add(entry, "category", term=alert.alert_level.value, label="alert_level")
         add(entry, "category", term=alert.msg_type.value, label="msg_type")
         add(entry, "category", term=alert.location.region, label="region")
-    return (
-        b'<?xml version="1.0" encoding="UTF-8"?>\n'
-        + tostring(root, encoding="unicode", default_namespace=ATOM_NS).encode()
-    )
+    return b'<?xml version="1.0" encoding="UTF-8"?>\n' + tostring(root, encoding="unicode").encode()

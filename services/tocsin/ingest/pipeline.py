@@ -146,7 +146,7 @@ def validate_cap(
     try:
         alert, meta = to_alert(parse_cap(raw), rules)
     except CapError as exc:
-        return Rejection(Reason.INVALID_CAP, [{"field": exc.field, "message": exc.message}])
+        return Rejection(Reason(exc.reason), [{"field": exc.field, "message": exc.message}])
     checked = _check_alert(alert, accepted_types, now)
     if isinstance(checked, Rejection):
         return checked
