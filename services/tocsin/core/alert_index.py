@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -82,6 +83,7 @@ class StoredAlert:
     headers: dict[str, str]
     seq: int | None  # in ALERTS; None: held (not Actual)
     superseded_by: str | None = None
+    stored_at: datetime | None = None  # when ALERTS (or the index, for a held one) stored it
 
     @property
     def held(self) -> bool:
@@ -96,14 +98,14 @@ async def lookup(js: JetStreamContext, names: Names, alert_id: str) -> StoredAle
         held = await _last(js, names, HELD, alert_id)
         if held is None:
             return None
-        return StoredAlert(held.data, dict(held.headers or {}), None)
+        return StoredAlert(held.data, dict(held.headers or {}), None, None, held.time)
     seq = int(orjson.loads(at.data)["seq"])
     try:
         msg = await js.get_msg(names.alerts_stream, seq)  # ALERTS has no direct gets: its leader
     except NotFoundError:
         return None  # aged out of ALERTS (or deleted) before its index entry
     by = await superseded_by(js, names, alert_id, seq)
-    return StoredAlert(msg.data or b"", dict(msg.headers or {}), seq, by)
+    return StoredAlert(msg.data or b"", dict(msg.headers or {}), seq, by, msg.time)
 
 
 async def superseded_by(js: JetStreamContext, names: Names, alert_id: str, seq: int) -> str | None:

@@ -109,7 +109,7 @@ def alerts_routes(app: web.Application, rules: CapRules) -> None:
         if wants_cap(request):
             meta = CapMeta.from_header(found.headers.get(CAP_HEADER))
             refs = await _references(gw, alert) if alert.references else ()
-            body = to_cap(alert, meta, rules, refs)
+            body = to_cap(alert, meta, rules, refs, found.stored_at)
             return web.Response(body=body, content_type=CAP_MEDIA_TYPE, headers=headers)
         return web.Response(body=found.data, content_type="application/json", headers=headers)
 
