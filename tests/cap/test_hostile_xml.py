@@ -5,7 +5,7 @@ deep nesting, and a 50 MB body; in the parser, over HTTP (422/413) and over NATS
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 
 from tocsin.cap import CapError, parse_cap
 from tocsin.core.naming import Names
+from tocsin.core.settings import Settings
 from tocsin.ingest.pipeline import Reason, Rejection, validate_cap
 
 from ..support import DEADLINE, RunningGateway, token
@@ -112,7 +113,7 @@ def test_fifty_megabytes_are_refused_unparsed() -> None:
 
 # --- over HTTP and NATS -------------------------------------------------------------------
 @pytest.fixture
-def settings(make_settings):  # type: ignore[no-untyped-def]
+def settings(make_settings: Callable[..., Settings]) -> Settings:
     return make_settings(alert_types=["public_safety"], cap_alert_types=["Rescue=public_safety"])
 
 
