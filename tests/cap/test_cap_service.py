@@ -343,3 +343,21 @@ async def test_feed_lists_current_alerts_without_superseded_ones(
     async with http.get(href, headers={"Accept": "application/cap+xml", **auth(ADMIN)}) as resp:
         assert resp.status == 200
         parse_cap(await resp.read())  # each entry links to a schema-valid CAP document
+
+
+async def test_a_superseded_alert_the_device_does_not_want_is_not_announced(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    # The device's filter (a bbox around Nairobi, judged in the gateway) takes the update,
+    # moved there, but not the alert it updates (Homa Bay): that one is passed over
+    # unannounced, as any alert outside the filter.
+    await Client.introduce(gateway.ws_url, KENYA, location_filter='{"bbox":[36,-2,37.5,-1]}')
+    moved = fixture("health_cholera_update.xml").replace(
+        b"<circle>-0.5273,34.4571 15</circle>", b"<circle>-1.2921,36.8219 15</circle>"
+    )
+    assert (await post_cap(http, gateway, fixture("health_cholera.xml")))[0] == 202
+    assert (await post_cap(http, gateway, moved))[0] == 202
+    update, _ = mapped("health_cholera_update.xml")
+    frames = await replay(gateway, http, [], introduce=False)
+    assert [f["alert"]["alert_id"] for f in frames if f["type"] == "alert"] == [update.alert_id]
+    assert not [f for f in frames if f["type"] == "backlog_superseded"]

@@ -432,6 +432,8 @@ class Session:
         by = self.gw.supersessions.superseder(alert_id, seq) if alert_id else None
         if alert_id is None or by is None:
             return False
+        if not self.bound(msg.subject) or not self._wanted(msg.data):
+            return False  # not this device's anyway: _judge passes over it, unannounced
         self._pass_over(seq)
         self.gw.sessions.totals.superseded += 1
         self.send_control(BacklogSuperseded(alert_id=_as_id(alert_id), superseded_by=_as_id(by)))
