@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
+import orjson
 import pytest
 from defusedxml.ElementTree import fromstring
 from nats.aio.client import Client as NatsClient
@@ -361,3 +364,45 @@ async def test_a_superseded_alert_the_device_does_not_want_is_not_announced(
     frames = await replay(gateway, http, [], introduce=False)
     assert [f["alert"]["alert_id"] for f in frames if f["type"] == "alert"] == [update.alert_id]
     assert not [f for f in frames if f["type"] == "backlog_superseded"]
+
+
+async def test_json_update_and_cancel_supersede_by_integer_id(
+    gateway: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    """Not only CAP: alert JSON with msg_type and references (CONTRACT §4) supersedes too;
+    every frame and stored alert is valid against the published JSON Schemas."""
+    await Client.introduce(gateway.ws_url, KENYA)
+    base = {
+        "alert_level": "high",
+        "alert_type": "outbreak_risk",
+        "title": "Measles cases rising",
+        "message": "Vaccination campaign starts Monday",
+        "location": {"region": "KE-47"},
+    }
+    bodies = [
+        {**base, "alert_id": 5001},
+        {**base, "alert_id": 5002, "msg_type": "update", "references": [5001]},
+        {**base, "alert_id": "5003", "msg_type": "cancel", "references": ["5001", 5002]},
+    ]
+    for body in bodies:
+        async with http.post(
+            f"{gateway.http}/api/v1/alerts", json=body, headers=auth(PUBLISHER)
+        ) as resp:
+            assert resp.status == 202, await resp.text()
+    frames = await replay(gateway, http, [], introduce=False)
+    server_frame = json_schema("server-frame.json")
+    for frame in frames:
+        jsonschema.validate(frame, server_frame)
+    assert [f["alert"]["alert_id"] for f in frames if f["type"] == "alert"] == ["5003"]
+    assert [
+        (f["alert_id"], f["superseded_by"]) for f in frames if f["type"] == "backlog_superseded"
+    ] == [(5001, 5003), (5002, 5003)]  # decimal ids as integers: the same alerts (CONTRACT §4)
+    status, data, _ = await get_alert(http, gateway, 5002, KENYA)
+    assert status == 200
+    jsonschema.validate(orjson.loads(data), json_schema("alert.json"))
+
+
+def json_schema(name: str) -> dict[str, Any]:
+    path = Path(__file__).resolve().parents[2] / "schemas" / "json" / name
+    loaded: dict[str, Any] = orjson.loads(path.read_bytes())
+    return loaded

@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from tocsin.cap import CapError, parse_cap
@@ -18,7 +19,8 @@ from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 from tocsin.ingest.pipeline import Reason, Rejection, validate_cap
 
-from ..support import DEADLINE, RunningGateway, token
+from ..ingest.test_ingest_service import Ingest
+from ..support import DEADLINE, RunningGateway, eventually, token
 from .test_mapping import ACCEPTED, RULES, fixture
 
 SECRET_TEXT = "tocsin-secret-7f3a"
@@ -150,3 +152,36 @@ async def test_http_refuses_fifty_megabytes_with_413(gateway: RunningGateway) ->
     status, body = await post_cap(gateway, b"<" + b" " * (50 * 1024 * 1024))
     assert status == 413, body
     assert body["error"] == "too_large"
+
+
+async def test_nats_dead_letters_hostile_xml_reading_nothing(
+    settings: Settings,
+    nc: NatsClient,
+    js: JetStreamContext,
+    names: Names,
+    secret_file: Path,
+    tripwire: Tripwire,
+) -> None:
+    service = Ingest(settings)
+    await service.start()
+    try:
+        cases = hostile(secret_file, tripwire)
+        sent = [cases[c] for c in ("xxe-file", "xxe-http", "external-dtd", "billion-laughs")]
+        for raw in sent:
+            await nc.publish(names.ingest_subject, raw)
+
+        async def all_dead() -> bool:
+            return (await js.stream_info(names.dlq_stream)).state.messages == len(sent)
+
+        await eventually(all_dead, what="every hostile event in the DLQ")
+        kept = []
+        for seq in range(1, len(sent) + 1):
+            dead = await js.get_msg(names.dlq_stream, seq)
+            assert (dead.headers or {})["Tocsin-Reason"] == "invalid_cap"
+            assert "refused XML" in (dead.headers or {})["Tocsin-Errors"]
+            kept.append(dead.data or b"")
+        assert sorted(kept) == sorted(sent)  # kept as sent
+        assert tripwire.hits == []
+        assert (await js.stream_info(names.alerts_stream)).state.messages == 0
+    finally:
+        await service.stop()
