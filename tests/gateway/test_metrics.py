@@ -43,6 +43,7 @@ DOCUMENTED = {
     "tocsin_gateway_alerts_sent_total": "counter",
     "tocsin_gateway_alerts_redelivered_total": "counter",
     "tocsin_gateway_acks_total": "counter",
+    "tocsin_gateway_backlog_superseded_total": "counter",
     "tocsin_gateway_nats_connected": "gauge",
     "tocsin_gateway_background_tasks_running": "gauge",
     "tocsin_gateway_shutting_down": "gauge",

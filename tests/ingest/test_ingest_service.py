@@ -253,7 +253,9 @@ def _too_large() -> bytes:
 
 
 INVALID: dict[str, tuple[Callable[[], bytes], str, str]] = {
-    "not-json": (lambda: b"<alert><id>7</id></alert>", "invalid_json", ""),
+    "not-json": (lambda: b"alert 7, no JSON", "invalid_json", ""),
+    # XML on ingest.alerts is read as CAP (detected by content): not CAP, it says so.
+    "not-cap": (lambda: b"<alert><id>7</id></alert>", "invalid_cap", ""),
     "not-object": (lambda: b"[1, 2, 3]", "invalid_json", ""),
     "unknown-field": (lambda: _pretty(alert(severity="bad")), "invalid_alert", "severity"),
     "missing-region": (_missing_region, "invalid_alert", "location.region"),

@@ -232,6 +232,7 @@ def test_reasons_are_dlq_tokens() -> None:
         "invalid_alert",
         "unknown_type",
         "expired",
+        "invalid_cap",
     }
     assert all("." not in r.value and " " not in r.value for r in Reason)
 

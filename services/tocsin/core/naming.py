@@ -32,6 +32,8 @@ EXPIRES_HEADER = "Tocsin-Expires"
 #: Why the ingest service dead-lettered an event, and the validation errors (JSON).
 REASON_HEADER = "Tocsin-Reason"
 ERRORS_HEADER = "Tocsin-Errors"
+#: The CAP details of an alert that came as CAP (tocsin.cap.mapping.CapMeta, JSON).
+CAP_HEADER = "Tocsin-Cap"
 #: Consumer metadata: the device's subscription (groups and filters) as compact JSON.
 SUBSCRIPTION_KEY = "tocsin.subscription"
 #: Consumer metadata of versions before device records: the highest seq sent (read only).
@@ -110,9 +112,21 @@ class Names:
         return f"{self._stream_prefix}GUARD"
 
     @property
+    def index_stream(self) -> str:
+        """Alerts by id: where each is in ``ALERTS``, which are superseded, which are held
+        (core/alert_index.py)."""
+        return f"{self._stream_prefix}ALERT_INDEX"
+
+    @property
     def streams(self) -> tuple[str, ...]:
         """Every stream tocsin declares (core/topology.py), in declaration order."""
-        return (self.ingest_stream, self.alerts_stream, self.devices_stream, self.dlq_stream)
+        return (
+            self.ingest_stream,
+            self.alerts_stream,
+            self.devices_stream,
+            self.dlq_stream,
+            self.index_stream,
+        )
 
     # --- subjects --------------------------------------------------------------------
     @property
@@ -178,6 +192,24 @@ class Names:
         """(region, level, alert_type) of an ``ALERTS`` subject."""
         parts = subject[len(self._subject_prefix) :].split(".")
         return parts[2], parts[3], parts[4]
+
+    @property
+    def index_all(self) -> str:
+        return f"{self._subject_prefix}tocsin.index.>"
+
+    def index_subject(self, kind: str, alert_id: str) -> str:
+        """``tocsin.index.<kind>.<alert_id>``: kind ``at`` (its seq in ``ALERTS``),
+        ``superseded`` (by a later update or cancel) or ``held`` (a CAP message whose status
+        is not Actual). The id is escaped into one subject token (``.`` is allowed in ids)."""
+        return f"{self._subject_prefix}tocsin.index.{kind}.{_escape(alert_id)}"
+
+    def parse_index_subject(self, subject: str) -> tuple[str, str]:
+        """(kind, alert_id) of an ``ALERT_INDEX`` subject."""
+        parts = subject[len(self._subject_prefix) :].split(".")
+        return parts[2], _unescape(parts[3])
+
+    def index_kind_all(self, kind: str) -> str:
+        return f"{self._subject_prefix}tocsin.index.{kind}.*"
 
     # --- consumers -------------------------------------------------------------------
     ingest_consumer: str = "ingest"

@@ -5,8 +5,8 @@ parties may publish and subscribe to, as a nats-server ``authorization`` block.
   inboxes under ``_INBOX_engine`` (its client's inbox prefix: nats-py ``inbox_prefix``,
   Go ``nats.CustomInboxPrefix``). It cannot read ``ALERTS`` (no JetStream API, no
   ``alerts.>``) nor publish alerts past validation (``alerts.>``).
-* ``ingest``: the JetStream API (its consumer on ``INGEST``, appends), acks, ``alerts.>``
-  and the dead-letter subjects.
+* ``ingest``: the JetStream API (its consumer on ``INGEST``, appends), acks, ``alerts.>``,
+  the dead-letter subjects and the alert index (``tocsin.index.>``).
 * ``gateway``: the JetStream API (device queues, records, the ``GUARD`` bucket), acks and
   flow control, its control subjects (takeover, stats) and replies to requests it got,
   and ``alerts.>`` (``POST /api/v1/alerts`` appends the alerts it validated).
@@ -48,7 +48,8 @@ def permissions(names: Names, party: str) -> dict[str, Any]:
         }
     if party == "ingest":
         return {
-            "publish": {"allow": [*jetstream, names.alerts_all, names.dlq_all]},
+            # index_all: where an appended alert is indexed by id (core/alert_index.py)
+            "publish": {"allow": [*jetstream, names.alerts_all, names.dlq_all, names.index_all]},
             # faststream's pull subscriber takes its inboxes under _INBOX whatever the
             # connection's prefix (no other party but the operator may subscribe there).
             "subscribe": {"allow": [f"{INBOXES['ingest']}.>", "_INBOX.>"]},

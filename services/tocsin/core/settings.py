@@ -148,6 +148,22 @@ class Settings(BaseSettings):
     alert_types: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="alert types accepted besides the built-in ones"
     )
+    cap_alert_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["Health=outbreak_risk", "Infra=system_health"],
+        description="CAP category (or Category/Event) -> alert_type, e.g. "
+        "Met/Thunderstorm=storm,Met=weather,*=public_alert; the first match wins, "
+        "Category/Event before Category before *; the types must be accepted ones",
+    )
+    cap_languages: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["en"],
+        description="CAP info languages in order of preference (en matches en-US); a message "
+        "with none of them is read in its first info block",
+    )
+    cap_sender: str = Field(
+        default="tocsin",
+        pattern=r"^[^\s,<&]{1,200}$",
+        description="the CAP sender of alerts tocsin emits that did not come as CAP",
+    )
     data_dir: Path = Field(default=Path(".tocsin"), description="embedded nats-server data")
     nats_port: int = Field(default=4222, ge=0, le=65535, description="embedded nats-server port")
     cluster: int = Field(
@@ -189,7 +205,14 @@ class Settings(BaseSettings):
         "reused before they are read again",
     )
 
-    _split = field_validator("nats_url", "alert_types", "allowed_origins", mode="before")(_csv)
+    _split = field_validator(
+        "nats_url",
+        "alert_types",
+        "allowed_origins",
+        "cap_alert_types",
+        "cap_languages",
+        mode="before",
+    )(_csv)
 
     @field_validator("allowed_origins")
     @classmethod
@@ -239,6 +262,30 @@ class Settings(BaseSettings):
             if not re.fullmatch(ALERT_TYPE_PATTERN, name):
                 raise ValueError(f"{name!r} is not a valid alert type ({ALERT_TYPE_PATTERN})")
         return value
+
+    @field_validator("cap_alert_types")
+    @classmethod
+    def _cap_types(cls, value: list[str]) -> list[str]:
+        import re
+
+        for item in value:
+            key, sep, alert_type = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"{item!r}: expected Category=alert_type or Category/Event=type")
+            if not re.fullmatch(ALERT_TYPE_PATTERN, alert_type.strip()):
+                raise ValueError(f"{item!r}: {alert_type!r} is not a valid alert type")
+        return value
+
+    @model_validator(mode="after")
+    def _cap_types_accepted(self) -> Settings:
+        for item in self.cap_alert_types:
+            alert_type = item.partition("=")[2].strip()
+            if alert_type not in self.accepted_alert_types:
+                raise ValueError(
+                    f"TOCSIN_CAP_ALERT_TYPES maps to {alert_type!r}, which TOCSIN_ALERT_TYPES "
+                    "does not accept"
+                )
+        return self
 
     @field_validator("nats_url")
     @classmethod

@@ -85,6 +85,20 @@ def stream_configs(settings: Settings, names: Names) -> list[StreamConfig]:
             max_age=DLQ_MAX_AGE_SECONDS,
             discard=DiscardPolicy.OLD,
         ),
+        StreamConfig(
+            name=names.index_stream,
+            description="Alerts by id: tocsin.index.<at|superseded|held>.<alert_id>, the last "
+            "message per subject (core/alert_index.py)",
+            subjects=[names.index_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=settings.replicas,
+            max_age=retention,  # as long as the alerts it indexes
+            max_msgs_per_subject=1,
+            max_msg_size=MAX_ALERT_BYTES * 8,  # a held CAP alert: its JSON and CAP details
+            allow_direct=True,  # look-ups by subject from any replica
+            discard=DiscardPolicy.OLD,
+        ),
     ]
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import nats
 from aiohttp import web
 
+from tocsin.cap import CapRules
 from tocsin.core.auth import TokenVerifier
 from tocsin.core.naming import Names
 from tocsin.core.natsauth import connect_options
@@ -21,6 +22,7 @@ from tocsin.schemas import Close
 
 from . import metrics
 from . import web as pages
+from .alerts_http import alerts_routes
 from .context import Gateway
 from .handler import GATEWAY, WS_PATH, websocket
 from .metrics import PUBLISHED
@@ -97,9 +99,11 @@ def create_app(settings: Settings) -> web.Application:
             settings.accepted_alert_types,
             js,
             app[PUBLISHED],
+            CapRules.from_settings(settings),
         ),  # type: ignore[arg-type]
     )
     app.router.add_get("/api/v1/alerts/stats", stats_handler)
+    alerts_routes(app, CapRules.from_settings(settings))  # after the fixed /api/v1/alerts/*
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     metrics.setup(app)  # GET /metrics; counts sessions once the gateway exists

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from tocsin.core.alert_index import Supersessions
 from tocsin.core.auth import TokenVerifier
 from tocsin.core.naming import Names
 from tocsin.core.natspy import drop_unsent
@@ -64,6 +65,8 @@ class Gateway:
             nc, self.records, self.names, self.instance, settings.takeover_seconds, self.spawn
         )
         self.feed = LiveFeed(js, self.names)
+        #: Which alerts a later update or cancel superseded: never replayed from a backlog.
+        self.supersessions = Supersessions()
         self.guard = Guard(nc, js, settings, self.names, self.instance)
         self.guard.on_ban = self._on_ban
         self.sessions = Sessions()  # the registry: open sessions, totals of closed ones
@@ -83,6 +86,7 @@ class Gateway:
         await self.guard.start()
         await self.owners.start()
         await self.feed.start()
+        await self.supersessions.start(self.js, self.names)  # read whole before any backlog
         await self.stats.start()
         # The server has the responders' subscriptions (takeover, stats) once start returns:
         # a request right after start-up finds them instead of "no responders".
@@ -95,6 +99,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         await self.feed.stop()
+        await self.supersessions.stop()
         await self.stats.stop()
         await self.owners.stop()
         await self.guard.stop()

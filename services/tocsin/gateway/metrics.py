@@ -167,6 +167,13 @@ def families(gw: Gateway) -> Iterator[Metric]:
         totals.acks + sum(s.acks for s in sessions),
     )
     yield _one(
+        "counter",
+        "tocsin_gateway_backlog_superseded_total",
+        "Backlog alerts not sent because a later update or cancel replaced them "
+        "(backlog_superseded frames).",
+        totals.superseded,
+    )
+    yield _one(
         "gauge",
         "tocsin_gateway_nats_connected",
         "1 while the gateway's NATS connection is up.",

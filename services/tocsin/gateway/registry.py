@@ -156,6 +156,7 @@ class Totals:
         self.redelivered = 0
         self.acks = 0
         self.rate_limit_warnings = 0
+        self.superseded = 0  # backlog alerts passed over: a later update or cancel replaced them
         self.closes: Counter[str] = Counter()
 
     def session_left(self, session: Session) -> None:

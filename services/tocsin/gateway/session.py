@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import WSMsgType, web
 from nats.errors import TimeoutError as NatsTimeout
 
-from tocsin.core.naming import matches
-from tocsin.schemas import Alert, Close, ConnectionStats, Error, ErrorCode
+from tocsin.core.naming import MSG_ID_HEADER, matches
+from tocsin.schemas import Alert, BacklogSuperseded, Close, ConnectionStats, Error, ErrorCode
 from tocsin.schemas.subscription import Subscription
 
 from .device import Device, Position, Record, checkpoint_due, record_due
@@ -53,6 +53,11 @@ PING = WSMsgType.PING
 CLOSE_SECONDS = 5.0
 #: The same, for a peer found silent or not reading (4000, 4008).
 DEAD_CLOSE_SECONDS = 0.2
+
+
+def _as_id(text: str) -> int | str:
+    """An alert_id from its Nats-Msg-Id: the integer ids were integers in the alert."""
+    return int(text) if text.isdigit() and text[0] != "0" else text
 
 
 class Mode(enum.StrEnum):
@@ -406,7 +411,9 @@ class Session:
                 self.written_js.append((seq, msg))  # queued, not yet written: ack after
         else:
             expires = expires_of(msg.headers)
-            sent = self._judge(seq, msg.data, expires, subject=msg.subject)
+            sent = not self._superseded(msg, seq) and self._judge(
+                seq, msg.data, expires, subject=msg.subject
+            )
             if sent:
                 stored = msg.metadata.timestamp.timestamp()
                 self._send_new(seq, msg.data, expires, None, msg, stored, live=False)
@@ -416,6 +423,21 @@ class Session:
                 self._act()
                 await msg.ack()  # passed over with nothing unacked before it: settled
                 self.saved_floor = max(self.saved_floor, seq)
+
+    def _superseded(self, msg: Any, seq: int) -> bool:
+        """A later update or cancel in the stream replaced this backlog alert: pass over it
+        and say so (``backlog_superseded``); the superseder comes later in the backlog, or
+        live. One dict look-up on the alert's Nats-Msg-Id (its id) per backlog alert."""
+        alert_id = (msg.headers or {}).get(MSG_ID_HEADER)
+        by = self.gw.supersessions.superseder(alert_id, seq) if alert_id else None
+        if alert_id is None or by is None:
+            return False
+        if not self.bound(msg.subject) or not self._wanted(msg.data):
+            return False  # not this device's anyway: _judge passes over it, unannounced
+        self._pass_over(seq)
+        self.gw.sessions.totals.superseded += 1
+        self.send_control(BacklogSuperseded(alert_id=_as_id(alert_id), superseded_by=_as_id(by)))
+        return True
 
     def _try_go_live(self) -> None:
         if self.buffer_overflow:

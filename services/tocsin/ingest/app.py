@@ -28,6 +28,7 @@ from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig
 from nats.js.errors import NotFoundError
 
+from tocsin.cap import CapRules
 from tocsin.core.logs import bind, log_context
 from tocsin.core.naming import Names
 from tocsin.core.natsauth import connect_options
@@ -35,7 +36,7 @@ from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology
 
 from .metrics import IngestCounters, serve_metrics
-from .pipeline import Rejection, append_alert, dead_letter, validate_event
+from .pipeline import Rejection, dead_letter, store_alert, validate_any
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
         **connect_options(settings),  # a .creds file, its own inbox prefix
     )
     accepted = settings.accepted_alert_types
+    cap_rules = CapRules.from_settings(settings)
     state: dict[str, JetStreamContext] = {}
 
     subscriber = broker.subscriber(
@@ -156,7 +158,8 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
         ),
         ack_policy=AckPolicy.MANUAL,
         title="ingest.alerts",
-        description="Raw alert JSON from the engine (CONTRACT §4); invalid events go to the DLQ",
+        description="Raw alert JSON (CONTRACT §4) or CAP 1.2 XML from the engine; invalid events "
+        "go to the DLQ",
     )
     _fetch_timeouts_as_documented(subscriber)
 
@@ -181,14 +184,14 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
 
     async def _process(raw: bytes, headers: dict[str, str] | None) -> None:
         js = state["js"]
-        result = validate_event(raw, accepted)
+        result = validate_any(raw, accepted, cap_rules)  # alert JSON or CAP XML
         if isinstance(result, Rejection):
             ack = await dead_letter(js, names, raw, result, headers)
             counters.refused(result.reason.value)
             log.warning("rejected event -> DLQ seq %s: %s", ack.seq, result.detail)
             return
         bind(alert_id=result.alert_id)  # on_event's log_context undoes it
-        ack = await append_alert(js, names, result)
+        ack = await store_alert(js, names, result)
         counters.stored(bool(ack.duplicate))
         log.info(
             "alert %s -> %s seq %s%s",

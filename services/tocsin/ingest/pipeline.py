@@ -13,7 +13,12 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 from pydantic import ValidationError
 
+from tocsin.cap import MAX_CAP_BYTES, CapError, CapMeta, CapRules, parse_cap, to_alert
+from tocsin.cap.mapping import HELD_STATUSES
+from tocsin.cap.schema import looks_like_xml
+from tocsin.core.alert_index import hold, index_appended
 from tocsin.core.naming import (
+    CAP_HEADER,
     ERRORS_HEADER,
     EXPIRES_HEADER,
     MSG_ID_HEADER,
@@ -35,6 +40,7 @@ class Reason(StrEnum):
     INVALID_ALERT = "invalid_alert"
     UNKNOWN_TYPE = "unknown_type"
     EXPIRED = "expired"
+    INVALID_CAP = "invalid_cap"
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,13 @@ def validate_event(
         alert = Alert.model_validate(data)
     except ValidationError as exc:
         return Rejection(Reason.INVALID_ALERT, _field_errors(exc))
+    return _check_alert(alert, accepted_types, now)
+
+
+def _check_alert(
+    alert: Alert, accepted_types: frozenset[str], now: float | None
+) -> Alert | Rejection:
+    """What the model cannot check alone: the configured types, the clock."""
     if alert.alert_type not in accepted_types:
         allowed = ", ".join(sorted(accepted_types))
         return Rejection(
@@ -106,16 +119,80 @@ def validate_event(
     return alert
 
 
+@dataclass(frozen=True)
+class CapAlert:
+    """An alert that came as CAP, with the CAP details tocsin keeps beside it."""
+
+    alert: Alert
+    meta: CapMeta
+
+    @property
+    def alert_id(self) -> int | str:
+        return self.alert.alert_id
+
+    @property
+    def held(self) -> bool:
+        """Its status (Exercise, Test, System) keeps it from devices (core/alert_index.py)."""
+        return self.meta.status in HELD_STATUSES
+
+
+def validate_cap(
+    raw: bytes, accepted_types: frozenset[str], rules: CapRules, now: float | None = None
+) -> CapAlert | Rejection:
+    """A CAP 1.2 document as an alert (safe parsing, the schema, the mapping), or why not."""
+    if len(raw) > MAX_CAP_BYTES:
+        message = f"CAP document is {len(raw)} bytes; the limit is {MAX_CAP_BYTES}"
+        return Rejection(Reason.TOO_LARGE, [{"field": "", "message": message}])
+    try:
+        alert, meta = to_alert(parse_cap(raw), rules)
+    except CapError as exc:
+        return Rejection(Reason(exc.reason), [{"field": exc.field, "message": exc.message}])
+    checked = _check_alert(alert, accepted_types, now)
+    if isinstance(checked, Rejection):
+        return checked
+    return CapAlert(alert, meta)
+
+
+def validate_any(
+    raw: bytes, accepted_types: frozenset[str], rules: CapRules, now: float | None = None
+) -> Alert | CapAlert | Rejection:
+    """An event of ``ingest.alerts``: CAP XML when it starts with ``<``, else alert JSON."""
+    if looks_like_xml(raw):
+        return validate_cap(raw, accepted_types, rules, now)
+    return validate_event(raw, accepted_types, now)
+
+
+async def store_alert(
+    js: JetStreamContext, names: Names, result: Alert | CapAlert, now: float | None = None
+) -> PubAck:
+    """The ingest path's store: append to ``ALERTS`` and index it (core/alert_index.py); a
+    held CAP alert (status not Actual) goes to the index only. Idempotent: a repeat (an
+    event redelivered) finds its first seq and writes the same index entries."""
+    if isinstance(result, CapAlert):
+        if result.held:
+            return await hold(js, names, encode_alert(result.alert), result.meta.header())
+        alert, extra = result.alert, {CAP_HEADER: result.meta.header()}
+    else:
+        alert, extra = result, {}
+    ack = await append_alert(js, names, alert, now, extra)
+    await index_appended(js, names, alert, ack.seq)
+    return ack
+
+
 def encode_alert(alert: Alert) -> bytes:
     """The canonical JSON stored in ``ALERTS`` and sent verbatim inside ``alert`` frames."""
     return alert.model_dump_json(exclude_none=True).encode()
 
 
 async def append_alert(
-    js: JetStreamContext, names: Names, alert: Alert, now: float | None = None
+    js: JetStreamContext,
+    names: Names,
+    alert: Alert,
+    now: float | None = None,
+    extra_headers: dict[str, str] | None = None,
 ) -> PubAck:
     """Append to ``ALERTS``; idempotent by ``alert_id`` within the duplicate window."""
-    headers = {MSG_ID_HEADER: alert.msg_id}
+    headers = {**(extra_headers or {}), MSG_ID_HEADER: alert.msg_id}
     if alert.expiry_time is not None:
         expires = alert.expiry_time.timestamp()
         headers[EXPIRES_HEADER] = f"{expires:.3f}"

@@ -7,7 +7,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 #: ISO 3166-1 alpha-2 (``KE``) or ISO 3166-2 (``KE-30``). Hierarchy is by whole code
 #: segments, never by string prefix: ``KE`` contains ``KE-30``; ``KE-3`` does not.
@@ -43,6 +51,14 @@ class Priority(StrEnum):
     @property
     def rank(self) -> int:
         return _PRIORITY_RANK[self]
+
+
+class MsgType(StrEnum):
+    """What an alert does to the ones its ``references`` name (CAP's ``msgType``)."""
+
+    ALERT = "alert"  # a new alert; references nothing
+    UPDATE = "update"  # replaces the referenced alerts
+    CANCEL = "cancel"  # withdraws the referenced alerts
 
 
 _LEVEL_RANK = {level: i for i, level in enumerate(AlertLevel)}
@@ -85,15 +101,20 @@ class Location(BaseModel):
         return self
 
 
+AlertId = (
+    Annotated[int, Field(ge=1, le=MAX_ALERT_ID, strict=True)]
+    | Annotated[str, Field(pattern=ALERT_ID_STR_PATTERN)]
+)
+#: An update or cancel names at most this many alerts.
+MAX_REFERENCES = 100
+
+
 class Alert(BaseModel):
     """An alert as published by the engine and as delivered to devices."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    alert_id: (
-        Annotated[int, Field(ge=1, le=MAX_ALERT_ID, strict=True)]
-        | Annotated[str, Field(pattern=ALERT_ID_STR_PATTERN)]
-    )
+    alert_id: AlertId
     alert_level: AlertLevel
     alert_type: str = Field(pattern=ALERT_TYPE_PATTERN)
     title: str = Field(min_length=1, max_length=200)
@@ -108,6 +129,39 @@ class Alert(BaseModel):
     action_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://\S+$")
     created_at: UtcDatetime | None = None
     expiry_time: UtcDatetime | None = None
+    #: Left out of the stored JSON when they are the defaults (a plain alert), so alerts
+    #: without them are stored and delivered byte for byte as before.
+    msg_type: MsgType = Field(default=MsgType.ALERT, exclude_if=lambda v: v is MsgType.ALERT)
+    references: tuple[AlertId, ...] = Field(
+        default=(),
+        max_length=MAX_REFERENCES,
+        exclude_if=lambda v: not v,
+        validate_default=True,
+    )
+
+    @field_validator("references")
+    @classmethod
+    def _references_fit_msg_type(
+        cls, value: tuple[int | str, ...], info: ValidationInfo
+    ) -> tuple[int | str, ...]:
+        msg_type = info.data.get("msg_type", MsgType.ALERT)
+        if msg_type is MsgType.ALERT:
+            if value:
+                raise ValueError("only an update or a cancel references alerts")
+        elif not value:
+            raise ValueError(f"a {msg_type.value} names the alerts it replaces")
+        if "alert_id" in info.data and str(info.data["alert_id"]) in {str(r) for r in value}:
+            raise ValueError("an alert cannot supersede itself")
+        return value
+
+    @property
+    def referenced_ids(self) -> tuple[str, ...]:
+        """``references`` as idempotency keys (an integer and its decimal string are one)."""
+        return tuple(dict.fromkeys(str(r) for r in self.references))
+
+    @property
+    def supersedes(self) -> bool:
+        return self.msg_type is not MsgType.ALERT
 
     @property
     def msg_id(self) -> str:

@@ -53,6 +53,14 @@ class BacklogTruncated(_Frame):
     dropped: int = Field(ge=1, description="oldest alerts skipped beyond TOCSIN_OFFLINE_QUEUE_MAX")
 
 
+class BacklogSuperseded(_Frame):
+    type: Literal["backlog_superseded"] = "backlog_superseded"
+    alert_id: int | str = Field(description="an alert of the backlog that is not sent")
+    superseded_by: int | str = Field(
+        description="the later update or cancel that replaced it; it follows in the backlog"
+    )
+
+
 class SubscriptionResponse(_Frame):
     type: Literal["subscription_response"] = "subscription_response"
     action: Literal["subscribe", "unsubscribe", "update_filters"]
@@ -98,6 +106,7 @@ ServerFrame = Annotated[
     ConnectionEstablished
     | AlertFrame
     | BacklogTruncated
+    | BacklogSuperseded
     | SubscriptionResponse
     | Ping
     | RateLimitWarning

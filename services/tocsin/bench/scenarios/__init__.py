@@ -14,6 +14,8 @@ import importlib
 
 #: Scenario name -> one line of help (``tocsin bench --help``).
 SCENARIOS: dict[str, str] = {
+    "cap": "what CAP and the alert index cost: the ingest store with and without the "
+    "index, CAP in and out per document, the backlog's supersede check",
     "compression": "permessage-deflate on and off with clients that offer it as browsers "
     "do: gateway memory and CPU, bytes per alert, heartbeat and reconnect bytes",
     "deadlinks": "how soon vanished peers and stuck readers are found, and what a stuck "
