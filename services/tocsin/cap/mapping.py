@@ -236,6 +236,15 @@ def _texts(node: Element, name: str) -> list[str]:
     return [c.text.strip() for c in node.findall(tag(name)) if c.text and c.text.strip()]
 
 
+def _number(text: Any, kind: type[float] | type[int], name: str) -> float | int:
+    """A ``tocsin:<name>`` parameter's text as the alert's number (the alert's fields are
+    strict: CAP carries every value as text)."""
+    try:
+        return kind(str(text).strip())
+    except ValueError:
+        raise CapError(_CAP_FIELD[name], f"not a number: {text!r}") from None
+
+
 def _cap_time(text: str, where: str) -> datetime:
     try:
         return datetime.fromisoformat(text).astimezone(UTC)
@@ -421,9 +430,13 @@ def to_alert(root: Element, rules: CapRules) -> tuple[Alert, CapMeta]:
     confidence = CERTAINTY_CONFIDENCE.get(certainty)
     if confidence is not None:
         body["confidence_score"] = confidence
-    for name in ("risk_score", "confidence_score", "affected_population"):
+    for name, kind in (
+        ("risk_score", float),
+        ("confidence_score", float),
+        ("affected_population", int),
+    ):
         if name in params:
-            body[name] = params[name]
+            body[name] = _number(params[name], kind, name)
     if web:
         body["action_url"] = web
     if expires:

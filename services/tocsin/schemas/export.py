@@ -25,10 +25,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+from pydantic import BaseModel
 
 from .alert import ALERT_TYPE_PATTERN, REGION_PATTERN, Alert
-from .frames import client_frame_adapter, server_frame_adapter
+from .frames import ServerFrame, client_frame_adapter, server_frame_adapter
 from .subscription import MAX_LIST, Filters
 
 #: ``schemas/json/`` of the source tree this module is in (services/tocsin/schemas/).
@@ -92,8 +94,9 @@ def _with_filters(doc: dict[str, Any], side: str) -> dict[str, Any]:
 
 def _as_sent(schema: Any) -> None:
     """Make a schema of what the server sends: open objects; properties whose default is
-    None are optional and not nullable (the server leaves them out); every other property
-    is required (the server always writes it)."""
+    None are optional and not nullable (the server leaves them out), as are the ones marked
+    by :func:`_mark_omitted`; every other property is required (the server always writes
+    it)."""
     if isinstance(schema, list):
         for item in schema:
             _as_sent(item)
@@ -106,7 +109,9 @@ def _as_sent(schema: Any) -> None:
     if isinstance(properties, dict) and schema.get("type") == "object":
         required = []
         for name, prop in properties.items():
-            if "default" in prop and prop["default"] is None and "anyOf" in prop:
+            if prop.pop(_OMITTED, False):
+                prop.pop("default", None)
+            elif "default" in prop and prop["default"] is None and "anyOf" in prop:
                 rest = [a for a in prop.pop("anyOf") if a != {"type": "null"}]
                 del prop["default"]
                 if len(rest) == 1:
@@ -124,8 +129,27 @@ def _as_sent(schema: Any) -> None:
         _as_sent(list(properties.values()))
 
 
+#: The models of the frames the server sends (the members of the ``ServerFrame`` union).
+SERVER_FRAMES: tuple[type[BaseModel], ...] = get_args(get_args(ServerFrame)[0])
+#: Marks, for :func:`_as_sent`, a property the server leaves out when it has its default.
+_OMITTED = "x-omitted-when-default"
+
+
+def _mark_omitted(defs: dict[str, Any]) -> None:
+    """The fields the server leaves out when they hold their default (``exclude_if``, such
+    as the alert's ``msg_type`` and ``references``): optional in what it sends."""
+    for model in (Alert, *SERVER_FRAMES):
+        schema = defs.get(model.__name__)
+        if schema is None:
+            continue
+        for name, field in model.model_fields.items():
+            if field.exclude_if is not None and name in schema["properties"]:
+                schema["properties"][name][_OMITTED] = True
+
+
 def server_frame_schema() -> dict[str, Any]:
     doc = _with_filters(server_frame_adapter.json_schema(), "server")
+    _mark_omitted(doc["$defs"])
     _as_sent(doc["$defs"])
     # A later server may add error codes (docs/protocol.md §4): a client takes any string.
     error = doc["$defs"]["Error"]["properties"]
