@@ -19,7 +19,7 @@ from tocsin.ingest.http import publish_handler
 from tocsin.ingest.metrics import IngestCounters
 from tocsin.schemas import Close
 
-from . import metrics
+from . import metrics, push
 from .context import Gateway
 from .handler import GATEWAY, WS_PATH, websocket
 from .metrics import PUBLISHED
@@ -100,6 +100,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app.router.add_get("/api/v1/alerts/stats", stats_handler)
     app.router.add_get("/healthz", healthz)
+    push.setup(app)  # PUT / DELETE /api/v1/devices/{client_id}/push
     app.router.add_get("/readyz", readyz)
     metrics.setup(app)  # GET /metrics; counts sessions once the gateway exists
     return app
