@@ -1,0 +1,259 @@
+"""Push notifications end to end (issue 13): real nats-server, gateway, notifier, token
+endpoint and recording push endpoint. "None" is never a timeout: each waits for a positive
+sign that the notifier decided (a skip counted, or a later alert pushed)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import pytest
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from tocsin.core.naming import Names
+from tocsin.gateway.push import PushRegistrations
+
+from ..support import Client, append, eventually, token
+from ..support import alert as alert_body
+from .conftest import Stack
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def high(alert_id: int, region: str = "KE-30", **kw: Any) -> dict[str, Any]:
+    return alert_body(region, alert_id=alert_id, **kw)
+
+
+async def dlq(js: JetStreamContext, names: Names) -> list[Any]:
+    info = await js.stream_info(names.push_dlq_stream)
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            out.append(await js.get_msg(names.push_dlq_stream, seq))
+        except NotFoundError:
+            continue
+    return out
+
+
+async def test_one_push_per_offline_device_in_the_fcm_v1_shape(
+    stack: Stack, js: JetStreamContext, names: Names
+) -> None:
+    tokens = [f"fcm-{i}" for i in range(3)]
+    for i, fcm_token in enumerate(tokens):
+        await stack.offline_device(f"user{i}", fcm_token)
+    expires = "2099-01-01T00:00:00Z"
+    ack = await append(js, names, high(7001, expiry_time=expires, action_url="https://x.org/a"))
+    await eventually(
+        lambda: all(stack.endpoints.accepted_for(t) for t in tokens), 15, "a push to each device"
+    )
+    second = await append(js, names, high(7002))
+    await eventually(
+        lambda: all(len(stack.endpoints.accepted_for(t)) == 2 for t in tokens), 15, "second"
+    )
+    for fcm_token in tokens:
+        got = stack.endpoints.requests_for(fcm_token)
+        assert [p.alert_id for p in got] == ["7001", "7002"]  # one each, no repeat
+    body = stack.endpoints.requests_for("fcm-0")[0].body["message"]
+    assert body["token"] == "fcm-0"
+    assert body["notification"]["title"]
+    data = body["data"]
+    assert data["alert_id"] == "7001" and data["seq"] == str(ack.seq) and data["level"] == "high"
+    assert data["action_url"] == "https://x.org/a" and data["expiry_time"] == expires
+    assert all(isinstance(v, str) for v in data.values())
+    assert body["android"]["priority"] == "high"
+    assert body["android"]["collapse_key"] == "alert-7001"
+    assert body["android"]["ttl"].endswith("s") and int(body["android"]["ttl"][:-1]) > 10**8
+    headers = body["apns"]["headers"]
+    assert headers["apns-priority"] == "10" and headers["apns-collapse-id"] == "alert-7001"
+    assert headers["apns-expiration"] == str(4070908800)
+    # One OAuth2 token minted from the service account's token_uri, used for every push.
+    assert stack.endpoints.minted == ["access-1"]
+    assert {p.authorization for p in stack.endpoints.pushes} == {"Bearer access-1"}
+    assert stack.notifier.counters.sent == 6
+    assert second.seq > ack.seq
+
+
+async def test_no_push_below_the_level_off_the_subscription_or_already_received(
+    stack: Stack, js: JetStreamContext, names: Names
+) -> None:
+    counters = stack.notifier.counters
+    await stack.offline_device("kenya", "fcm-all")
+    await stack.offline_device("homa", "fcm-ke30", groups=["region:KE-30"])
+    await stack.offline_device("uganda-only", "fcm-ug", groups=["region:KE-30"])
+    # Below TOCSIN_PUSH_MIN_LEVEL (high): judged at once, never pushed.
+    await append(js, names, alert_body("KE-31", alert_id=8001, alert_level="medium"))
+    await eventually(lambda: counters.skipped["below_level"] >= 1, 10, "the low alert judged")
+    # KE-31: selected by "kenya" (no groups), not by the KE-30 subscribers.
+    await append(js, names, high(8002, region="KE-31"))
+    await eventually(lambda: bool(stack.endpoints.accepted_for("fcm-all")), 15, "pushed to kenya")
+    await eventually(lambda: counters.skipped["not_subscribed"] >= 2, 10, "the others judged")
+    assert not stack.endpoints.requests_for("fcm-ke30")
+    assert not stack.endpoints.requests_for("fcm-ug")
+
+    # A device that comes back and receives the alert over its socket before the push is
+    # due gets no push for it.
+    client = await Client.connect(stack.gateway.ws_url, token("homa"), client_id="phone")
+    await client.next("connection_established")
+    await append(js, names, high(8003))
+    [frame] = await client.alerts(1, ack=True)
+    assert frame["alert"]["alert_id"] == 8003
+    await client.close()  # the release records the acked floor
+    await eventually(
+        lambda: [p.alert_id for p in stack.endpoints.accepted_for("fcm-all")][-1:] == ["8003"],
+        15,
+        "8003 to kenya",
+    )
+    await eventually(lambda: counters.skipped["received"] >= 1, 10, "homa's push judged")
+    assert not stack.endpoints.requests_for("fcm-ke30")
+
+
+async def test_a_connected_device_that_acks_gets_no_push(
+    stack: Stack, js: JetStreamContext, names: Names
+) -> None:
+    counters = stack.notifier.counters
+    await stack.offline_device("online", "fcm-online")
+    await stack.offline_device("away", "fcm-away")
+    client = await Client.connect(stack.gateway.ws_url, token("online"), client_id="phone")
+    await client.next("connection_established")
+    await append(js, names, high(8101))
+    await client.alerts(1, ack=True)  # acked on a live connection: a checkpoint saves it
+    await eventually(lambda: bool(stack.endpoints.accepted_for("fcm-away")), 15, "pushed to away")
+    await eventually(lambda: counters.skipped["received"] >= 1, 10, "online judged")
+    assert not stack.endpoints.requests_for("fcm-online")
+    await client.close()
+
+
+async def test_an_expired_alert_is_never_pushed(
+    stack: Stack, js: JetStreamContext, names: Names
+) -> None:
+    await stack.offline_device("kenya", "fcm-all")
+    soon = time.time() + 0.5
+    expiring = (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(soon)) + f".{int(soon % 1 * 1000):03d}Z"
+    )
+    gone = await append(js, names, high(8201, expiry_time=expiring))
+    await append(js, names, high(8202))
+    await eventually(lambda: bool(stack.endpoints.accepted_for("fcm-all")), 15, "the later alert")
+    assert [p.alert_id for p in stack.endpoints.requests_for("fcm-all")] == ["8202"]
+
+    async def decided() -> bool:  # judged expired, or gone from ALERTS: it cannot come back
+        if stack.notifier.counters.skipped["expired"]:
+            return True
+        try:
+            await js.get_msg(names.alerts_stream, gone.seq)
+        except NotFoundError:
+            return True
+        return False
+
+    await eventually(decided, 10, "the expired alert decided")
+    assert [p.alert_id for p in stack.endpoints.requests_for("fcm-all")] == ["8202"]
+
+
+async def test_failures_are_retried_with_growing_delays_then_dead_lettered(
+    stack: Stack, js: JetStreamContext, names: Names
+) -> None:
+    e = stack.endpoints
+    await stack.offline_device("flaky", "fcm-flaky")
+    await stack.offline_device("busy", "fcm-busy")
+    await stack.offline_device("broken", "fcm-broken")
+    await stack.offline_device("bad", "fcm-bad")
+    e.fail("fcm-flaky", 503, 500)  # then 200
+    e.fail("fcm-busy", 429, retry_after="2")  # then 200
+    e.fail("fcm-broken", 503, 503, 503)  # three attempts: all fail
+    e.fail("fcm-bad", 400)  # not retried
+    await append(js, names, high(8301))
+    await eventually(
+        lambda: bool(e.accepted_for("fcm-flaky") and e.accepted_for("fcm-busy")), 30, "ok"
+    )
+    await eventually(lambda: len(e.requests_for("fcm-broken")) == 3, 30, "three attempts")
+
+    async def dead() -> list[Any]:
+        return [m for m in await dlq(js, names)]
+
+    await eventually(lambda: stack.notifier.counters.dead_lettered.total() >= 2, 20, "DLQ")
+    flaky = [p.at for p in e.requests_for("fcm-flaky")]
+    assert len(flaky) == 3
+    assert flaky[2] - flaky[1] >= flaky[1] - flaky[0] > 0.1  # backoff 0.3: 0.15-0.3, then 0.3-0.6
+    busy = [p.at for p in e.requests_for("fcm-busy")]
+    assert len(busy) == 2 and busy[1] - busy[0] >= 1.9  # Retry-After: 2
+    broken = [p.at for p in e.requests_for("fcm-broken")]
+    assert broken[2] - broken[1] >= broken[1] - broken[0]
+    assert len(e.requests_for("fcm-bad")) == 1
+    letters = {m.subject.rsplit(".", 1)[1]: m for m in await dead()}
+    assert set(letters) == {"exhausted", "rejected"}
+    exhausted = letters["exhausted"]
+    assert exhausted.headers["Tocsin-Reason"] == "http_503"
+    assert orjson.loads(exhausted.data)["attempts"] == 3
+    assert orjson.loads(exhausted.data)["consumer"] == names.device_consumer("broken", "phone")
+    assert letters["rejected"].headers["Tocsin-Reason"] == "http_400"
+    counters = stack.notifier.counters
+    assert counters.retried >= 5 and counters.failed["http_503"] >= 4
+    assert e.accepted_for("fcm-flaky") and len(e.accepted_for("fcm-flaky")) == 1
+
+
+async def test_unregistered_drops_the_registration(
+    stack: Stack, js: JetStreamContext, names: Names
+) -> None:
+    e = stack.endpoints
+    await stack.offline_device("gone", "fcm-gone")
+    await stack.offline_device("kenya", "fcm-all")
+    e.fail("fcm-gone", 404)
+    await append(js, names, high(8401))
+    await eventually(lambda: stack.notifier.counters.dropped == 1, 15, "the registration dropped")
+    _, reg = await PushRegistrations(js, names).read("gone", "phone")
+    assert reg is None
+    await append(js, names, high(8402))
+    await eventually(lambda: len(e.accepted_for("fcm-all")) == 2, 15, "both to kenya")
+    assert len(e.requests_for("fcm-gone")) == 1  # 404 is not retried, and no more pushes
+
+
+async def test_registration_survives_a_gateway_restart_and_rotation_replaces_it(
+    stack: Stack, js: JetStreamContext, names: Names
+) -> None:
+    from ..support import start_gateway
+
+    await stack.offline_device("rotating", "fcm-old")
+    await stack.gateway.stop()
+    stack.gateway = await start_gateway(stack.settings)
+    await append(js, names, high(8501))
+    await eventually(
+        lambda: bool(stack.endpoints.accepted_for("fcm-old")), 15, "pushed after restart"
+    )
+    # The app's FCM token rotated: it registers the new one (over HTTP, in the background).
+    assert await stack.register_http("rotating", "phone", "fcm-new") == 200
+    await eventually(
+        lambda: (
+            stack.notifier.view is not None
+            and stack.notifier.view.registrations[names.device_consumer("rotating", "phone")][
+                1
+            ].token
+            == "fcm-new"
+        ),
+        10,
+        "the notifier sees the new token",
+    )
+    await append(js, names, high(8502))
+    await eventually(
+        lambda: bool(stack.endpoints.accepted_for("fcm-new")), 15, "pushed to the new token"
+    )
+    assert [p.alert_id for p in stack.endpoints.requests_for("fcm-old")] == ["8501"]
+    assert [p.alert_id for p in stack.endpoints.requests_for("fcm-new")] == ["8502"]
+
+
+async def test_http_registration_checks_token_and_body(stack: Stack) -> None:
+    assert await stack.register_http("alice", "phone", "fcm-a") == 200
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        url = f"{stack.gateway.http}/api/v1/devices/phone/push"
+        async with http.put(url, json={"provider": "fcm", "token": "x"}) as resp:
+            assert resp.status == 401
+        auth = {"Authorization": f"Bearer {token('alice')}"}
+        async with http.put(url, json={"provider": "apns", "token": "x"}, headers=auth) as resp:
+            assert resp.status == 422
+            assert (await resp.json())["detail"].startswith("provider")
+        async with http.delete(url, headers=auth) as resp:
+            assert resp.status == 200
+            assert (await resp.json()) == {"type": "push_unregistered", "client_id": "phone"}
