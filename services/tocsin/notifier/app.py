@@ -63,7 +63,7 @@ from .view import DevicesView
 log = logging.getLogger(__name__)
 
 #: Seconds before a fetched job or alert is handed out again when its notifier died.
-PUSH_ACK_WAIT_MARGIN = 30.0
+PUSH_ACK_WAIT_MARGIN = 5.0
 #: Jobs published at once while planning one alert.
 PLAN_CHUNK = 256
 #: The longest retry delay.
