@@ -38,7 +38,7 @@ async def settled(js: JetStreamContext, names: Names, consumer: str, seq: int) -
         )
     except NotFoundError:
         return None
-    return str(orjson.loads(msg.data)["state"])
+    return str(orjson.loads(msg.data or b"{}")["state"])
 
 
 async def test_sigkill_mid_batch_loses_nothing_and_pushes_nothing_twice(
