@@ -9,9 +9,11 @@ from typing import Any
 
 import orjson
 import pytest
+from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from tocsin.cli.status import collect
 from tocsin.core.naming import Names
 from tocsin.gateway.push import PushRegistrations
 
@@ -152,7 +154,7 @@ async def test_an_expired_alert_is_never_pushed(
 
 
 async def test_failures_are_retried_with_growing_delays_then_dead_lettered(
-    stack: Stack, js: JetStreamContext, names: Names
+    stack: Stack, js: JetStreamContext, names: Names, nc: NatsClient
 ) -> None:
     e = stack.endpoints
     await stack.offline_device("flaky", "fcm-flaky")
@@ -191,6 +193,11 @@ async def test_failures_are_retried_with_growing_delays_then_dead_lettered(
     counters = stack.notifier.counters
     assert counters.retried >= 5 and counters.failed["http_503"] >= 4
     assert e.accepted_for("fcm-flaky") and len(e.accepted_for("fcm-flaky")) == 1
+    # tocsin status: the registrations and the push DLQ
+    doc = await collect(nc, names, wait=0.2)
+    assert doc["push"]["registrations"] == 4
+    assert doc["push"]["dlq"]["by_kind"] == {"exhausted": 1, "rejected": 1}
+    assert any("push(es) dead-lettered" in w for w in doc["warnings"])
 
 
 async def test_unregistered_drops_the_registration(
