@@ -22,8 +22,8 @@ from tocsin.schemas import (
     RegisterPush,
     Subscribe,
     SubscriptionResponse,
-    Unsubscribe,
     UnregisterPush,
+    Unsubscribe,
     UpdateFilters,
 )
 
