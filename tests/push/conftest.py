@@ -1,4 +1,4 @@
-"""A push stack: the token endpoint and the recording push endpoint (tests/push/endpoints.py),
+"""A push stack: the token endpoint and the recording push endpoint (tocsin.bench.pushsink),
 a gateway and a notifier in this process, all on one real nats-server."""
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import pytest
 from faststream import FastStream
 from nats.js import JetStreamContext
 
+from tocsin.bench.pushsink import PushSink
 from tocsin.core.settings import Settings
 from tocsin.notifier.app import Notifier, app_notifiers, create_app
 
 from ..support import Client, RunningGateway, start_gateway, token
-from .endpoints import Endpoints
 
 
 @dataclass
 class Stack:
     settings: Settings
-    endpoints: Endpoints
+    endpoints: PushSink
     gateway: RunningGateway
     app: FastStream | None = None
 
@@ -69,15 +69,15 @@ class Stack:
 
 
 @pytest.fixture
-async def endpoints() -> AsyncIterator[Endpoints]:
-    running = await Endpoints().start()
+async def endpoints() -> AsyncIterator[PushSink]:
+    running = await PushSink().start()
     yield running
     await running.stop()
 
 
 @pytest.fixture
 def push_settings(
-    make_settings: Callable[..., Settings], endpoints: Endpoints, tmp_path: Path
+    make_settings: Callable[..., Settings], endpoints: PushSink, tmp_path: Path
 ) -> Callable[..., Settings]:
     def make(**overrides: object) -> Settings:
         values: dict[str, object] = {
@@ -97,7 +97,7 @@ def push_settings(
 
 @pytest.fixture
 async def stack(
-    push_settings: Callable[..., Settings], endpoints: Endpoints, js: JetStreamContext
+    push_settings: Callable[..., Settings], endpoints: PushSink, js: JetStreamContext
 ) -> AsyncIterator[Stack]:
     settings = push_settings()
     gateway = await start_gateway(settings)

@@ -13,11 +13,12 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from tocsin.bench.pushsink import PushSink
 from tocsin.cli.status import collect
 from tocsin.core.naming import Names
 from tocsin.gateway.push import PushRegistrations
 
-from ..support import Client, append, eventually, token
+from ..support import Client, append, eventually, start_gateway, token
 from ..support import alert as alert_body
 from .conftest import Stack
 
@@ -219,8 +220,6 @@ async def test_unregistered_drops_the_registration(
 async def test_registration_survives_a_gateway_restart_and_rotation_replaces_it(
     stack: Stack, js: JetStreamContext, names: Names
 ) -> None:
-    from ..support import start_gateway
-
     await stack.offline_device("rotating", "fcm-old")
     await stack.gateway.stop()
     stack.gateway = await start_gateway(stack.settings)
@@ -264,3 +263,80 @@ async def test_http_registration_checks_token_and_body(stack: Stack) -> None:
         async with http.delete(url, headers=auth) as resp:
             assert resp.status == 200
             assert (await resp.json()) == {"type": "push_unregistered", "client_id": "phone"}
+
+
+async def test_a_device_connected_when_its_push_is_due_is_pushed_once_it_leaves_unacked(
+    stack: Stack, js: JetStreamContext, names: Names
+) -> None:
+    counters = stack.notifier.counters
+    await stack.offline_device("late", "fcm-late")
+    client = await Client.connect(stack.gateway.ws_url, token("late"), client_id="phone")
+    await client.next("connection_established")
+    await append(js, names, high(8601))
+    await client.alerts(1, ack=False)  # sent, never acked: not received
+    await eventually(lambda: counters.deferred >= 2, 15, "the push deferred while connected")
+    assert not stack.endpoints.requests_for("fcm-late")
+    await client.close()  # leaves without acking: the push goes out
+    await eventually(lambda: bool(stack.endpoints.accepted_for("fcm-late")), 15, "pushed")
+    assert [p.alert_id for p in stack.endpoints.requests_for("fcm-late")] == ["8601"]
+
+
+async def test_the_bearer_is_refreshed_before_it_expires(
+    push_settings: Any, endpoints: PushSink, js: JetStreamContext, names: Names
+) -> None:
+    # Tokens good for 300 s: within the 300 s margin at once, so each push mints a new one
+    # before it is used (a token is never sent close to its expiry).
+    endpoints.expires_in = 300
+    settings = push_settings()
+    stack = Stack(settings, endpoints, await start_gateway(settings))
+    await stack.start_notifier()
+    try:
+        await stack.offline_device("a", "fcm-r")
+        await append(js, names, high(8701))
+        await eventually(lambda: len(endpoints.accepted_for("fcm-r")) == 1, 15, "first")
+        await append(js, names, high(8702))
+        await eventually(lambda: len(endpoints.accepted_for("fcm-r")) == 2, 15, "second")
+        first, second = endpoints.requests_for("fcm-r")
+        assert first.authorization != second.authorization
+        assert second.authorization == f"Bearer {endpoints.minted[-1]}"
+        assert stack.notifier.bearer is not None and stack.notifier.bearer.refreshes >= 2
+    finally:
+        await stack.stop_notifier()
+        await stack.gateway.stop()
+
+
+async def test_a_slow_endpoint_times_out_and_is_retried_within_bounded_concurrency(
+    push_settings: Any, endpoints: PushSink, js: JetStreamContext, names: Names
+) -> None:
+    settings = push_settings(push_concurrency=4, push_timeout_seconds=0.5)
+    stack = Stack(settings, endpoints, await start_gateway(settings))
+    await stack.start_notifier()
+    try:
+        devices = [f"fcm-s{i}" for i in range(12)]
+        for i, fcm_token in enumerate(devices):
+            await stack.offline_device(f"s{i}", fcm_token)
+        endpoints.delay = 1.0  # slower than the timeout: every first attempt times out
+        await append(js, names, high(8801))
+        await eventually(lambda: stack.notifier.counters.failed["timeout"] >= 4, 20, "timeouts")
+        endpoints.delay = 0.0
+        counters = stack.notifier.counters
+        await eventually(lambda: counters.sent == len(devices), 30, "every push answered 200")
+        retried = [t for t in devices if len(endpoints.requests_for(t)) >= 2]
+        assert len(retried) >= 4 and counters.retried >= 4
+        # Requests the notifier gave up on may still be open at the endpoint: measure the
+        # bound on a second alert, answered slowly but within the timeout.
+        await eventually(lambda: endpoints.in_flight == 0, 10, "abandoned requests ended")
+        endpoints.delay, endpoints.max_in_flight = 0.2, 0
+        await append(js, names, high(8802))
+        await eventually(lambda: counters.sent == 2 * len(devices), 30, "the second alert")
+        assert 2 <= endpoints.max_in_flight <= 4  # TOCSIN_PUSH_CONCURRENCY bounds it
+        for fcm_token in devices:
+            got = endpoints.requests_for(fcm_token)
+            # A timed-out request may have been taken by the endpoint: the retry carries
+            # the same collapse key, so the phone shows one notification.
+            keys = {p.body["message"]["apns"]["headers"]["apns-collapse-id"] for p in got}
+            assert keys == {"alert-8801", "alert-8802"}
+            assert [p.alert_id for p in endpoints.accepted_for(fcm_token)][-1] == "8802"
+    finally:
+        await stack.stop_notifier()
+        await stack.gateway.stop()

@@ -17,13 +17,13 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from tocsin.bench.pushsink import PushSink
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 from tocsin.core.supervisor import settings_env
 
 from ..support import append, eventually, spawn_tocsin, start_gateway
 from .conftest import Stack
-from .endpoints import Endpoints
 from .test_push import dlq, high
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,7 +43,7 @@ async def settled(js: JetStreamContext, names: Names, consumer: str, seq: int) -
 
 async def test_sigkill_mid_batch_loses_nothing_and_pushes_nothing_twice(
     push_settings: Callable[..., Settings],
-    endpoints: Endpoints,
+    endpoints: PushSink,
     js: JetStreamContext,
     names: Names,
     tmp_path: Path,

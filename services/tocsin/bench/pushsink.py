@@ -1,11 +1,18 @@
-"""Real HTTP servers for push tests and the push benchmark's stand-ins: an OAuth2 token
-endpoint (the service account's ``token_uri``) and a recording FCM HTTP v1 endpoint that
-fails on demand, answers slowly, answers 429 with ``Retry-After`` and 404 UNREGISTERED."""
+"""A stand-in for FCM on loopback, for the push tests, ``tocsin bench push`` and a look at
+``make run``'s pushes: an OAuth2 token endpoint (the service account's ``token_uri``: it
+checks the signed assertion) and a recording FCM HTTP v1 ``messages:send`` endpoint that
+fails on demand, answers slowly, answers 429 with ``Retry-After`` and 404 UNREGISTERED.
+
+``python -m tocsin.bench.pushsink [--port 9999]`` serves it and prints each push; point
+``TOCSIN_PUSH_URL`` at the URL it prints (``TOCSIN_PUSH_CREDENTIALS`` at the service-account
+file it writes, or leave that unset: it then takes requests without a bearer)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +45,7 @@ class Pushed:
 
 
 @dataclass
-class Endpoints:
+class PushSink:
     """Both servers on one loopback port. ``script[token]``: answers to give, in order,
     before the default 200; ``hold``: requests wait until it is set (then are answered)."""
 
@@ -57,6 +64,10 @@ class Endpoints:
     hold: asyncio.Event | None = None
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     runner: web.AppRunner | None = None
+    check_auth: bool = True  # a push must carry the last minted bearer (else 401)
+    in_flight: int = 0
+    max_in_flight: int = 0  # the most requests open at once
+    on_push: Any = None  # called with each Pushed as it arrives
 
     @property
     def url(self) -> str:
@@ -83,7 +94,7 @@ class Endpoints:
         )
         return path
 
-    async def start(self) -> Endpoints:
+    async def start(self) -> PushSink:
         app = web.Application()
         app.router.add_post("/token", self._token)
         app.router.add_post(SEND_PATH, self._send)
@@ -101,16 +112,20 @@ class Endpoints:
 
     async def _token(self, request: web.Request) -> web.Response:
         form = parse_qs((await request.read()).decode())
-        assert form["grant_type"] == ["urn:ietf:params:oauth:grant-type:jwt-bearer"]
-        # google-auth signs the assertion for Google's token audience whatever token_uri is
-        claims = jwt.decode(
-            form["assertion"][0],
-            self.key.public_key(),
-            algorithms=["RS256"],
-            audience="https://oauth2.googleapis.com/token",
-            issuer="tocsin@tocsin-test.iam.gserviceaccount.com",
-        )
-        assert claims["scope"] == "https://www.googleapis.com/auth/firebase.messaging"
+        if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"]:
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        try:  # google-auth signs for Google's token audience whatever token_uri is
+            claims = jwt.decode(
+                form.get("assertion", [""])[0],
+                self.key.public_key(),
+                algorithms=["RS256"],
+                audience="https://oauth2.googleapis.com/token",
+                issuer="tocsin@tocsin-test.iam.gserviceaccount.com",
+            )
+        except jwt.InvalidTokenError as exc:
+            return web.json_response({"error": "invalid_grant", "detail": str(exc)}, status=400)
+        if claims.get("scope") != "https://www.googleapis.com/auth/firebase.messaging":
+            return web.json_response({"error": "invalid_scope"}, status=400)
         token = f"access-{len(self.minted) + 1}"
         self.minted.append(token)
         return web.json_response(
@@ -122,11 +137,19 @@ class Endpoints:
         pushed = Pushed(time.time(), body, request.headers.get("Authorization"))
         self.pushes.append(pushed)
         self.arrived.set()
-        if self.hold is not None:
-            await self.hold.wait()
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if pushed.authorization != f"Bearer {self.minted[-1] if self.minted else ''}":
+        if self.on_push is not None:
+            self.on_push(pushed)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
+        bearer = f"Bearer {self.minted[-1] if self.minted else ''}"
+        if self.check_auth and pushed.authorization != bearer:
             return web.json_response(
                 {"error": {"code": 401, "status": "UNAUTHENTICATED"}}, status=401
             )
@@ -164,3 +187,45 @@ class Endpoints:
 
     def requests_for(self, token: str) -> list[Pushed]:
         return [p for p in self.pushes if p.token == token]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tocsin.bench.pushsink",
+        description="A recording FCM HTTP v1 endpoint on loopback that prints each push.",
+    )
+    parser.add_argument("--port", type=int, default=9999)
+    parser.add_argument(
+        "--credentials",
+        type=Path,
+        default=Path(".tocsin/push-sink-service-account.json"),
+        help="where to write a service-account file whose token_uri is this sink",
+    )
+    args = parser.parse_args(argv)
+
+    async def serve() -> None:
+        sink = PushSink(port=args.port, check_auth=False)
+        sink.on_push = lambda p: print(
+            f"push: token={p.token} alert_id={p.alert_id} "
+            f"title={p.body['message']['notification']['title']!r}",
+            flush=True,
+        )
+        await sink.start()
+        args.credentials.parent.mkdir(parents=True, exist_ok=True)
+        sink.service_account(args.credentials)
+        print(f"TOCSIN_PUSH_URL={sink.url}", flush=True)
+        print(f"TOCSIN_PUSH_CREDENTIALS={args.credentials} (optional)", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await sink.stop()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
