@@ -38,6 +38,7 @@ from aiohttp import web
 from faststream import AckPolicy, FastStream
 from faststream.nats import JStream, NatsBroker, NatsMessage, PullSub
 from faststream.nats.subscriber.usecases.stream_pull_subscriber import PullStreamSubscriber
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy as JsAckPolicy
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -49,6 +50,7 @@ from tocsin.core.naming import MSG_ID_HEADER, Names
 from tocsin.core.natsauth import connect_options
 from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology
+from tocsin.gateway.device import Record
 from tocsin.gateway.push import PushRegistrations
 from tocsin.ingest.app import _faststream_logger, _fetch_timeouts_as_documented
 from tocsin.ingest.metrics import serve
@@ -94,6 +96,14 @@ def retry_delay(
     return max(delay, retry_after or 0.0)
 
 
+def _exact(record: Record | None) -> bool:
+    """The record's floor is the device's: written by the release (no owner) after the
+    session's last save, and nothing moves a queue nobody owns. Otherwise (no record, a
+    queue never opened, an owner: connected, or its gateway died) the queue's ack floor
+    may be further."""
+    return record is not None and record.floor is not None and not record.owner
+
+
 class Notifier:
     """The notifier's state and its two handlers (the faststream app wires them)."""
 
@@ -119,9 +129,9 @@ class Notifier:
         assert self._js is not None
         return self._js
 
-    async def start(self, js: JetStreamContext) -> None:
+    async def start(self, js: JetStreamContext, nc: Client | None = None) -> None:
         self._js = js
-        self.ledger = Ledger(js, self.names)
+        self.ledger = Ledger(js, self.names, nc)
         self.registrations = PushRegistrations(js, self.names)
         self.view = DevicesView(js, self.names)
         await self.view.start()
@@ -234,7 +244,7 @@ class Notifier:
         reg_seq, reg = registered
         record = self.view.records.get(consumer)
         floor = (record.floor or 0) if record is not None else 0
-        if floor < seq:
+        if floor < seq and not _exact(record):
             floor = max(floor, await self._queue_floor(consumer))
         if floor >= seq:
             return await self._skip(message, "received")
@@ -251,7 +261,7 @@ class Notifier:
         attempt = entry.attempt
         outcome = await self.sender.send(fcm.message(alert, seq, reg.token or ""))
         if outcome.kind == "sent":
-            await self.ledger.write(consumer, seq, "sent", attempt, entry.seq)
+            await self.ledger.note(consumer, seq, "sent", attempt, entry.seq)
             self.counters.pushed(time.time() - float(job["appended"]))
             await message.ack()
             return
@@ -412,7 +422,7 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
         counters.connected = lambda: connection.is_connected
         js = connection.jetstream()
         await apply_topology(js, settings, names)
-        await notifier.start(js)
+        await notifier.start(js, connection)
         runner = await serve(
             metrics_app(counters),
             settings.http_host,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import orjson
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 
@@ -42,9 +43,25 @@ class Conflict(Exception):
 
 
 class Ledger:
-    def __init__(self, js: JetStreamContext, names: Names) -> None:
+    def __init__(self, js: JetStreamContext, names: Names, nc: Client | None = None) -> None:
         self._js = js
+        self._nc = nc
         self._names = names
+
+    async def note(
+        self, consumer: str, seq: int, state: State, attempt: int, expected: int
+    ) -> None:
+        """Write ``state`` without waiting for JetStream's answer (``sent``, just before the
+        job's ack on the same connection). Losing it costs nothing once the job is acked; a
+        job that comes back anyway finds ``sending`` and is not sent again."""
+        if self._nc is None:
+            await self.write(consumer, seq, state, attempt, expected)
+            return
+        await self._nc.publish(
+            self._names.push_ledger_subject(consumer, seq),
+            orjson.dumps({"state": state, "attempt": attempt}),
+            headers={EXPECTED_LAST_HEADER: str(expected)},
+        )
 
     async def write(
         self, consumer: str, seq: int, state: State, attempt: int, expected: int
