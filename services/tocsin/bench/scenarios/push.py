@@ -95,7 +95,68 @@ async def _setup(js: Any, names: Names, n: int) -> None:
             progress(f"push: {min(n, i + SETUP_CHUNK):,}/{n:,} devices set up")
 
 
-async def run(devices: int, alerts: int, after: float, concurrency: int) -> dict[str, Any]:
+def _pid_usage(child: Child) -> Any:
+    assert child.proc is not None
+    return usage(child.proc.pid)
+
+
+async def _ready(js: Any, names: Names, children: list[Child]) -> None:
+    """The notifiers' durables exist (the planner starts at the live edge)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            await js.consumer_info(names.alerts_stream, names.notifier_consumer)
+            await js.consumer_info(names.push_stream, names.push_consumer)
+            return
+        except NotFoundError:
+            if time.monotonic() > deadline or not all(c.running for c in children):
+                raise RuntimeError("the notifier did not start (see its log)") from None
+            await asyncio.sleep(0.1)
+
+
+async def _one_alert(
+    js: Any,
+    names: Names,
+    sink: PushSink,
+    server_pid: int,
+    children: list[Child],
+    devices: int,
+    after: float,
+) -> dict[str, Any]:
+    """Append one alert and wait for its N pushes; the row of the table."""
+    before_n = sum(_pid_usage(c).cpu_seconds for c in children)
+    before_s = usage(server_pid).cpu_seconds
+    count = len(sink.pushes)
+    alert = make_alert("KE-30", alert_level="critical")
+    appended = time.time()
+    await append_alert(js, names, alert)
+    limit = time.monotonic() + ALERT_DEADLINE + after
+    while len(sink.pushes) < count + devices and time.monotonic() < limit:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)  # a repeat would come right after: counted as a duplicate
+    cpu_n = sum(_pid_usage(c).cpu_seconds for c in children) - before_n
+    cpu_s = usage(server_pid).cpu_seconds - before_s
+    mine = [p for p in sink.pushes[count:] if p.alert_id == str(alert.alert_id)]
+    tokens = [p.token for p in mine]
+    times = sorted(p.at for p in mine)
+    delays = [t - appended - after for t in times]
+    span = times[-1] - times[0] if len(times) > 1 else float("nan")
+    return {
+        "pushes": len(mine),
+        "duplicates": len(tokens) - len(set(tokens)),
+        "missing": devices - len(set(tokens)),
+        "pushes_per_s": (len(mine) - 1) / span if span and span > 0 else float("nan"),
+        "delay_p50_s": percentile(delays, 50),
+        "delay_p99_s": percentile(delays, 99),
+        "delay_max_s": max(delays) if delays else float("nan"),
+        "notifier_cpu_ms_per_push": cpu_n / max(1, len(mine)) * 1000,
+        "nats_cpu_ms_per_push": cpu_s / max(1, len(mine)) * 1000,
+    }
+
+
+async def run(
+    devices: int, alerts: int, after: float, concurrency: int, notifiers: tuple[int, ...] = (1,)
+) -> dict[str, Any]:
     out: dict[str, Any] = {
         "code": code_version(),
         "nats_server": server_version(),
@@ -104,11 +165,12 @@ async def run(devices: int, alerts: int, after: float, concurrency: int) -> dict
         "alerts": alerts,
         "push_after_seconds": after,
         "push_concurrency": concurrency,
+        "notifiers": list(notifiers),
         "per_alert": [],
     }
     work = Path(tempfile.mkdtemp(prefix="tocsin-bench-push-"))
     sink = await PushSink().start()
-    notifier: Child | None = None
+    running: list[Child] = []
     try:
         with LocalNats() as server:
             namespace = "b" + uuid.uuid4().hex[:8]
@@ -132,65 +194,35 @@ async def run(devices: int, alerts: int, after: float, concurrency: int) -> dict
             started = time.monotonic()
             await _setup(js, names, devices)
             out["setup_seconds"] = time.monotonic() - started
-            notifier = Child(
-                "notifier", tocsin_argv("notifier"), settings_env(settings), work / "notifier.log"
-            ).start()
-            assert notifier.proc is not None
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    await js.consumer_info(names.alerts_stream, names.notifier_consumer)
-                    await js.consumer_info(names.push_stream, names.push_consumer)
-                    break
-                except NotFoundError:
-                    if time.monotonic() > deadline or not notifier.running:
-                        raise RuntimeError("the notifier did not start (see its log)") from None
-                    await asyncio.sleep(0.1)
-            for k in range(alerts):
-                before_n, before_s = usage(notifier.proc.pid), usage(server.pid)
-                count = len(sink.pushes)
-                alert = make_alert("KE-30", alert_level="critical")
-                appended = time.time()
-                await append_alert(js, names, alert)
-                want = count + devices
-                limit = time.monotonic() + ALERT_DEADLINE + after
-                while len(sink.pushes) < want and time.monotonic() < limit:
-                    await asyncio.sleep(0.05)
-                after_n, after_s = usage(notifier.proc.pid), usage(server.pid)
-                mine = [p for p in sink.pushes[count:] if p.alert_id == str(alert.alert_id)]
-                tokens = [p.token for p in mine]
-                times = sorted(p.at for p in mine)
-                delays = [t - appended - after for t in times]
-                span = times[-1] - times[0] if len(times) > 1 else float("nan")
-                row = {
-                    "alert": k + 1,
-                    "pushes": len(mine),
-                    "duplicates": len(tokens) - len(set(tokens)),
-                    "missing": devices - len(set(tokens)),
-                    "pushes_per_s": (len(mine) - 1) / span if span and span > 0 else float("nan"),
-                    "delay_p50_s": percentile(delays, 50),
-                    "delay_p99_s": percentile(delays, 99),
-                    "delay_max_s": max(delays) if delays else float("nan"),
-                    "notifier_cpu_ms_per_push": (after_n.cpu_seconds - before_n.cpu_seconds)
-                    / max(1, len(mine))
-                    * 1000,
-                    "nats_cpu_ms_per_push": (after_s.cpu_seconds - before_s.cpu_seconds)
-                    / max(1, len(mine))
-                    * 1000,
-                }
-                out["per_alert"].append(row)
-                progress(
-                    f"push: alert {k + 1}: {len(mine):,} pushes, "
-                    f"{fmt(row['pushes_per_s'], 0)}/s, p99 {fmt(row['delay_p99_s'], 2)} s"
-                )
-            out["notifier_rss_mib"] = usage(notifier.proc.pid).rss_bytes / 2**20
+            for count in notifiers:
+                children = [
+                    Child(
+                        f"notifier-{count}-{i}",
+                        tocsin_argv("notifier"),
+                        settings_env(settings),
+                        work / f"notifier-{count}-{i}.log",
+                    ).start()
+                    for i in range(count)
+                ]
+                running.extend(children)
+                await _ready(js, names, children)
+                for k in range(alerts):
+                    row = await _one_alert(js, names, sink, server.pid, children, devices, after)
+                    row |= {"notifiers": count, "alert": k + 1}
+                    out["per_alert"].append(row)
+                    progress(
+                        f"push: {count} notifier(s), alert {k + 1}: {row['pushes']:,} pushes, "
+                        f"{fmt(row['pushes_per_s'], 0)}/s, p99 {fmt(row['delay_p99_s'], 2)} s"
+                    )
+                out["notifier_rss_mib"] = max(_pid_usage(c).rss_bytes for c in children) / 2**20
+                for child in children:
+                    child.stop(20)
+                    running.remove(child)
             out["tokens_minted"] = len(sink.minted)
-            notifier.stop(20)
-            notifier = None
             await nc.close()
     finally:
-        if notifier is not None:
-            notifier.kill()
+        for child in running:
+            child.kill()
         await sink.stop()
         shutil.rmtree(work, ignore_errors=True)
     return out
@@ -201,19 +233,21 @@ def report(results: dict[str, Any], when: dt.datetime) -> str:
         f"# tocsin bench push, {when:%Y-%m-%d %H:%M}",
         "",
         f"{results['devices']:,} registered offline devices, {results['alerts']} alerts one "
-        f"after another, TOCSIN_PUSH_AFTER_SECONDS={results['push_after_seconds']:g}, "
+        "after another with 1, then 2 notifier processes sharing the work "
+        f"({results['notifiers']}), TOCSIN_PUSH_AFTER_SECONDS={results['push_after_seconds']:g}, "
         f"TOCSIN_PUSH_CONCURRENCY={results['push_concurrency']}; the notifier in its own "
         "process, the FCM stand-in (token endpoint + recording messages:send, answering at "
         f"once) in the bench process; code {results['code']}, nats-server "
         f"{results['nats_server']}, {results['cpu']}.",
         "",
-        "| alert | pushes | duplicates | missing | pushes/s | delay beyond PUSH_AFTER p50 s "
-        "| p99 s | max s | notifier CPU ms / push | nats-server CPU ms / push |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| notifiers | alert | pushes | duplicates | missing | pushes/s | delay beyond "
+        "PUSH_AFTER p50 s | p99 s | max s | notifier CPU ms / push | nats-server CPU ms / push |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["per_alert"]:
         lines.append(
-            f"| {r['alert']} | {r['pushes']:,} | {r['duplicates']} | {r['missing']} | "
+            f"| {r['notifiers']} | {r['alert']} | {r['pushes']:,} | {r['duplicates']} | "
+            f"{r['missing']} | "
             f"{fmt(r['pushes_per_s'], 0)} | {fmt(r['delay_p50_s'], 2)} | "
             f"{fmt(r['delay_p99_s'], 2)} | {fmt(r['delay_max_s'], 2)} | "
             f"{fmt(r['notifier_cpu_ms_per_push'], 2)} | {fmt(r['nats_cpu_ms_per_push'], 2)} |"
@@ -225,7 +259,7 @@ def report(results: dict[str, Any], when: dt.datetime) -> str:
         f"span of their requests. Setup ({results['setup_seconds']:.0f} s) wrote a record, a "
         "device queue and a registration per device. OAuth2 tokens minted: "
         f"{results['tokens_minted']}; notifier RSS at the end: "
-        f"{results['notifier_rss_mib']:.0f} MiB.",
+        f"{results['notifier_rss_mib']:.0f} MiB (the largest, last configuration).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -244,6 +278,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--concurrency", type=int, default=64, help="TOCSIN_PUSH_CONCURRENCY (default 64)"
     )
+    parser.add_argument(
+        "--notifiers",
+        default="1,2",
+        help="notifier processes, one configuration after another (default %(default)s)",
+    )
     parser.add_argument("--quick", action="store_true", help="500 devices, 2 alerts")
     out_option(parser)
     return parser
@@ -261,8 +300,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         parser.error("--after must be between 0.1 and 60 seconds")
     if not 1 <= args.concurrency <= 1024:
         parser.error("--concurrency must be between 1 and 1024")
+    try:
+        notifiers = tuple(int(n) for n in args.notifiers.split(","))
+    except ValueError:
+        parser.error("--notifiers: comma-separated counts, e.g. 1,2")
+    if not notifiers or not all(1 <= n <= 8 for n in notifiers):
+        parser.error("--notifiers: each between 1 and 8")
     return run_and_write(
-        run(devices, alerts, args.after, args.concurrency),
+        run(devices, alerts, args.after, args.concurrency, notifiers),
         report,
         args.out,
         lambda when: f"push-{when:%Y-%m-%d}" + ("-quick" if args.quick else ""),
