@@ -389,7 +389,17 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
         description="Every alert, looked at once when its push is due",
     )
     _fetch_timeouts_as_documented(planner)
-    planner(notifier.on_alert)
+
+    # No parameters: the message comes from faststream's context. A ``message: NatsMessage``
+    # parameter is a fast_depends custom field whose (sync) resolver runs in a worker thread
+    # (anyio.to_thread), a thread hop per message (measured: docs/benchmarks.md, "Push").
+    def current() -> NatsMessage:
+        message: NatsMessage = broker.context.get_local("message")
+        return message
+
+    @planner
+    async def on_alert() -> None:
+        await notifier.on_alert(current())
 
     pusher = broker.subscriber(
         names.push_jobs_all,
@@ -410,7 +420,10 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
     )
     assert isinstance(pusher, PullStreamSubscriber)  # the concurrent one is one
     _fetch_timeouts_as_documented(pusher)
-    pusher(notifier.on_job)
+
+    @pusher
+    async def on_job() -> None:
+        await notifier.on_job(current())
 
     app = FastStream(broker, logger=logger)
     runners: list[web.AppRunner] = []
