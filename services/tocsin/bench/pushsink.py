@@ -47,7 +47,8 @@ class Pushed:
 @dataclass
 class PushSink:
     """Both servers on one loopback port. ``script[token]``: answers to give, in order,
-    before the default 200; ``hold``: requests wait until it is set (then are answered)."""
+    before the default 200; ``hold``: requests wait until it is set (then are answered).
+    A push without a current bearer it minted is answered 401."""
 
     port: int = 0
     expires_in: int = 3600
@@ -68,6 +69,13 @@ class PushSink:
     in_flight: int = 0
     max_in_flight: int = 0  # the most requests open at once
     on_push: Any = None  # called with each Pushed as it arrives
+    _expiry: dict[str, float] = field(default_factory=dict)  # minted token -> expiry
+
+    def authorized(self, authorization: str | None) -> bool:
+        """A bearer this endpoint minted that has not expired (several notifiers each hold
+        their own, as with Google's token endpoint)."""
+        token = (authorization or "").removeprefix("Bearer ")
+        return self._expiry.get(token, 0.0) > time.time()
 
     @property
     def url(self) -> str:
@@ -128,6 +136,7 @@ class PushSink:
             return web.json_response({"error": "invalid_scope"}, status=400)
         token = f"access-{len(self.minted) + 1}"
         self.minted.append(token)
+        self._expiry[token] = time.time() + self.expires_in
         return web.json_response(
             {"access_token": token, "expires_in": self.expires_in, "token_type": "Bearer"}
         )
@@ -148,8 +157,7 @@ class PushSink:
                 await asyncio.sleep(self.delay)
         finally:
             self.in_flight -= 1
-        bearer = f"Bearer {self.minted[-1] if self.minted else ''}"
-        if self.check_auth and pushed.authorization != bearer:
+        if self.check_auth and not self.authorized(pushed.authorization):
             return web.json_response(
                 {"error": {"code": 401, "status": "UNAUTHENTICATED"}}, status=401
             )

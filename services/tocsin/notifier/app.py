@@ -178,7 +178,7 @@ class Notifier:
             await message.ack()
             return
         try:
-            planned = await self.plan(alert, seq, appended, raw.data)
+            planned = await self.plan(alert, seq, appended, raw.data, message)
         except Exception as exc:  # NATS trouble: plan it again (the jobs' ids dedupe)
             log.warning("alert seq %s not planned (%s); again in 1 s", seq, exc)
             await message.nack(delay=1.0)
@@ -186,7 +186,9 @@ class Notifier:
         log.info("alert %s seq %s: %d push(es) planned", alert.alert_id, seq, planned)
         await message.ack()
 
-    async def plan(self, alert: Alert, seq: int, appended: float, data: bytes) -> int:
+    async def plan(
+        self, alert: Alert, seq: int, appended: float, data: bytes, message: Any = None
+    ) -> int:
         assert self.view is not None
         jobs: list[str] = []
         for consumer, (_, reg) in list(self.view.registrations.items()):
@@ -214,6 +216,8 @@ class Notifier:
                     for consumer in jobs[i : i + PLAN_CHUNK]
                 )
             )
+            if message is not None:  # a long fan-out must not be handed to another planner
+                await message.in_progress()
         self.counters.planned += len(jobs)
         return len(jobs)
 

@@ -95,6 +95,19 @@ async def _setup(js: Any, names: Names, n: int) -> None:
             progress(f"push: {min(n, i + SETUP_CHUNK):,}/{n:,} devices set up")
 
 
+def _failures(log: Path | None) -> dict[str, int]:
+    """Failed push attempts in a notifier's log, by reason (its "attempt N failed" lines)."""
+    counts: dict[str, int] = {}
+    if log is None or not log.exists():
+        return counts
+    for line in log.read_text(errors="replace").splitlines():
+        marker = line.find(" failed (")
+        if "push " in line and marker >= 0:
+            reason = line[marker + len(" failed (") :].split(")", 1)[0]
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
 def _pid_usage(child: Child) -> Any:
     assert child.proc is not None
     return usage(child.proc.pid)
@@ -186,7 +199,8 @@ async def run(
                 push_concurrency=concurrency,
                 notifier_metrics_port=0,
                 max_devices=devices + 100,
-                log_level="WARNING",
+                log_level="INFO",  # each retry's line: counted below
+                log_format="json",
             )
             nc = await nats.connect(server.url)
             js = nc.jetstream()
@@ -218,6 +232,10 @@ async def run(
                 for child in children:
                     child.stop(20)
                     running.remove(child)
+                    out.setdefault("failed_attempts", {})
+                    for reason, n in _failures(child.log).items():
+                        key = f"{count} notifier(s): {reason}"
+                        out["failed_attempts"][key] = out["failed_attempts"].get(key, 0) + n
             out["tokens_minted"] = len(sink.minted)
             await nc.close()
     finally:
@@ -259,7 +277,9 @@ def report(results: dict[str, Any], when: dt.datetime) -> str:
         f"span of their requests. Setup ({results['setup_seconds']:.0f} s) wrote a record, a "
         "device queue and a registration per device. OAuth2 tokens minted: "
         f"{results['tokens_minted']}; notifier RSS at the end: "
-        f"{results['notifier_rss_mib']:.0f} MiB (the largest, last configuration).",
+        f"{results['notifier_rss_mib']:.0f} MiB (the largest, last configuration). Failed "
+        f"attempts (retried) by reason: {results.get('failed_attempts') or 'none'}; a "
+        "duplicate can only follow a timeout (docs/reliability.md, push).",
     ]
     return "\n".join(lines) + "\n"
 
