@@ -370,6 +370,8 @@ def create_app(settings: Settings, nats_urls: list[str]) -> FastStream:
         logger=logger,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds; see ingest/app.py
+        # SIGTERM lets requests in flight get their answer (else they are in doubt)
+        graceful_timeout=settings.push_timeout_seconds + 5,
         **connect_options(settings),
     )
     notifier = Notifier(settings, counters)
