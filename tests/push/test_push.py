@@ -17,6 +17,7 @@ from tocsin.bench.pushsink import PushSink
 from tocsin.cli.status import collect
 from tocsin.core.naming import Names
 from tocsin.gateway.push import PushRegistrations
+from tocsin.notifier.app import app_notifiers, create_app
 
 from ..support import Client, append, eventually, start_gateway, token
 from ..support import alert as alert_body
@@ -341,3 +342,44 @@ async def test_a_slow_endpoint_times_out_and_is_retried_within_bounded_concurren
     finally:
         await stack.stop_notifier()
         await stack.gateway.stop()
+
+
+async def test_a_device_whose_gateway_was_killed_is_pushed_what_it_had_not_acked(
+    push_settings: Any,
+    endpoints: PushSink,
+    js: JetStreamContext,
+    names: Names,
+    gateway_process: Any,
+) -> None:
+    """Its record still names an owner, but the owner's gateway has no lease any more: the
+    device is offline, and its queue's ack floor (the last checkpoint) says what it had."""
+    settings = push_settings()
+    gateway = gateway_process(settings)
+    app = create_app(settings, list(settings.nats_url))
+    await app.start()
+    notifier = app_notifiers[app]
+    try:
+        client = await Client.connect(gateway.ws_url, token("crash"), client_id="phone")
+        await client.next("connection_established")
+        await client.send({"type": "register_push", "provider": "fcm", "token": "fcm-crash"})
+        await client.next("push_registered")
+        await append(js, names, high(8901))
+        await client.alerts(1, ack=True)  # acked; a checkpoint (0.2 s) saves it
+        consumer = names.device_consumer("crash", "phone")
+
+        async def checkpointed() -> bool:
+            info = await js.consumer_info(names.alerts_stream, consumer)
+            return bool(info.ack_floor and info.ack_floor.stream_seq >= 1)
+
+        await eventually(checkpointed, 10, "the ack checkpointed")
+        gateway.kill()  # kill -9: the record keeps its owner
+        await client.wait_closed()
+        await append(js, names, high(8902))
+        await eventually(lambda: notifier.counters.deferred >= 1, 15, "deferred first")
+        # The lease lapses within 15 s; then the push goes out, for 8902 only.
+        await eventually(lambda: bool(endpoints.accepted_for("fcm-crash")), 40, "pushed")
+        await eventually(lambda: notifier.counters.skipped["received"] >= 1, 10, "8901")
+        assert [p.alert_id for p in endpoints.requests_for("fcm-crash")] == ["8902"]
+        await client.session.close()
+    finally:
+        await app.stop()
