@@ -229,7 +229,9 @@ class Notifier:
         with log_context(consumer=consumer, seq=seq):
             try:
                 await self._job(message, job, consumer, seq)
-            except Exception as exc:  # NATS trouble before the request: look again soon
+            # NATS trouble: look again soon. After "sending" was written the push is in
+            # doubt on the next look, and never requested again.
+            except Exception as exc:
                 log.warning("push job %s/%s: %s; again in %.0f s", consumer, seq, exc, 2.0)
                 await message.nack(delay=2.0)
 
