@@ -442,3 +442,141 @@ def test_run_end_to_end_tail_publish_and_clean_stop(
         if run.poll() is None:
             run.kill()
             run.wait()
+
+
+def _consumer_exists(nats_port: int, stream: str, consumer: str, data: Path) -> bool:
+    import asyncio
+
+    import nats
+    from nats.js.errors import NotFoundError
+
+    from tocsin.core.natsauth import load_or_create_passwords, with_user
+
+    password = load_or_create_passwords(data)["operator"]
+    url = with_user(f"nats://127.0.0.1:{nats_port}", "operator", password)
+
+    async def ask() -> bool:
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().consumer_info(stream, consumer)
+            return True
+        except NotFoundError:
+            return False
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
+
+
+def _register_and_leave(http_port: int, auth_token: str, fcm_token: str) -> dict[str, object]:
+    """A device that connects, registers for push and leaves: offline, with a registration."""
+    import asyncio
+
+    import aiohttp
+
+    async def device() -> dict[str, object]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(
+                f"ws://127.0.0.1:{http_port}/api/v1/alerts/ws",
+                params={"auth_token": auth_token, "client_id": "phone"},
+            ) as ws,
+        ):
+            assert (await ws.receive_json())["type"] == "connection_established"
+            await ws.send_json({"type": "register_push", "provider": "fcm", "token": fcm_token})
+            answer: dict[str, object] = await ws.receive_json()
+            return answer
+
+    return asyncio.run(device())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process checks use /proc")
+def test_run_with_a_push_url_pushes_to_an_offline_device(
+    tmp_path: Path, run_env: tuple[dict[str, str], Path, int]
+) -> None:
+    """`make run` with TOCSIN_PUSH_URL at a local recorder (tocsin.bench.pushsink) starts
+    the notifier, and an offline device with a registration gets a push."""
+    env, data, http_port = run_env
+    sink_port = free_port()
+    sink_log = tmp_path / "sink.log"
+    with open(sink_log, "wb") as out:
+        sink = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tocsin.bench.pushsink",
+                "--port",
+                str(sink_port),
+                "--credentials",
+                str(tmp_path / "service-account.json"),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    run_log = tmp_path / "run.log"
+    try:
+        wait_until(lambda: "TOCSIN_PUSH_URL=" in sink_log.read_text(), "the recorder")
+        env["TOCSIN_PUSH_URL"] = (
+            f"http://127.0.0.1:{sink_port}/v1/projects/tocsin-test/messages:send"
+        )
+        env["TOCSIN_PUSH_CREDENTIALS"] = str(tmp_path / "service-account.json")
+        env["TOCSIN_PUSH_AFTER_SECONDS"] = "1"
+        env["TOCSIN_NOTIFIER_METRICS_PORT"] = "0"
+        with open(run_log, "wb") as out:
+            run = subprocess.Popen(
+                [sys.executable, "-m", "tocsin", "run"],
+                env=env,
+                cwd=tmp_path,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_until(
+                lambda: run.poll() is not None or _readyz(http_port) == 200,
+                "GET /readyz = 200",
+                timeout=60,
+            )
+            nats_port = int(env["TOCSIN_NATS_PORT"])
+            wait_until(
+                lambda: (
+                    run.poll() is not None
+                    or _consumer_exists(nats_port, "ALERTS", "notifier", data)
+                ),
+                "the notifier's durable",
+            )
+            assert run.poll() is None, run_log.read_text()
+            secret = (data / "dev-secret").read_text().strip()
+            nurse = jwt.encode(
+                {"sub": "nurse", "regions": ["KE"], "exp": time.time() + 600}, secret, "HS256"
+            )
+            answer = _register_and_leave(http_port, nurse, "demo-fcm-token")
+            assert answer == {"type": "push_registered", "provider": "fcm", "client_id": "phone"}
+            sent = tocsin(
+                "publish",
+                "--region",
+                "KE-30",
+                "--level",
+                "critical",
+                "--title",
+                "Cholera",
+                env=env,
+                cwd=tmp_path,
+            )
+            assert sent.returncode == 0, sent.stderr
+            alert_id = json.loads(sent.stdout)["alert_id"]
+            wait_until(
+                lambda: f"push: token=demo-fcm-token alert_id={alert_id}" in sink_log.read_text(),
+                "the push at the recorder",
+            )
+            run.send_signal(signal.SIGINT)
+            assert run.wait(DEADLINE) == 0, run_log.read_text()
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+    finally:
+        sink.terminate()
+        sink.wait(DEADLINE)

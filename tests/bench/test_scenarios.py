@@ -25,6 +25,7 @@ from tocsin.bench.scenarios import (
     deadlinks,
     delivery,
     ownership,
+    push,
     replicas,
     storm,
     subscriptions,
@@ -306,6 +307,18 @@ async def test_compression_measures_every_mode_and_compresses_only_where_negotia
     text = compression.report(results, WHEN)
     rows = table_rows(text, "4 devices, a burst")
     assert [r[0] for r in rows] == list(modes) and [r[1] for r in rows[:2]] == ["0/4", "4/4"]
+
+
+async def test_push_sends_one_push_to_every_registered_device_per_alert() -> None:
+    results = await push.run(devices=15, alerts=1, after=0.5, concurrency=4, notifiers=(1, 2))
+    assert [(r["pushes"], r["duplicates"], r["missing"]) for r in results["per_alert"]] == [
+        (15, 0, 0),
+        (15, 0, 0),
+    ]
+    # one per notifier process that pushed (of the two, one may have taken every job)
+    assert results["tokens_minted"] in (2, 3)
+    rows = table_rows(push.report(results, WHEN), "15 registered offline devices")
+    assert [r[:5] for r in rows] == [["1", "1", "15", "0", "0"], ["2", "1", "15", "0", "0"]]
 
 
 async def test_storm_every_device_gets_its_backlog_after_each_restart() -> None:

@@ -17,9 +17,13 @@ from tocsin.schemas import (
     GetStats,
     Ping,
     Pong,
+    PushRegistered,
+    PushUnregistered,
     RateLimitWarning,
+    RegisterPush,
     Subscribe,
     SubscriptionResponse,
+    UnregisterPush,
     Unsubscribe,
     UpdateFilters,
 )
@@ -78,6 +82,8 @@ def server_frames() -> list[Any]:
             acked_seq=6,
             latency_ms=None,
         ),
+        PushRegistered(provider="fcm", client_id="phone"),
+        PushUnregistered(client_id="phone"),
         Error(code=ErrorCode.INVALID_FRAME, detail="seq: field required", closes=False),
     ]
 
@@ -92,4 +98,6 @@ def client_frames() -> list[Any]:
         Pong(),
         GetStats(),
         Ack(seq=42),
+        RegisterPush(provider="fcm", token="fcm-token-1"),
+        UnregisterPush(),
     ]

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2] / "services" / "tocsin"
-LAYERS = ["cli", "bench", "gateway", "ingest", "cap", "core", "schemas"]
+LAYERS = ["cli", "bench", "notifier", "gateway", "ingest", "cap", "core", "schemas"]
 
 
 def imports() -> list[tuple[Path, str]]:

@@ -3,6 +3,7 @@
     tocsin run        embedded nats-server (unless TOCSIN_NATS_URL) + ingest + one gateway
     tocsin gateway    the HTTP/WebSocket gateway (needs TOCSIN_NATS_URL)
     tocsin ingest     the ingest service (needs TOCSIN_NATS_URL)
+    tocsin notifier   push notifications to offline devices (needs TOCSIN_PUSH_URL)
     tocsin publish    send one alert over HTTP (default) or NATS
     tocsin token      print an HS256 token
     tocsin tail       print the alerts one device receives
@@ -30,7 +31,7 @@ from .ban import add_parser as add_ban_parser
 from .common import Fail, dev_secret_path, ensure_dev_secret, resolve_secret
 from .publish import build_alert, cmd_publish, validate_alert
 from .run import cmd_run
-from .services import cmd_gateway, cmd_ingest
+from .services import cmd_gateway, cmd_ingest, cmd_notifier
 from .tail import cmd_tail, format_frame
 from .token import cmd_token
 
@@ -69,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest", help="the ingest service: ingest.alerts -> ALERTS (needs TOCSIN_NATS_URL)"
     )
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
+        "notifier",
+        help="push notifications (FCM HTTP v1) to offline devices (needs TOCSIN_NATS_URL and "
+        "TOCSIN_PUSH_URL)",
+    )
+    p.set_defaults(func=cmd_notifier)
 
     p = sub.add_parser("publish", help="send one alert (HTTP POST by default, or NATS)")
     p.add_argument("--json", metavar="FILE|-", help="a whole alert object from FILE or stdin")

@@ -1,6 +1,7 @@
-"""``tocsin run``: an embedded nats-server (unless TOCSIN_NATS_URL), the ingest service and
-one gateway as child processes; waits for readiness, prints the banner, and on
-SIGINT/SIGTERM or a child's death stops everything within a bounded time."""
+"""``tocsin run``: an embedded nats-server (unless TOCSIN_NATS_URL), the ingest service,
+one gateway and, with TOCSIN_PUSH_URL, the notifier as child processes; waits for
+readiness, prints the banner, and on SIGINT/SIGTERM or a child's death stops everything
+within a bounded time."""
 
 from __future__ import annotations
 
@@ -287,11 +288,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             # gateway creating the same stream at once each wait out a request timeout
             # (measured: 10 s longer start-up); updating existing ones together is fast.
             _apply_topology(settings, nats.for_party("operator"), nats.replicas)
-        for name in ("ingest", "gateway"):
+        # The notifier when there is somewhere to push to; it is a NATS user like ingest
+        # (core/natsauth.py).
+        services = [("ingest", "ingest"), ("gateway", "gateway")]
+        if settings.push_url:
+            services.append(("notifier", "ingest"))
+        for name, party in services:
             if not stop:
-                own: dict[str, object] = {"nats_url": nats.for_party(name)}
+                own: dict[str, object] = {"nats_url": nats.for_party(party)}
                 if nats.passwords is not None:  # replies to inboxes of its own
-                    own["nats_inbox_prefix"] = INBOXES[name]
+                    own["nats_inbox_prefix"] = INBOXES[party]
                 env = settings_env(resolved.model_copy(update=own))
                 children.append(Child(name, tocsin_argv(name), env).start())
         ready = not stop and _await_ready(

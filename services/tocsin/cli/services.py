@@ -78,3 +78,17 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     # TOCSIN_LOG_LEVEL=ERROR would turn "FastStream app starting..." into an ERROR.
     asyncio.run(app.run())
     return 0
+
+
+def cmd_notifier(args: argparse.Namespace) -> int:
+    settings = exit_on_bad_settings()
+    _require_nats(settings, "notifier")
+    if not settings.push_url:
+        raise Fail("TOCSIN_PUSH_URL is not set: the notifier has nowhere to push to", 2)
+    from tocsin.notifier.app import create_app  # before setup_logging, as for ingest
+
+    setup_logging(settings, service="notifier")
+    app = create_app(settings, list(settings.nats_url))
+    log.info("notifier pushing to %s (NATS %s)", settings.push_url, ",".join(settings.nats_url))
+    asyncio.run(app.run())
+    return 0

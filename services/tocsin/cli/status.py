@@ -54,6 +54,7 @@ STREAMS = (
     ("ingest", "ingest_stream"),
     ("dlq", "dlq_stream"),
     ("devices", "devices_stream"),
+    ("push_dlq", "push_dlq_stream"),
 )
 _JS_API = "$JS.API"
 
@@ -306,6 +307,25 @@ async def dead_letters(
     }
 
 
+async def push_summary(
+    nc: Client, names: Names, streams: dict[str, dict[str, Any]], dlq_subjects: dict[str, int]
+) -> dict[str, Any]:
+    """Push registrations (devices that registered; a removed one counts until it is
+    replaced or ages out) and the push dead letters by kind (notifier/)."""
+    registrations = 0
+    if streams["devices"]["exists"]:
+        _, subjects = await stream_summary(nc, names.devices_stream, names.device_push_all)
+        registrations = len(subjects)
+    return {
+        "registrations": registrations,
+        "dlq": {
+            "stream": names.push_dlq_stream,
+            "messages": streams["push_dlq"]["messages"] or 0,
+            "by_kind": {k.rsplit(".", 1)[-1]: n for k, n in sorted(dlq_subjects.items())},
+        },
+    }
+
+
 def stopped_tasks(health: dict[str, Any]) -> list[str] | None:
     """The background tasks a gateway says are not running ([]: all run; None: it does not
     say). ``background_tasks_running`` is one flag, or each task's status by name."""
@@ -331,6 +351,9 @@ def warnings(doc: dict[str, Any]) -> list[str]:
     dlq = doc["dlq"]
     if dlq["messages"]:
         out.append(f"{dlq['messages']} dead-lettered event(s) in {dlq['stream']}")
+    push_dlq = (doc.get("push") or {}).get("dlq") or {"messages": 0}
+    if push_dlq["messages"]:
+        out.append(f"{push_dlq['messages']} push(es) dead-lettered in {push_dlq['stream']}")
     gateways = doc["gateways"]
     if gateways.get("no_responders"):
         out.append(f"no gateway answered: none listens on {gateways['subject']}")
@@ -366,12 +389,16 @@ async def collect(
 
     streams: dict[str, dict[str, Any]] = {}
     dlq_subjects: dict[str, int] = {}
+    push_dlq_subjects: dict[str, int] = {}
     for key, attribute in STREAMS:
         name = getattr(names, attribute)
-        summary, subjects = await stream_summary(nc, name, names.dlq_all if key == "dlq" else None)
+        filters = {"dlq": names.dlq_all, "push_dlq": names.push_dlq_all}
+        summary, subjects = await stream_summary(nc, name, filters.get(key))
         streams[key] = summary
         if key == "dlq":
             dlq_subjects = subjects
+        if key == "push_dlq":
+            push_dlq_subjects = subjects
     consumers, missing = await list_consumers(nc, names.alerts_stream)
     queues = device_queues(names, names.alerts_stream, consumers, missing, top)
     if streams["devices"]["exists"]:
@@ -385,6 +412,7 @@ async def collect(
         "device_queues": queues,
         "dlq": await dead_letters(nc, names, streams["dlq"], dlq_subjects),
         "gateways": await gather_gateways(nc, names.gateways_stats_subject, wait, expect),
+        "push": await push_summary(nc, names, streams, push_dlq_subjects),
     }
     doc["warnings"] = warnings(doc)
     return doc
@@ -533,6 +561,16 @@ def render(doc: dict[str, Any], colour: bool = False) -> str:
         )
     headers = ["stream", "messages", "bytes", "first seq", "first msg", "last seq", "last msg"]
     out += _table([*headers, "consumers"], rows, {1, 2, 3, 5, 7})
+
+    push = doc.get("push")  # documents of earlier versions have none
+    if push:
+        kinds = ", ".join(f"{k} {_n(n)}" for k, n in push["dlq"]["by_kind"].items())
+        out += [
+            "",
+            style.title("Push")
+            + f"  {_n(push['registrations'])} registration(s) · {_n(push['dlq']['messages'])} in"
+            f" {push['dlq']['stream']}" + (f" ({kinds})" if kinds else ""),
+        ]
 
     q = doc["device_queues"]
     out += [

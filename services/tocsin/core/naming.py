@@ -118,6 +118,21 @@ class Names:
         return f"{self._stream_prefix}ALERT_INDEX"
 
     @property
+    def push_stream(self) -> str:
+        """Push jobs, one per (device, alert) due for a push (a work queue: notifier/)."""
+        return f"{self._stream_prefix}PUSH"
+
+    @property
+    def push_ledger_stream(self) -> str:
+        """One entry per (device, alert) push: attempted, failed, sent (notifier/ledger.py)."""
+        return f"{self._stream_prefix}PUSH_LEDGER"
+
+    @property
+    def push_dlq_stream(self) -> str:
+        """Pushes that failed for good, with the reason."""
+        return f"{self._stream_prefix}PUSH_DLQ"
+
+    @property
     def streams(self) -> tuple[str, ...]:
         """Every stream tocsin declares (core/topology.py), in declaration order."""
         return (
@@ -126,6 +141,9 @@ class Names:
             self.devices_stream,
             self.dlq_stream,
             self.index_stream,
+            self.push_stream,
+            self.push_ledger_stream,
+            self.push_dlq_stream,
         )
 
     # --- subjects --------------------------------------------------------------------
@@ -257,6 +275,48 @@ class Names:
     def device_record_subject(self, consumer: str) -> str:
         """The subject of a device's record in ``DEVICES`` (the last message per subject)."""
         return f"{self._subject_prefix}tocsin.devices.{consumer}"
+
+    def device_push_subject(self, consumer: str) -> str:
+        """A device's push registration in ``DEVICES``, beside its record (gateway/push.py)."""
+        return f"{self._subject_prefix}tocsin.devices.{consumer}.push"
+
+    @property
+    def device_push_all(self) -> str:
+        return f"{self._subject_prefix}tocsin.devices.*.push"
+
+    @staticmethod
+    def is_push_subject(subject: str) -> bool:
+        """A registration, not a record (consumer names hold no dot)."""
+        return subject.endswith(".push")
+
+    def consumer_of_devices_subject(self, subject: str) -> str:
+        """The device consumer a ``DEVICES`` subject (record or registration) belongs to."""
+        return subject[len(self._subject_prefix) :].split(".")[2]
+
+    @property
+    def push_jobs_all(self) -> str:
+        return f"{self._subject_prefix}tocsin.push.jobs.>"
+
+    def push_job_subject(self, consumer: str, seq: int) -> str:
+        return f"{self._subject_prefix}tocsin.push.jobs.{consumer}.{seq}"
+
+    @property
+    def push_ledger_all(self) -> str:
+        return f"{self._subject_prefix}tocsin.push.ledger.>"
+
+    def push_ledger_subject(self, consumer: str, seq: int) -> str:
+        return f"{self._subject_prefix}tocsin.push.ledger.{consumer}.{seq}"
+
+    @property
+    def push_dlq_all(self) -> str:
+        return f"{self._subject_prefix}tocsin.push.dlq.>"
+
+    def push_dlq_subject(self, reason: str) -> str:
+        return f"{self._subject_prefix}tocsin.push.dlq.{reason}"
+
+    #: The notifier's durable on ``ALERTS`` (every alert, judged once), and on ``PUSH``.
+    notifier_consumer: str = "notifier"
+    push_consumer: str = "notifier-push"
 
     # --- core NATS control subjects -------------------------------------------------
     def legacy_takeover_subject(self, consumer: str) -> str:

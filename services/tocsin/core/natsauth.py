@@ -6,7 +6,9 @@ parties may publish and subscribe to, as a nats-server ``authorization`` block.
   Go ``nats.CustomInboxPrefix``). It cannot read ``ALERTS`` (no JetStream API, no
   ``alerts.>``) nor publish alerts past validation (``alerts.>``).
 * ``ingest``: the JetStream API (its consumer on ``INGEST``, appends), acks, ``alerts.>``,
-  the dead-letter subjects and the alert index (``tocsin.index.>``).
+  the dead-letter subjects and the alert index (``tocsin.index.>``); the notifier (push
+  notifications) connects as this user too, and publishes to ``tocsin.push.>`` and
+  ``tocsin.devices.*.push``.
 * ``gateway``: the JetStream API (device queues, records, the ``GUARD`` bucket), acks and
   flow control, its control subjects (takeover, stats) and replies to requests it got,
   and ``alerts.>`` (``POST /api/v1/alerts`` appends the alerts it validated).
@@ -47,9 +49,14 @@ def permissions(names: Names, party: str) -> dict[str, Any]:
             "subscribe": {"allow": [f"{INBOXES['engine']}.>"]},  # its PubAcks, nothing else
         }
     if party == "ingest":
+        # The notifier (push notifications) connects as this user too: it publishes its push
+        # jobs, their ledger and dead letters, and drops a registration FCM no longer knows.
+        push = [f"{prefix}tocsin.push.>", names.device_push_all]
         return {
             # index_all: where an appended alert is indexed by id (core/alert_index.py)
-            "publish": {"allow": [*jetstream, names.alerts_all, names.dlq_all, names.index_all]},
+            "publish": {
+                "allow": [*jetstream, names.alerts_all, names.dlq_all, names.index_all, *push]
+            },
             # faststream's pull subscriber takes its inboxes under _INBOX whatever the
             # connection's prefix (no other party but the operator may subscribe there).
             "subscribe": {"allow": [f"{INBOXES['ingest']}.>", "_INBOX.>"]},

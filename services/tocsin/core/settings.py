@@ -14,7 +14,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from tocsin.schemas.alert import ALERT_TYPE_PATTERN, DEFAULT_ALERT_TYPES
+from tocsin.schemas.alert import ALERT_TYPE_PATTERN, DEFAULT_ALERT_TYPES, AlertLevel
 
 #: A namespace equal to these would overlap the subjects of an un-namespaced deployment.
 RESERVED_NAMESPACES = frozenset({"alerts", "ingest", "tocsin"})
@@ -71,6 +71,28 @@ class Settings(BaseSettings):
     )
     jwt_issuer: str | None = Field(default=None, description="when set, a token's iss must match")
     jwt_audience: str | None = Field(default=None, description="when set, a token's aud must match")
+    push_url: str | None = Field(
+        default=None,
+        description="endpoint taking FCM HTTP v1 messages:send bodies (FCM itself, "
+        "https://fcm.googleapis.com/v1/projects/<project>/messages:send, or a push gateway); "
+        "unset: no push notifications",
+    )
+    push_credentials: Path | None = Field(
+        default=None,
+        description="Google service-account JSON file; its token_uri mints the OAuth2 bearer "
+        "sent to TOCSIN_PUSH_URL (unset: requests carry no Authorization)",
+    )
+    push_min_level: AlertLevel = Field(
+        default=AlertLevel.HIGH,
+        description="alerts at this alert_level or above are pushed to offline devices",
+    )
+    push_after_seconds: float = Field(
+        default=10,
+        gt=0,
+        le=24 * 3600,
+        description="a matching alert a device has not received this long after its append "
+        "is pushed to it (once)",
+    )
 
     # --- tocsin's own ----------------------------------------------------------------
     namespace: str = Field(
@@ -197,6 +219,32 @@ class Settings(BaseSettings):
         "any token for a loopback caller); `tocsin run` turns it on when it made the dev "
         "JWT secret itself. Never in production (docs/security.md)",
     )
+    push_max_attempts: int = Field(
+        default=8,
+        ge=1,
+        le=100,
+        description="attempts of one push (429, 5xx, timeouts are retried); after the last "
+        "it is kept in the PUSH_DLQ stream with the reason",
+    )
+    push_backoff_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=3600,
+        description="the first retry's delay; each further one doubles it (with jitter, at "
+        "most 10 minutes), or waits what Retry-After says if that is longer",
+    )
+    push_concurrency: int = Field(
+        default=64, ge=1, le=1024, description="push requests the notifier has in flight at once"
+    )
+    push_timeout_seconds: float = Field(
+        default=10, gt=0, le=120, description="one push request's timeout (then it is retried)"
+    )
+    notifier_metrics_port: int = Field(
+        default=9465,
+        ge=0,
+        le=65535,
+        description="the notifier's /metrics (and /healthz) on TOCSIN_HTTP_HOST; 0: off",
+    )
     stats_cache_seconds: float = Field(
         default=5.0,
         ge=0,
@@ -232,6 +280,30 @@ class Settings(BaseSettings):
     def _creds_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"{str(value)!r} is not a file (a NATS .creds file)")
+        return value
+
+    @field_validator("push_url")
+    @classmethod
+    def _push_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value or None
+
+    @field_validator("push_credentials")
+    @classmethod
+    def _push_credentials(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        import json
+
+        try:
+            info = json.loads(value.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{str(value)!r}: not a readable JSON file ({exc})") from None
+        keys = ("client_email", "private_key", "token_uri")
+        missing = [k for k in keys if not isinstance(info, dict) or k not in info]
+        if missing:
+            raise ValueError(f"{str(value)!r}: not a service-account file (missing {missing})")
         return value
 
     @field_validator("jwt_jwks_url")

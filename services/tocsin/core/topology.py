@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 DLQ_MAX_AGE_SECONDS = 7 * 24 * 3600
 #: Largest alert JSON accepted on any path (the alert model caps its own text fields).
 MAX_ALERT_BYTES = 64 * 1024
+#: How long a push job's id is remembered (a re-planned alert's jobs are dropped within it;
+#: past it the ledger still stops a second push).
+PUSH_DUPLICATE_WINDOW_SECONDS = 3600.0
 
 
 def stream_configs(settings: Settings, names: Names) -> list[StreamConfig]:
@@ -97,6 +100,42 @@ def stream_configs(settings: Settings, names: Names) -> list[StreamConfig]:
             max_msgs_per_subject=1,
             max_msg_size=MAX_ALERT_BYTES * 8,  # a held CAP alert: its JSON and CAP details
             allow_direct=True,  # look-ups by subject from any replica
+            discard=DiscardPolicy.OLD,
+        ),
+        # Push notifications (notifier/): one job per (device, alert) due for a push, taken
+        # once by the notifier; a repeat of a job (the notifier planned an alert again after a
+        # crash) is dropped by its Nats-Msg-Id within the window.
+        StreamConfig(
+            name=names.push_stream,
+            description="Push jobs: one per (device, alert) due for a push notification",
+            subjects=[names.push_jobs_all],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=settings.replicas,
+            max_age=retention,
+            duplicate_window=min(PUSH_DUPLICATE_WINDOW_SECONDS, retention),
+            discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            name=names.push_ledger_stream,
+            description="One entry per (device, alert) push: sending, failed or sent; written "
+            "before each request, so that no push is sent twice",
+            subjects=[names.push_ledger_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=settings.replicas,
+            max_age=retention,
+            max_msgs_per_subject=1,
+            discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            name=names.push_dlq_stream,
+            description="Pushes that failed for good, with the reason in headers",
+            subjects=[names.push_dlq_all],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=settings.replicas,
+            max_age=DLQ_MAX_AGE_SECONDS,
             discard=DiscardPolicy.OLD,
         ),
     ]

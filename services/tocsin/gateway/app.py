@@ -20,7 +20,7 @@ from tocsin.ingest.http import publish_handler
 from tocsin.ingest.metrics import IngestCounters
 from tocsin.schemas import Close
 
-from . import metrics
+from . import metrics, push
 from . import web as pages
 from .alerts_http import alerts_routes
 from .context import Gateway
@@ -105,6 +105,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/api/v1/alerts/stats", stats_handler)
     alerts_routes(app, CapRules.from_settings(settings))  # after the fixed /api/v1/alerts/*
     app.router.add_get("/healthz", healthz)
+    push.setup(app)  # PUT / DELETE /api/v1/devices/{client_id}/push
     app.router.add_get("/readyz", readyz)
     metrics.setup(app)  # GET /metrics; counts sessions once the gateway exists
     pages.setup(app)  # GET / and /dashboard, their files, the dev sign-in (web.py)

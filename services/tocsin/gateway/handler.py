@@ -31,13 +31,16 @@ from tocsin.schemas import (
     GetStats,
     Pong,
     RateLimitWarning,
+    RegisterPush,
     Subscribe,
+    UnregisterPush,
     Unsubscribe,
     UpdateFilters,
     client_frame_adapter,
 )
 from tocsin.schemas.subscription import FILTER_KEYS, FilterError, Filters
 
+from . import push
 from .context import Gateway
 from .device import Device, Record
 from .guard import Refused
@@ -409,6 +412,8 @@ async def on_text(session: Session, text: str) -> None:
             session.send_control(session.stats())
         case Subscribe() | Unsubscribe() | UpdateFilters():
             await on_subscription(session, frame)
+        case RegisterPush() | UnregisterPush():
+            await push.on_frame(session, frame)
 
 
 def parse_frame(text: str) -> tuple[Any, Error | None]:

@@ -106,21 +106,29 @@ def metrics_app(counters: IngestCounters) -> web.Application:
 
 async def serve_metrics(counters: IngestCounters, host: str, port: int) -> web.AppRunner | None:
     """Start the metrics listener; None when ``port`` is 0."""
+    return await serve(metrics_app(counters), host, port, "ingest", "TOCSIN_INGEST_METRICS_PORT")
+
+
+async def serve(
+    app: web.Application, host: str, port: int, service: str, setting: str
+) -> web.AppRunner | None:
+    """Serve a service's metrics ``app`` beside it (None when ``port`` is 0, or taken)."""
     if not port:
         return None
-    runner = web.AppRunner(metrics_app(counters), access_log=None)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:  # delivery matters more than its metrics: go on without them
         await runner.cleanup()
         log.error(
-            "ingest metrics not served: %s:%s: %s (set TOCSIN_INGEST_METRICS_PORT to a free "
-            "port, or 0)",
+            "%s metrics not served: %s:%s: %s (set %s to a free port, or 0)",
+            service,
             host,
             port,
             exc.strerror or exc,
+            setting,
         )
         return None
-    log.info("ingest metrics on http://%s:%s/metrics", host, port)
+    log.info("%s metrics on http://%s:%s/metrics", service, host, port)
     return runner

@@ -138,7 +138,8 @@ _OMITTED = "x-omitted-when-default"
 def _mark_omitted(defs: dict[str, Any]) -> None:
     """The fields the server leaves out when they hold their default (``exclude_if``, such
     as the alert's ``msg_type`` and ``references``): optional in what it sends."""
-    for model in (Alert, *SERVER_FRAMES):
+    models: tuple[type[BaseModel], ...] = (Alert, *SERVER_FRAMES)
+    for model in models:
         schema = defs.get(model.__name__)
         if schema is None:
             continue

@@ -95,6 +95,21 @@ class ConnectionStats(_Frame):
     latency_ms: float | None = Field(description="last ping→pong round trip")
 
 
+class PushRegistered(_Frame):
+    """The answer to ``register_push``: the device's registration is stored."""
+
+    type: Literal["push_registered"] = "push_registered"
+    provider: Literal["fcm"]
+    client_id: str
+
+
+class PushUnregistered(_Frame):
+    """The answer to ``unregister_push``: the device has no registration any more."""
+
+    type: Literal["push_unregistered"] = "push_unregistered"
+    client_id: str
+
+
 class Error(_Frame):
     type: Literal["error"] = "error"
     code: ErrorCode
@@ -111,6 +126,8 @@ ServerFrame = Annotated[
     | Ping
     | RateLimitWarning
     | ConnectionStats
+    | PushRegistered
+    | PushUnregistered
     | Error,
     Field(discriminator="type"),
 ]
@@ -148,8 +165,41 @@ class Ack(_Frame):
     seq: int = Field(ge=1, strict=True)
 
 
+#: An FCM registration token is about 150-200 characters; this bounds what is stored.
+MAX_PUSH_TOKEN = 4096
+
+
+class PushRegistration(BaseModel):
+    """A device's push registration as the app sends it (``register_push`` and the body of
+    ``PUT /api/v1/devices/{client_id}/push``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    provider: Literal["fcm"] = Field(description="fcm (APNs devices too, through FCM)")
+    token: str = Field(
+        min_length=1,
+        max_length=MAX_PUSH_TOKEN,
+        pattern=r"^[\x21-\x7e]+$",
+        description="the device's FCM registration token",
+    )
+
+
+class RegisterPush(_Frame):
+    type: Literal["register_push"] = "register_push"
+    provider: Literal["fcm"]
+    token: str = Field(min_length=1, max_length=MAX_PUSH_TOKEN, pattern=r"^[\x21-\x7e]+$")
+
+    @property
+    def registration(self) -> PushRegistration:
+        return PushRegistration(provider=self.provider, token=self.token)
+
+
+class UnregisterPush(_Frame):
+    type: Literal["unregister_push"] = "unregister_push"
+
+
 ClientFrame = Annotated[
-    Subscribe | Unsubscribe | UpdateFilters | Pong | GetStats | Ack,
+    Subscribe | Unsubscribe | UpdateFilters | Pong | GetStats | Ack | RegisterPush | UnregisterPush,
     Field(discriminator="type"),
 ]
 

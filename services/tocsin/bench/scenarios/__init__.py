@@ -24,6 +24,8 @@ SCENARIOS: dict[str, str] = {
     "catch-up and checkpoint cost (in-process gateway)",
     "ownership": "what claiming a device costs per WebSocket handshake: times and NATS "
     "operations (in-process gateway)",
+    "push": "push notifications to 10,000 registered offline devices: pushes/s and the "
+    "delay from append to push request (the notifier against a local FCM stand-in)",
     "replicas": "R1 against R3 device consumers on a 3-node cluster, and a node's loss",
     "storm": "a gateway restart (SIGTERM, then SIGKILL) with every device reconnecting at "
     "once: time until all are live with their backlog, handshake failures, JetStream calls",
