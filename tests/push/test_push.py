@@ -172,7 +172,13 @@ async def test_a_superseded_alert_is_never_pushed_its_cancel_is(
     await eventually(
         lambda: stack.notifier.counters.skipped["superseded"] >= 1, 10, "the alert judged"
     )
-    assert [p.alert_id for p in stack.endpoints.requests_for("fcm-all")] == ["8302"]
+    [push] = stack.endpoints.requests_for("fcm-all")
+    assert push.alert_id == "8302"
+    message = push.body["message"]
+    assert message["data"]["msg_type"] == "cancel" and message["data"]["references"] == "8301"
+    # it replaces a notification of the alert it cancels on the phone
+    assert message["android"]["collapse_key"] == "alert-8301"
+    assert message["apns"]["headers"]["apns-collapse-id"] == "alert-8301"
 
 
 async def test_failures_are_retried_with_growing_delays_then_dead_lettered(

@@ -4,7 +4,9 @@
   ``apns`` delivery options: priority, collapse key, time to live from ``expiry_time``).
   The collapse keys (``android.collapse_key``, ``android.notification.tag``,
   ``apns-collapse-id``) are the alert's: a second notification of one alert replaces the
-  first on the phone rather than showing beside it.
+  first on the phone rather than showing beside it. An update or cancel takes the key of
+  the first alert it references, so its notification replaces the one it supersedes; the
+  ``data`` then carry ``msg_type`` and ``references`` too.
 * :class:`Bearer`: google-auth's service-account credentials (the file's ``token_uri``
   mints the token). google-auth refreshes synchronously (``requests``); the refresh runs
   in a worker thread (``asyncio.to_thread``), once an hour or so, under a lock, so the event
@@ -71,7 +73,10 @@ def message(alert: Alert, seq: int, token: str, now: float | None = None) -> dic
         data["action_url"] = str(alert.action_url)
     if alert.created_at is not None:
         data["created_at"] = alert.created_at.isoformat().replace("+00:00", "Z")
-    key = collapse_id(alert.alert_id)
+    if alert.references:  # an update or cancel: its notification replaces the original's
+        data["msg_type"] = str(alert.msg_type)
+        data["references"] = ",".join(str(r) for r in alert.references)
+    key = collapse_id(alert.references[0] if alert.references else alert.alert_id)
     urgent = _urgent(str(alert.alert_level))
     android: dict[str, Any] = {
         "priority": "high" if urgent else "normal",
