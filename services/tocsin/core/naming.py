@@ -226,6 +226,11 @@ class Names:
         """The subject of a device's record in ``DEVICES`` (the last message per subject)."""
         return f"{self._subject_prefix}tocsin.devices.{consumer}"
 
+    def positions_subject(self, instance: str, shard: int) -> str:
+        """A shard of gateway ``instance``'s positions journal in ``DEVICES`` (the acked
+        floors of its live devices, gateway/journal.py). ``_positions`` is no consumer name."""
+        return f"{self._subject_prefix}tocsin.devices._positions.{instance}.{shard}"
+
     # --- core NATS control subjects -------------------------------------------------
     def legacy_takeover_subject(self, consumer: str) -> str:
         """Where a session of a version before device ownership listens for a newer

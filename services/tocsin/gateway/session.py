@@ -51,6 +51,8 @@ PING = WSMsgType.PING
 #: A closing handshake (close frame out, the client's back) may take this long, capped at
 #: one heartbeat; then the socket is aborted. Nothing of the device waits for it.
 CLOSE_SECONDS = 5.0
+#: A session's next visit by the ticker is at least this far ahead.
+TICK_MIN_SECONDS = 0.05
 #: The same, for a peer found silent or not reading (4000, 4008).
 DEAD_CLOSE_SECONDS = 0.2
 
@@ -112,9 +114,12 @@ class Session:
         self.next_ping = now + gw.settings.heartbeat_seconds
         self.last_heard = now  # any frame from the client: it is alive
         self.latency_ms: float | None = None
-        # staggered: sessions that connected together do not all save at the same tick
-        self.next_checkpoint = now + random.uniform(0, gw.settings.checkpoint_seconds)
-        self.next_sweep = now + random.random()  # the ticker's once-a-second visit (context)
+        # staggered: sessions that connected together do not all save at the same tick.
+        # Meanwhile the journal (journal.py) holds the floor, every checkpoint interval.
+        self.next_checkpoint = now + random.uniform(0, gw.settings.queue_save_seconds)
+        #: The ticker's next visit (context.py): soon while alerts are in flight, else at
+        #: the session's next deadline (next_visit).
+        self.next_sweep = now + random.random()
         self.next_record = now + RECORD_SECONDS  # the record was written at connect
         self.recorded_floor = -1  # the floor the device's record holds (resume() sets it)
         self.recorded_at = now
@@ -225,7 +230,10 @@ class Session:
         appended: float = 0.0,
         live: bool = True,
     ) -> None:
-        item = InFlight(seq, data, expires, time.monotonic(), js_msg)
+        now = time.monotonic()
+        item = InFlight(seq, data, expires, now, js_msg)
+        if self.next_sweep > now + self.gw.sweep and self in self.gw.sessions:
+            self.gw.sessions.schedule(self, now + self.gw.sweep)  # in flight: watched closely
         if appended:
             self.appended[seq] = (appended, live)
         self.window.take(item, self.track)
@@ -509,6 +517,44 @@ class Session:
                     Close.ACK_TIMEOUT,
                     f"{len(self.window.items)} alerts unacked for {timeout:g} s (window full)",
                 )
+
+    def next_visit(self, now_mono: float, now: float) -> float:
+        """When the ticker must see this session again. While anything is in flight, queued
+        or being written: after one sweep (a window held full, a client that stopped
+        reading). Otherwise at its next deadline: a ping, two silent heartbeats, the
+        token's expiry, a save or record write due. An idle device costs a visit per
+        heartbeat, not one per second."""
+        sweep = self.gw.sweep
+        if self.window.items or self.waiting or self.out or self.writing or self.closing:
+            return now_mono + sweep
+        hb = self.gw.settings.heartbeat_seconds
+        due = min(
+            self.next_ping,
+            self.last_heard + 2 * hb,
+            now_mono + (self.device.claims.exp - now),
+        )
+        if self.needs_checkpoint():
+            due = min(due, self.next_checkpoint)
+        if self.owning:
+            quiet = self.recorded_at + self.gw.settings.retention_seconds / 4
+            due = min(due, self.next_record if self.dirty_record else max(self.next_record, quiet))
+        return max(due, now_mono + TICK_MIN_SECONDS)
+
+    @property
+    def dirty_record(self) -> bool:
+        return self.window.floor != self.recorded_floor
+
+    def checkpoint_planned(self, now_mono: float) -> None:
+        """The queue of a live device is reset to its floor no sooner than
+        ``TOCSIN_QUEUE_SAVE_SECONDS`` from now; the journal holds the floor meanwhile."""
+        self.next_checkpoint = now_mono + self.gw.settings.queue_save_seconds
+
+    @property
+    def journal_floor(self) -> int | None:
+        """The floor for the journal: the device acked past what its queue knows."""
+        if self.window.floor > self.saved_floor and self.owning:
+            return self.window.floor
+        return None
 
     def on_pong(self, ts: float | None) -> None:
         if ts is None:  # a bare pong answers the latest ping
