@@ -22,6 +22,9 @@ SCENARIOS: dict[str, str] = {
     "catch-up and checkpoint cost (in-process gateway)",
     "ownership": "what claiming a device costs per WebSocket handshake: times and NATS "
     "operations (in-process gateway)",
+    "peers": "tocsin beside Socket.IO 4 (Node.js) and the bare ceiling, the same clients "
+    "with and without permessage-deflate offered: latency, deliveries/s, server CPU per "
+    "delivery and per broadcast, idle CPU, memory and connect rate",
     "replicas": "R1 against R3 device consumers on a 3-node cluster, and a node's loss",
     "storm": "a gateway restart (SIGTERM, then SIGKILL) with every device reconnecting at "
     "once: time until all are live with their backlog, handshake failures, JetStream calls",
