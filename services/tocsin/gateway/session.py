@@ -28,6 +28,7 @@ from tocsin.schemas import Alert, Close, ConnectionStats, Error, ErrorCode
 from tocsin.schemas.subscription import Subscription
 
 from .device import Device, Position, Record, checkpoint_due, record_due
+from .events import Event
 from .limits import RateLimit, TokenBucket
 from .live import LiveAlert, alert_frame, expires_of
 from .ownership import Claim, Lost, Suspended
@@ -76,8 +77,8 @@ class Session:
         self.device = device
         self.id = uuid.uuid4().hex
         self.claim: Claim | None = None  # ownership of the device (ownership.py)
-        self.stopped = asyncio.Event()  # close() was called: the handler unwinds
-        self.finished = asyncio.Event()  # let go of the device: acts no more
+        self.stopped: asyncio.Event = Event()  # close() was called: the handler unwinds
+        self.finished: asyncio.Event = Event()  # let go of the device: acts no more
         regions = self.claims_regions = device.claims.receivable_regions()
         self.filters = gw.names.region_filters(regions)  # the token's bound, for the live feed
         self.subscription = Subscription()  # the device's, once its queue is opened
@@ -102,9 +103,9 @@ class Session:
         #: seq -> (when ALERTS stored it, live): timed when its first frame is written.
         self.appended: dict[int, tuple[float, bool]] = {}
         self.written_js: deque[tuple[int, Any]] = deque()  # ack_mode=auto, see _ack_written
-        self.out_ready = asyncio.Event()
-        self.room_ready = asyncio.Event()
-        self.catchup_needed = asyncio.Event()
+        self.out_ready: asyncio.Event = Event()
+        self.room_ready: asyncio.Event = Event()
+        self.catchup_needed: asyncio.Event = Event()
         self.closing: tuple[int, str] | None = None
         self.frames_written = 0
         self.writing = False  # the sender waits for the socket to take a frame
@@ -326,6 +327,7 @@ class Session:
                         await self._touch(reader)
                     finally:
                         read(reader, before)
+                    reader = await self._let_go(reader)
                     continue
                 if reset_needed:
                     pending = await self.checkpoint()
@@ -338,10 +340,21 @@ class Session:
                     await self._drain(reader, pending)
                 finally:
                     read(reader, before)
+                reader = await self._let_go(reader)
         finally:
             if reader is not None:
                 with contextlib.suppress(Exception):
                     await reader.unsubscribe()
+
+    async def _let_go(self, reader: Any) -> Any:
+        """A live session keeps no subscription to its queue (a nats-py subscription with
+        its queue, and one more subscription in nats-server, per device): the reader is
+        bound again, without a JetStream call, the next time the queue is read."""
+        if self.mode is not Mode.LIVE:
+            return reader
+        with contextlib.suppress(Exception):
+            await reader.unsubscribe()
+        return None
 
     @property
     def touch_seconds(self) -> float:
