@@ -233,11 +233,14 @@ class Session:
     ) -> None:
         now = time.monotonic()
         item = InFlight(seq, data, expires, now, js_msg)
-        if self.next_sweep > now + self.gw.sweep and self in self.gw.sessions:
-            self.gw.sessions.schedule(self, now + self.gw.sweep)  # in flight: watched closely
         if appended:
             self.appended[seq] = (appended, live)
         self.window.take(item, self.track)
+        if self._room() <= 0 and self.next_sweep > now + self.gw.sweep and self in self.gw.sessions:
+            # The window is full: the ticker watches it closely again (a client holding it
+            # full, or not reading; Session.next_visit). Not for every delivery: a visit
+            # of each device after each broadcast was most of the ticker's work.
+            self.gw.sessions.schedule(self, now + self.gw.sweep)
         redelivered = seq <= self.high_water
         self.high_water = max(self.high_water, seq)
         self.redelivered += redelivered
@@ -536,7 +539,9 @@ class Session:
         or being written: after one sweep (a window held full, a client that stopped
         reading). Otherwise at its next deadline: a ping, two silent heartbeats, the
         token's expiry, a save or record write due. An idle device costs a visit per
-        heartbeat, not one per second."""
+        heartbeat, not one per second; a delivery brings the visit forward only when it
+        fills the window (_send_new): a client that stops reading is seen at its next
+        visit at the latest, then watched every sweep."""
         sweep = self.gw.sweep
         if self.window.items or self.waiting or self.out or self.writing or self.closing:
             return now_mono + sweep
