@@ -59,7 +59,7 @@ from typing import Any
 try:  # pragma: no cover - depends on the environment
     import uvloop  # type: ignore[import-not-found, unused-ignore]
 except ImportError:  # pragma: no cover
-    uvloop = None
+    uvloop = None  # type: ignore[assignment, unused-ignore]
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 

@@ -24,7 +24,8 @@ Per profile, D devices on each server, the servers taking turns in every phase:
 * **paced**: P broadcasts one second apart per server; the server's CPU over those P
   seconds and one more, per broadcast (what a broadcast costs with all it sets off later);
 * **idle**: right after, with D devices held and nothing sent, each server's CPU over
-  ``--idle`` seconds (tocsin's include the saves its devices' acks call for).
+  ``--idle`` seconds (tocsin's include the saves its devices' acks call for); with
+  ``--settled S``, again from S seconds after the traffic, once those saves are done.
 
 Timestamps: ``CLOCK_MONOTONIC`` in the publisher and in the clients (one clock).
 """
@@ -88,6 +89,7 @@ class Options:
     bursts: int
     paced: int
     idle: float
+    settled: float  # 0: no second idle window; else it starts this long after the traffic
     profiles: tuple[str, ...]
     gateway_env: dict[str, str]
     gateway_code: Path | None
@@ -391,7 +393,14 @@ class ProfileRun:
             }
 
     async def idle(self) -> None:
+        quiet = time.monotonic()  # the last traffic
         await asyncio.sleep(2.0)
+        await self.idle_window("idle")
+        if self.o.settled:
+            await asyncio.sleep(max(0.0, quiet + self.o.settled - time.monotonic()))
+            await self.idle_window("settled")
+
+    async def idle_window(self, key: str) -> None:
         before = {s.name: s.usage() for s in self.sides}
         t0 = time.monotonic()
         await asyncio.sleep(self.o.idle)
@@ -399,7 +408,7 @@ class ProfileRun:
         for side in self.sides:
             used = cpu_between(before[side.name], side.usage())
             pct = {k: round(100 * c / seconds, 2) for k, c in used.items()}
-            side.out["idle"] = {
+            side.out[key] = {
                 "seconds": round(seconds, 1),
                 "devices": side.online,
                 "cpu_percent": pct,
@@ -483,6 +492,14 @@ ROWS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         "idle right after, devices held (% of a core)",
         lambda s: fmt(s["idle"]["cpu_percent_total"], 2) + _parts(s["idle"]["cpu_percent"], 2),
     ),
+    (
+        "idle once settled (--settled s after the traffic; % of a core)",
+        lambda s: (
+            fmt(s["settled"]["cpu_percent_total"], 2) + _parts(s["settled"]["cpu_percent"], 2)
+            if "settled" in s
+            else "—"
+        ),
+    ),
 ]
 
 
@@ -550,6 +567,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--paced", type=int, default=10, help="paced broadcasts per server")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of the idle phase")
     parser.add_argument(
+        "--settled",
+        type=float,
+        default=0.0,
+        help="a second idle window this many seconds after the traffic, once the saves it "
+        "set off are done (tocsin: 65 covers TOCSIN_QUEUE_SAVE_SECONDS and the record "
+        "rewrites); default 0: none",
+    )
+    parser.add_argument(
         "--profiles", default=",".join(PROFILES), help="plain,deflate (default: both)"
     )
     parser.add_argument(
@@ -581,6 +606,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         bursts=args.bursts,
         paced=args.paced,
         idle=args.idle,
+        settled=args.settled,
         profiles=profiles,
         gateway_env=env,
         gateway_code=args.gateway_code.resolve() if args.gateway_code else None,
