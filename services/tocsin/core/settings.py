@@ -120,6 +120,11 @@ class Settings(BaseSettings):
         "consumer reset, ~0.5 ms of nats-server CPU each), when it moved; the journal holds "
         "the position meanwhile, and every close saves it",
     )
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto",
+        description="the gateway's event loop: 'auto' is uvloop where it is installed (a "
+        "dependency), asyncio's own loop otherwise; 'uvloop' fails without it",
+    )
     ws_compression: Literal["off", "client", "on"] = Field(
         default="client",
         description="permessage-deflate: 'client' accepts it from clients that ask with "
