@@ -11,6 +11,7 @@ import base64
 import contextlib
 import hashlib
 import json
+import zlib
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Generator
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from nats.js import JetStreamContext
 from websockets.frames import Frame, Opcode
 
 from tocsin.bench.loadgen import (
+    DEFLATE,
+    ENGINEIO,
     MASK,
     ClientSpec,
     LoadGen,
@@ -121,6 +124,70 @@ def opened_client(
         b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
     )
     return client, w, transport
+
+
+def opened_peer_client(
+    flags: int, extensions: str = ""
+) -> tuple[WsClient, LoadWorker, FakeTransport]:
+    """A client with ``flags`` (Engine.IO, deflate offered) past its handshake, the server
+    answering with ``extensions``."""
+    w = LoadWorker("127.0.0.1", 1, "asyncio", 0)
+    client = WsClient(w, 3, "/socket.io/?EIO=4&transport=websocket", True, flags)
+    transport = FakeTransport()
+    client.connection_made(transport)  # type: ignore[arg-type]
+    request = bytes(transport.written)
+    offered = b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    assert (offered in request) == bool(flags & DEFLATE)
+    key = request.split(b"Sec-WebSocket-Key: ")[1].split(b"\r\n")[0]
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    transport.written.clear()
+    ext = f"Sec-WebSocket-Extensions: {extensions}\r\n".encode() if extensions else b""
+    client.data_received(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n" + ext + b"\r\n"
+    )
+    return client, w, transport
+
+
+def sent_texts(transport: FakeTransport) -> list[bytes]:
+    texts = [bytes(f.data) for f in parse_client_frames(bytes(transport.written))]
+    transport.written.clear()
+    return texts
+
+
+def test_the_engine_io_client_connects_answers_pings_reads_alerts_and_acks() -> None:
+    client, w, transport = opened_peer_client(ENGINEIO)
+    client.data_received(server_frame(b'0{"sid":"s1","pingInterval":25000,"pingTimeout":20000}'))
+    assert sent_texts(transport) == [b"40"]  # connect to the main namespace
+    assert w.open == 0
+    client.data_received(server_frame(b'40{"sid":"n1","pid":"p1"}'))
+    assert w.open == 1 and client.t_established
+    client.data_received(server_frame(b"2"))
+    assert sent_texts(transport) == [b"3"] and w.pings == 1
+    frames = [server_frame(b'42["alert",' + tocsin_alert(s, 100 + s) + b',"off"]') for s in (1, 2)]
+    client.data_received(b"".join(frames))
+    assert list(w.ids) == [101, 102] and w.alerts == 2
+    assert sent_texts(transport) == [b'42["ack",2]']  # one cumulative ack for the read
+
+
+def test_compressed_frames_are_inflated_when_the_server_accepted_deflate() -> None:
+    client, w, transport = opened_peer_client(
+        DEFLATE, "permessage-deflate; server_no_context_takeover"
+    )
+    assert w.deflate_accepted == 1
+    payloads = [b'{"type":"connection_established","pending":0}', tocsin_alert(5, 905)]
+    for payload in payloads:
+        deflate = zlib.compressobj(wbits=-15)
+        body = deflate.compress(payload) + deflate.flush(zlib.Z_SYNC_FLUSH)
+        assert body.endswith(b"\x00\x00\xff\xff")
+        client.data_received(bytes([0xC1, len(body[:-4])]) + body[:-4])  # FIN, RSV1, text
+    assert w.open == 1 and list(w.ids) == [905] and w.inflated == 2
+    assert sent_texts(transport) == [b'{"type":"ack","seq":5}']
+
+
+def test_deflate_accepted_without_an_offer_is_a_failure() -> None:
+    _, w, transport = opened_peer_client(0, "permessage-deflate")
+    assert transport.closed and w.deflate_accepted == 0
 
 
 def test_client_frames_are_masked_as_rfc_6455_says() -> None:
@@ -429,11 +496,15 @@ async def test_against_the_gateway_everyone_gets_everything_and_acks_move_the_fl
         )
         last = sent[-1].seq
 
-        async def floors_moved() -> bool:
+        async def floors_moved() -> bool:  # saved: in the queue, or in the positions journal
+            gw = gateway.gw
             for i in range(devices):
                 consumer = names.device_consumer(f"lg{i}", f"d{i}")
                 info = await js.consumer_info(names.alerts_stream, consumer)
-                if info.ack_floor is None or info.ack_floor.stream_seq != last:
+                if info.ack_floor is not None and info.ack_floor.stream_seq == last:
+                    continue
+                journaled = await gw.journal.read(gw.instance, consumer)
+                if journaled is None or journaled.floor != last:
                     return False
             return True
 

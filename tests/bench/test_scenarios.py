@@ -25,6 +25,7 @@ from tocsin.bench.scenarios import (
     deadlinks,
     delivery,
     ownership,
+    peers,
     push,
     replicas,
     storm,
@@ -342,6 +343,47 @@ async def test_storm_every_device_gets_its_backlog_after_each_restart() -> None:
     assert [r[0] for r in rows] == ["term", "kill"] and {r[6] for r in rows} == {"12/12"}
     per = table_rows(text, "## JetStream per reconnect, storm")
     assert per[-2][0] == "**JS API calls (subscriber)**"
+
+
+async def test_peers_drives_tocsin_socketio_and_the_ceiling_with_both_client_profiles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Socket.IO runs where node is installed (npm ci into a folder of the test's own),
+    and is reported as skipped, with the reason, where it cannot (no node, no npm, no
+    registry to install from)."""
+    monkeypatch.setenv("TOCSIN_BENCH_NODE_DIR", str(tmp_path / "socketio"))
+    o = peers.Options(
+        devices=6,
+        broadcasts=1,
+        burst=3,
+        bursts=1,
+        paced=2,
+        idle=0.5,
+        settled=0,
+        profiles=peers.PROFILES,
+        gateway_env={},
+        gateway_code=None,
+    )
+    results = await peers.Peers(o).run()
+
+    skipped = results.get("socketio_skipped")
+    names = ["tocsin", "ceiling"] if skipped else ["tocsin", "socketio", "ceiling"]
+    for profile in peers.PROFILES:
+        sides = results["profiles"][profile]
+        assert list(sides) == names
+        for name, side in sides.items():
+            assert side["connect"]["ok"] == 6, (name, side["connect"]["failures"])
+            assert side["broadcast"]["missing"] == 0 and side["burst"]["missing"] == 0, name
+            assert side["paced"]["missing"] == 0 and side["broadcast"]["latency_ms"]["n"] == 6
+        assert sides["tocsin"]["returning"]["ok"] == 6
+        accepted = {n: s["deflate_accepted"] for n, s in sides.items()}
+        # tocsin compresses only for connections that also ask in their query (the
+        # default TOCSIN_WS_COMPRESSION=client); bare aiohttp accepts every offer
+        want = 6 if profile == "deflate" else 0
+        assert accepted["tocsin"] == 0 and accepted["ceiling"] == want
+    text = peers.report(results, WHEN)
+    rows = table_rows(text, "## Clients that offer no compression")
+    assert rows[0][0].startswith("time to accept") and len(rows[0]) == 1 + len(names)
 
 
 def test_storm_options_are_checked_by_name(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,8 +9,10 @@ from nats.js import JetStreamContext
 
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
+from tocsin.gateway.journal import Journal
+from tocsin.gateway.records import DeviceRecords
 
-from ..support import Client, GatewayProcess, alert, append, start_gateway, token
+from ..support import Client, GatewayProcess, alert, append, eventually, start_gateway, token
 
 
 async def test_two_gateway_processes_serve_one_users_two_devices(
@@ -115,4 +117,44 @@ async def test_gateway_killed_mid_stream_loses_nothing(
             delivered.append(frame["seq"])  # last checkpoint: clients drop it by alert_id
         await back.send({"type": "ack", "seq": frame["seq"]})
     assert delivered == seqs
+    await back.close()
+
+
+async def test_a_killed_gateways_devices_resume_from_its_positions_journal(
+    make_settings: Callable[..., Settings],
+    js: JetStreamContext,
+    names: Names,
+    gateway_process: Callable[[Settings], GatewayProcess],
+) -> None:
+    """A live device's queue is not told of its acks while connected (its reset is an hour
+    away here): the gateway's positions journal is, every checkpoint interval. After a
+    kill -9 the device's next connection starts from the journal: nothing it acked before
+    the journal was written comes again, and nothing after is skipped."""
+    settings = make_settings(checkpoint_seconds=0.2, queue_save_seconds=3600)
+    proc = gateway_process(settings)
+    tok = token("jo")
+    client = await Client.connect(proc.ws_url, tok)
+    await client.next("connection_established")
+    acked = [(await append(js, names, alert())).seq for _ in range(5)]
+    assert [f["seq"] for f in await client.alerts(5, ack=True)] == acked
+    consumer = names.device_consumer("jo", "phone")
+    journal = Journal(js, names, "reader")
+
+    async def journaled() -> bool:
+        gateway = ((await DeviceRecords(js, names).recorded(consumer)) or {}).get("gateway")
+        at = await journal.read(str(gateway), consumer) if gateway else None
+        return at is not None and at.floor == acked[-1] and at.sent == acked[-1]
+
+    await eventually(journaled, what="the acks in the positions journal")
+    info = await js.consumer_info(names.alerts_stream, consumer)
+    assert info.ack_floor is None or info.ack_floor.stream_seq < acked[0]  # the queue: not
+    proc.stop(signal.SIGKILL)
+    await client.wait_closed()
+    await client.close()
+    later = [(await append(js, names, alert())).seq for _ in range(2)]
+    back = await Client.connect(gateway_process(settings).ws_url, tok)
+    hello = await back.next("connection_established")
+    assert hello["pending"] == 2
+    assert [f["seq"] for f in await back.alerts(2, ack=True)] == later
+    await back.nothing_more(0.5)
     await back.close()

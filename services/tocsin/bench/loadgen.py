@@ -50,6 +50,7 @@ import threading
 import time
 import traceback
 import types
+import zlib
 from array import array
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -58,7 +59,7 @@ from typing import Any
 try:  # pragma: no cover - depends on the environment
     import uvloop  # type: ignore[import-not-found, unused-ignore]
 except ImportError:  # pragma: no cover
-    uvloop = None
+    uvloop = None  # type: ignore[assignment, unused-ignore]
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 
@@ -123,6 +124,13 @@ ALERT_RE = re.compile(
     rb'"alert":\{"alert_id":(?:(\d+)|"([^"\\]*)")'
 )
 PING_PREFIX = b'{"type":"ping"'
+#: Engine.IO v4 / Socket.IO (tocsin bench peers): an event packet carrying an alert frame
+#: as tocsin writes it, ``42["alert",{"type":"alert",...},"<offset>"]``.
+EIO_ALERT_PREFIX = b'42["alert",'
+#: What a client offers, like a browser (RFC 7692).
+DEFLATE_OFFER = "permessage-deflate; client_max_window_bits"
+#: Client flags (ClientSpec): speak Engine.IO v4 over the socket; offer permessage-deflate.
+ENGINEIO, DEFLATE = 1, 2
 ESTABLISHED_PREFIX = b'{"type":"connection_established"'
 TS_RE = re.compile(rb'"ts"\s*:\s*(-?[0-9][0-9.eE+-]*|null)')
 TYPE_RE = re.compile(rb'\{\s*"type"\s*:\s*"([^"\\]*)"')
@@ -165,10 +173,14 @@ class WsClient(asyncio.BufferedProtocol):
         "buf",
         "close_sent",
         "code",
+        "eio",
+        "flags",
         "frag",
         "frag_op",
         "http_status",
         "idx",
+        "inflate",
+        "inflate_bits",
         "need",
         "request",
         "state",
@@ -179,9 +191,10 @@ class WsClient(asyncio.BufferedProtocol):
         "waiter",
     )
 
-    def __init__(self, w: Worker, idx: int, path_and_query: str, ack: bool) -> None:
+    def __init__(self, w: Worker, idx: int, path_and_query: str, ack: bool, flags: int = 0) -> None:
         key = base64.b64encode(os.urandom(16))
         self.accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
+        offer = f"Sec-WebSocket-Extensions: {DEFLATE_OFFER}\r\n" if flags & DEFLATE else ""
         self.request = (
             f"GET {path_and_query} HTTP/1.1\r\n"
             f"Host: {w.host_header}\r\n"
@@ -189,8 +202,13 @@ class WsClient(asyncio.BufferedProtocol):
             "Connection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key.decode()}\r\n"
             "Sec-WebSocket-Version: 13\r\n"
+            f"{offer}"
             "\r\n"
         ).encode("latin-1")
+        self.flags = flags
+        self.eio = bool(flags & ENGINEIO)
+        self.inflate: Any = None  # a zlib decompressor once the server accepted deflate
+        self.inflate_bits = 0  # negative: a fresh decompressor per message (no takeover)
         self.w = w
         self.idx = idx
         self.ack = ack
@@ -306,6 +324,12 @@ class WsClient(asyncio.BufferedProtocol):
                 need = end - pos
                 break
             if b0 == 0x81:  # a whole text frame: the common case
+                if self.eio:
+                    seq = self._eio(data, start, end, now)
+                    if seq > high:
+                        high = seq
+                    pos = end
+                    continue
                 m = alert_match(data, start, end)
                 if m is not None:
                     seq = int(m[1])
@@ -337,13 +361,73 @@ class WsClient(asyncio.BufferedProtocol):
             if w.ack_interval:
                 w.ack_later(self)
             else:
-                self.transport.write(text_frame(b'{"type":"ack","seq":%d}' % high))  # type: ignore[union-attr]
+                self.transport.write(self.ack_frame(high))  # type: ignore[union-attr]
                 w.acks += 1
+
+    def ack_frame(self, seq: int) -> bytes:
+        """A cumulative ack: tocsin's frame, or a Socket.IO ``ack`` event to the peer."""
+        return text_frame((b'42["ack",%d]' if self.eio else b'{"type":"ack","seq":%d}') % seq)
+
+    def _text(self, text: bytes, now: int) -> int:
+        """A whole text message off the fast path (inflated, or reassembled)."""
+        if self.eio:
+            return self._eio(text, 0, len(text), now)
+        m = ALERT_RE.match(text)
+        if m is None:
+            return self._message(text, now)
+        w = self.w
+        aid = m[2]
+        w.ids.append(int(aid) if aid is not None else alert_key(m[3]))
+        w.times.append(now)
+        w.client_idx.append(self.idx)
+        w.alerts += 1
+        w.frames += 1
+        return int(m[1])
+
+    def _eio(self, data: bytes | bytearray, start: int, end: int, now: int) -> int:
+        """One Engine.IO v4 packet (Socket.IO over it); returns the seq of an alert."""
+        w = self.w
+        kind = data[start] if end > start else 0
+        if kind == 0x34:  # "4": a Socket.IO packet
+            if data[start : start + 11] == EIO_ALERT_PREFIX:
+                m = ALERT_RE.match(data, start + 11, end)
+                if m is not None:
+                    aid = m[2]
+                    w.ids.append(int(aid) if aid is not None else alert_key(m[3]))
+                    w.times.append(now)
+                    w.client_idx.append(self.idx)
+                    w.alerts += 1
+                    w.frames += 1
+                    return int(m[1])
+                w.count(b"(unreadable)")
+                return 0
+            sub = data[start + 1] if end > start + 1 else 0
+            if sub == 0x30:  # "40{...}": connected to the namespace
+                self._established(now)
+                w.count(b"connection_established")
+            elif sub == 0x34:  # "44": connect error
+                w.count(b"(socket.io connect error)")
+                self._fail(f"socket.io: {bytes(data[start:end])[:200]!r}")
+            else:
+                w.count(b"(socket.io packet)")
+            return 0
+        if kind == 0x32:  # "2": ping; the answer is "3"
+            self.transport.write(text_frame(b"3"))  # type: ignore[union-attr]
+            w.pings += 1
+            w.count(b"ping")
+        elif kind == 0x30:  # "0{...}": open; connect to the main namespace
+            self.transport.write(text_frame(b"40"))  # type: ignore[union-attr]
+            w.count(b"(engine.io open)")
+        else:
+            w.count(b"(engine.io packet)")
+        return 0
 
     def _frame(self, b0: int, data: bytes | bytearray, start: int, end: int, now: int) -> int:
         """Any frame but a whole text frame; returns the seq of an alert it completes."""
         op = b0 & 0x0F
         fin = b0 & 0x80
+        if b0 & 0x40 and self.inflate is not None and fin and op in (OP_TEXT, OP_BINARY):
+            return self._inflated(op, bytes(data[start:end]), now)
         if b0 & 0x70:
             self._protocol_error("reserved bits set")
             return 0
@@ -364,7 +448,7 @@ class WsClient(asyncio.BufferedProtocol):
             message = bytes(self.frag)
             self.frag = None
             if self.frag_op == OP_TEXT:
-                return self._message(message, now)
+                return self._text(message, now)
             self.w.count(b"(binary)")
             return 0
         payload = bytes(data[start:end])
@@ -381,6 +465,21 @@ class WsClient(asyncio.BufferedProtocol):
         elif op != OP_PONG:
             self._protocol_error(f"opcode {op}")
         return 0
+
+    def _inflated(self, op: int, payload: bytes, now: int) -> int:
+        """A compressed message (RFC 7692): inflated, then read as any other."""
+        if self.inflate_bits < 0:  # server_no_context_takeover: every message stands alone
+            self.inflate = zlib.decompressobj(self.inflate_bits)
+        try:
+            text = self.inflate.decompress(payload + b"\x00\x00\xff\xff")
+        except zlib.error as exc:
+            self._protocol_error(f"inflate: {exc}")
+            return 0
+        self.w.inflated += 1
+        if op != OP_TEXT:
+            self.w.count(b"(binary)")
+            return 0
+        return self._text(text, now)
 
     def _message(self, text: bytes, now: int) -> int:
         """A text message off the fast path; returns its seq if it is an alert."""
@@ -484,6 +583,16 @@ class WsClient(asyncio.BufferedProtocol):
             self._fail("101 without the right Sec-WebSocket-Accept")
             return
         self.accept = ""
+        extensions = headers.get("sec-websocket-extensions", "")
+        if "permessage-deflate" in extensions:
+            if not self.flags & DEFLATE:
+                self._fail("permessage-deflate accepted but not offered")
+                return
+            bits = re.search(r"server_max_window_bits=(\d+)", extensions)
+            wbits = -int(bits[1]) if bits else -15
+            self.inflate = zlib.decompressobj(wbits)
+            self.inflate_bits = wbits if "server_no_context_takeover" in extensions else 0
+            self.w.deflate_accepted += 1
         self.state = OPEN
         if rest:
             self._frames(rest, len(rest))
@@ -560,6 +669,8 @@ class Worker:
         self.pings = 0
         self.ws_pings = 0
         self.acks = 0
+        self.deflate_accepted = 0  # handshakes whose server accepted permessage-deflate
+        self.inflated = 0  # compressed messages received
 
     def ack_later(self, client: WsClient) -> None:
         self.dirty.add(client)
@@ -572,7 +683,7 @@ class Worker:
         self.ack_timer = None
         for client in self.dirty:
             if client.state == LIVE and client.transport is not None:
-                client.transport.write(text_frame(b'{"type":"ack","seq":%d}' % client.acked))
+                client.transport.write(client.ack_frame(client.acked))
                 self.acks += 1
         self.dirty.clear()
 
@@ -583,7 +694,7 @@ class Worker:
     # -------------------------------------------------------- commands
 
     async def connect(
-        self, specs: list[tuple[int, str, bool]], concurrency: int, timeout: float
+        self, specs: list[tuple[int, str, bool, int]], concurrency: int, timeout: float
     ) -> tuple[int, dict[str, int], list[tuple[int, float, int]]]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -594,8 +705,8 @@ class Worker:
 
         async def one_at_a_time() -> None:
             nonlocal ok
-            for idx, path, ack in pending:
-                client = WsClient(self, idx, path, ack)
+            for idx, path, ack, *flags in pending:
+                client = WsClient(self, idx, path, ack, flags[0] if flags else 0)
                 waiter = client.waiter = loop.create_future()
 
                 def protocol(c: WsClient = client) -> WsClient:
@@ -649,6 +760,8 @@ class Worker:
             "pings_answered": self.pings,
             "ws_pings_answered": self.ws_pings,
             "acks_sent": self.acks,
+            "deflate_accepted": self.deflate_accepted,
+            "inflated": self.inflated,
             "alerts": self.alerts,
             "frames": self.frames,
         }
@@ -782,6 +895,12 @@ async def _serve(conn: Connection, w: Worker) -> None:
 class ClientSpec:
     path_and_query: str  # e.g. "/api/v1/alerts/ws?auth_token=...&client_id=d17&ack_mode=client"
     ack: bool = True  # send a cumulative ack after each read that brought alerts
+    engineio: bool = False  # speak Engine.IO v4 / Socket.IO (the peer of tocsin bench peers)
+    deflate: bool = False  # offer permessage-deflate in the handshake, as browsers do
+
+    @property
+    def flags(self) -> int:
+        return (ENGINEIO if self.engineio else 0) | (DEFLATE if self.deflate else 0)
 
 
 @dataclass
@@ -817,6 +936,8 @@ class Status:
     acks_sent: int
     alerts: int  # alert frames received since the start
     frames: int  # text messages received since the start
+    deflate_accepted: int = 0  # handshakes whose server accepted permessage-deflate
+    inflated: int = 0  # compressed messages received
 
 
 @dataclass(frozen=True)
@@ -985,9 +1106,9 @@ class LoadGen:
         first = self._next_client
         self._next_client += len(specs)
         n = len(self._handles)
-        shares: list[list[tuple[int, str, bool]]] = [[] for _ in range(n)]
+        shares: list[list[tuple[int, str, bool, int]]] = [[] for _ in range(n)]
         for i, spec in enumerate(specs):
-            shares[i % n].append((first + i, spec.path_and_query, spec.ack))
+            shares[i % n].append((first + i, spec.path_and_query, spec.ack, spec.flags))
         per_worker = max(1, -(-concurrency // n))
         results = await asyncio.gather(
             *(
@@ -1041,6 +1162,8 @@ class LoadGen:
             total.acks_sent += s["acks_sent"]
             total.alerts += s["alerts"]
             total.frames += s["frames"]
+            total.deflate_accepted += s["deflate_accepted"]
+            total.inflated += s["inflated"]
         return total
 
     async def usage(self) -> list[ProcUsage]:

@@ -23,6 +23,9 @@ from tocsin.schemas.alert import is_region, region_contains
 # --- headers and metadata keys (every one tocsin writes or reads) ---------------------
 #: JetStream's idempotency key: the alert id (``ALERTS`` drops a repeat in its window).
 MSG_ID_HEADER = "Nats-Msg-Id"
+#: The token of ``DEVICES`` subjects that hold gateways' positions journals, not a device
+#: (no consumer name starts with ``_``).
+POSITIONS = "_positions"
 #: JetStream's per-message TTL, whole seconds (the stream allows message TTLs).
 TTL_HEADER = "Nats-TTL"
 #: A write conditional on the sequence of the subject's last message (device records).
@@ -317,6 +320,11 @@ class Names:
     #: The notifier's durable on ``ALERTS`` (every alert, judged once), and on ``PUSH``.
     notifier_consumer: str = "notifier"
     push_consumer: str = "notifier-push"
+
+    def positions_subject(self, instance: str, shard: int) -> str:
+        """A shard of gateway ``instance``'s positions journal in ``DEVICES`` (the acked
+        floors of its live devices, gateway/journal.py). ``_positions`` is no consumer name."""
+        return f"{self._subject_prefix}tocsin.devices.{POSITIONS}.{instance}.{shard}"
 
     # --- core NATS control subjects -------------------------------------------------
     def legacy_takeover_subject(self, consumer: str) -> str:

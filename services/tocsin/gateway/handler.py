@@ -194,12 +194,19 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
                 session, device.user_id, device.client_id
             )
             gw.feed.register(session)  # before the queue is opened: live alerts buffer
+            found = claim.found
+            journaled = None
+            if found is not None and found.owner is not None and found.gateway is not None:
+                # Its owner did not let go (its gateway was killed or lost NATS): what the
+                # device acked since its queue last heard is in that gateway's journal.
+                journaled = await gw.journal.read(found.gateway, session.consumer)
             opened = await gw.queues.open(
                 device.user_id,
                 device.client_id,
                 device.claims.receivable_regions(),
                 device.filters,
-                claim.found,
+                found,
+                journaled,
             )
         session.resume(opened.position, opened.subscription)
         if session.closing:  # asked to leave while opening: let go at once

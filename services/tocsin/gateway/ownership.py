@@ -39,6 +39,7 @@ from tocsin.core.naming import Names
 from tocsin.schemas import Close
 
 from .device import Record
+from .events import Event
 from .queue import QueueError
 from .records import Conflict, DeviceRecords
 
@@ -101,9 +102,9 @@ class Claim:
     seq: int
     found: Record | None  # the device's record before the claim
     state: State = State.OWNING
-    usable: asyncio.Event = field(default_factory=asyncio.Event)
+    usable: asyncio.Event = field(default_factory=Event)
     #: Set while the claim is not SUSPENDED: what a session that ended off NATS waits for.
-    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    settled: asyncio.Event = field(default_factory=Event)
     #: It was SUSPENDED at some time: what the session knows of its queue may be stale (a
     #: restarted nats-server may have lost its latest writes), so its close saves anyway.
     was_suspended: bool = False

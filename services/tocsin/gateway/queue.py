@@ -149,12 +149,15 @@ class DeviceQueues:
         regions: tuple[str, ...] | None,
         filters: Filters | None = None,
         recorded: Record | None = None,
+        journaled: Position | None = None,
     ) -> Opened:
         """Find or create the device's queue, bring its subscription and subject filters up to
         date, rewind it to its acknowledged position and cut its backlog to
         ``TOCSIN_OFFLINE_QUEUE_MAX`` (newest kept). ``filters`` (from the connect's query)
         replace the stored ones; None keeps them. ``recorded``: the device's record, read
         when its session claimed it; only a record with a floor can rebuild the queue.
+        ``journaled``: the device's position in its last owner's positions journal (that
+        owner did not let go: journal.py); delivery resumes past its floor if it is ahead.
         The caller owns the device (ownership.py) and writes its record.
         """
         if recorded is not None and recorded.floor is None:
@@ -185,7 +188,10 @@ class DeviceQueues:
         changed = await self._apply(info.config, subscription, regions)
         start_seq = info.config.opt_start_seq or 1
         floor = max(info.ack_floor.stream_seq if info.ack_floor else 0, start_seq - 1)
-        if not changed and at_floor(info, floor):
+        ahead = journaled is not None and journaled.floor > floor
+        if journaled is not None and ahead:
+            floor = journaled.floor  # acked by the device: the queue had not heard yet
+        if not changed and not ahead and at_floor(info, floor):
             pending = int(info.num_pending or 0)  # a reset would change nothing
         else:
             pending = await self.reset(name, floor + 1)
@@ -203,6 +209,8 @@ class DeviceQueues:
         sent = int((info.config.metadata or {}).get(SENT_KEY, "0") or 0)
         if recorded is not None:
             sent = max(sent, recorded.sent)
+        if journaled is not None:
+            sent = max(sent, journaled.sent)
         return Opened(name, Position(floor, sent), pending, dropped, False, subscription)
 
     async def _create(

@@ -8,6 +8,8 @@ its counters are added to :class:`Totals`, so a counter never goes down.
 from __future__ import annotations
 
 import bisect
+import heapq
+import itertools
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -178,6 +180,29 @@ class Sessions(set["Session"]):
         self.timings = Timings()
         #: The gateway's background tasks by name (context.py keeps them up to date).
         self.tasks: dict[str, TaskStatus] = {}
+        #: When the ticker visits each session next, a heap of (time, n, session); an entry
+        #: whose time is not its session's ``next_sweep`` (rescheduled) or whose session
+        #: left is skipped.
+        self._due: list[tuple[float, int, Session]] = []
+        self._order = itertools.count()
+
+    def schedule(self, session: Session, at: float) -> None:
+        session.next_sweep = at
+        heapq.heappush(self._due, (at, next(self._order), session))
+
+    def due(self, now_mono: float) -> list[Session]:
+        """The open sessions whose visit is due, each once; they are to be scheduled again."""
+        heap, out = self._due, []
+        while heap and heap[0][0] <= now_mono:
+            at, _, session = heapq.heappop(heap)
+            if at == session.next_sweep and session in self:
+                session.next_sweep = float("inf")  # taken: a second entry of it is skipped
+                out.append(session)
+        if len(heap) > 2 * len(self) + 1024:  # mostly stale: closed or rescheduled sessions
+            live = [(e[0], e[1], e[2]) for e in heap if e[0] == e[2].next_sweep and e[2] in self]
+            heapq.heapify(live)
+            self._due = live
+        return out
 
     def task(self, name: str) -> TaskStatus:
         return self.tasks.setdefault(name, TaskStatus())
@@ -206,6 +231,7 @@ class Sessions(set["Session"]):
         if session not in self:
             self.totals.opened += 1
             super().add(session)
+            self.schedule(session, session.next_sweep)
 
     def discard(self, session: object) -> None:
         if session in self:

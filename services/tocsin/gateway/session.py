@@ -28,6 +28,7 @@ from tocsin.schemas import Alert, BacklogSuperseded, Close, ConnectionStats, Err
 from tocsin.schemas.subscription import Subscription
 
 from .device import Device, Position, Record, checkpoint_due, record_due
+from .events import Event
 from .limits import RateLimit, TokenBucket
 from .live import LiveAlert, alert_frame, expires_of
 from .ownership import Claim, Lost, Suspended
@@ -51,6 +52,8 @@ PING = WSMsgType.PING
 #: A closing handshake (close frame out, the client's back) may take this long, capped at
 #: one heartbeat; then the socket is aborted. Nothing of the device waits for it.
 CLOSE_SECONDS = 5.0
+#: A session's next visit by the ticker is at least this far ahead.
+TICK_MIN_SECONDS = 0.05
 #: The same, for a peer found silent or not reading (4000, 4008).
 DEAD_CLOSE_SECONDS = 0.2
 
@@ -79,8 +82,8 @@ class Session:
         self.device = device
         self.id = uuid.uuid4().hex
         self.claim: Claim | None = None  # ownership of the device (ownership.py)
-        self.stopped = asyncio.Event()  # close() was called: the handler unwinds
-        self.finished = asyncio.Event()  # let go of the device: acts no more
+        self.stopped: asyncio.Event = Event()  # close() was called: the handler unwinds
+        self.finished: asyncio.Event = Event()  # let go of the device: acts no more
         regions = self.claims_regions = device.claims.receivable_regions()
         self.filters = gw.names.region_filters(regions)  # the token's bound, for the live feed
         self.subscription = Subscription()  # the device's, once its queue is opened
@@ -105,9 +108,9 @@ class Session:
         #: seq -> (when ALERTS stored it, live): timed when its first frame is written.
         self.appended: dict[int, tuple[float, bool]] = {}
         self.written_js: deque[tuple[int, Any]] = deque()  # ack_mode=auto, see _ack_written
-        self.out_ready = asyncio.Event()
-        self.room_ready = asyncio.Event()
-        self.catchup_needed = asyncio.Event()
+        self.out_ready: asyncio.Event = Event()
+        self.room_ready: asyncio.Event = Event()
+        self.catchup_needed: asyncio.Event = Event()
         self.closing: tuple[int, str] | None = None
         self.frames_written = 0
         self.writing = False  # the sender waits for the socket to take a frame
@@ -117,9 +120,12 @@ class Session:
         self.next_ping = now + gw.settings.heartbeat_seconds
         self.last_heard = now  # any frame from the client: it is alive
         self.latency_ms: float | None = None
-        # staggered: sessions that connected together do not all save at the same tick
-        self.next_checkpoint = now + random.uniform(0, gw.settings.checkpoint_seconds)
-        self.next_sweep = now + random.random()  # the ticker's once-a-second visit (context)
+        # staggered: sessions that connected together do not all save at the same tick.
+        # Meanwhile the journal (journal.py) holds the floor, every checkpoint interval.
+        self.next_checkpoint = now + random.uniform(0, gw.settings.queue_save_seconds)
+        #: The ticker's next visit (context.py): soon while alerts are in flight, else at
+        #: the session's next deadline (next_visit).
+        self.next_sweep = now + random.random()
         self.next_record = now + RECORD_SECONDS  # the record was written at connect
         self.recorded_floor = -1  # the floor the device's record holds (resume() sets it)
         self.recorded_at = now
@@ -230,10 +236,16 @@ class Session:
         appended: float = 0.0,
         live: bool = True,
     ) -> None:
-        item = InFlight(seq, data, expires, time.monotonic(), js_msg)
+        now = time.monotonic()
+        item = InFlight(seq, data, expires, now, js_msg)
         if appended:
             self.appended[seq] = (appended, live)
         self.window.take(item, self.track)
+        if self._room() <= 0 and self.next_sweep > now + self.gw.sweep and self in self.gw.sessions:
+            # The window is full: the ticker watches it closely again (a client holding it
+            # full, or not reading; Session.next_visit). Not for every delivery: a visit
+            # of each device after each broadcast was most of the ticker's work.
+            self.gw.sessions.schedule(self, now + self.gw.sweep)
         redelivered = seq <= self.high_water
         self.high_water = max(self.high_water, seq)
         self.redelivered += redelivered
@@ -323,6 +335,7 @@ class Session:
                         await self._touch(reader)
                     finally:
                         read(reader, before)
+                    reader = await self._let_go(reader)
                     continue
                 if reset_needed:
                     pending = await self.checkpoint()
@@ -335,10 +348,21 @@ class Session:
                     await self._drain(reader, pending)
                 finally:
                     read(reader, before)
+                reader = await self._let_go(reader)
         finally:
             if reader is not None:
                 with contextlib.suppress(Exception):
                     await reader.unsubscribe()
+
+    async def _let_go(self, reader: Any) -> Any:
+        """A live session keeps no subscription to its queue (a nats-py subscription with
+        its queue, and one more subscription in nats-server, per device): the reader is
+        bound again, without a JetStream call, the next time the queue is read."""
+        if self.mode is not Mode.LIVE:
+            return reader
+        with contextlib.suppress(Exception):
+            await reader.unsubscribe()
+        return None
 
     @property
     def touch_seconds(self) -> float:
@@ -531,6 +555,46 @@ class Session:
                     Close.ACK_TIMEOUT,
                     f"{len(self.window.items)} alerts unacked for {timeout:g} s (window full)",
                 )
+
+    def next_visit(self, now_mono: float, now: float) -> float:
+        """When the ticker must see this session again. While anything is in flight, queued
+        or being written: after one sweep (a window held full, a client that stopped
+        reading). Otherwise at its next deadline: a ping, two silent heartbeats, the
+        token's expiry, a save or record write due. An idle device costs a visit per
+        heartbeat, not one per second; a delivery brings the visit forward only when it
+        fills the window (_send_new): a client that stops reading is seen at its next
+        visit at the latest, then watched every sweep."""
+        sweep = self.gw.sweep
+        if self.window.items or self.waiting or self.out or self.writing or self.closing:
+            return now_mono + sweep
+        hb = self.gw.settings.heartbeat_seconds
+        due = min(
+            self.next_ping,
+            self.last_heard + 2 * hb,
+            now_mono + (self.device.claims.exp - now),
+        )
+        if self.needs_checkpoint():
+            due = min(due, self.next_checkpoint)
+        if self.owning:
+            quiet = self.recorded_at + self.gw.settings.retention_seconds / 4
+            due = min(due, self.next_record if self.dirty_record else max(self.next_record, quiet))
+        return max(due, now_mono + TICK_MIN_SECONDS)
+
+    @property
+    def dirty_record(self) -> bool:
+        return self.window.floor != self.recorded_floor
+
+    def checkpoint_planned(self, now_mono: float) -> None:
+        """The queue of a live device is reset to its floor no sooner than
+        ``TOCSIN_QUEUE_SAVE_SECONDS`` from now; the journal holds the floor meanwhile."""
+        self.next_checkpoint = now_mono + self.gw.settings.queue_save_seconds
+
+    @property
+    def journal_floor(self) -> int | None:
+        """The floor for the journal: the device acked past what its queue knows."""
+        if self.window.floor > self.saved_floor and self.owning:
+            return self.window.floor
+        return None
 
     def on_pong(self, ts: float | None) -> None:
         if ts is None:  # a bare pong answers the latest ping

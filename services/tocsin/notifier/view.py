@@ -16,7 +16,7 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
-from tocsin.core.naming import Names
+from tocsin.core.naming import POSITIONS, Names
 from tocsin.gateway.device import Record
 from tocsin.gateway.push import Registration
 
@@ -55,7 +55,9 @@ class DevicesView:
         subject: str = msg.subject
         consumer = self._names.consumer_of_devices_subject(subject)
         meta = msg.metadata
-        if Names.is_push_subject(subject):
+        if consumer == POSITIONS:
+            pass  # a gateway's positions journal (gateway/journal.py): no device of its own
+        elif Names.is_push_subject(subject):
             reg = Registration.parse(msg.data)
             if reg is not None and reg.active:
                 self.registrations[consumer] = (meta.sequence.stream, reg)

@@ -26,6 +26,9 @@ SCENARIOS: dict[str, str] = {
     "operations (in-process gateway)",
     "push": "push notifications to 10,000 registered offline devices: pushes/s and the "
     "delay from append to push request (the notifier against a local FCM stand-in)",
+    "peers": "tocsin beside Socket.IO 4 (Node.js) and the bare ceiling, the same clients "
+    "with and without permessage-deflate offered: latency, deliveries/s, server CPU per "
+    "delivery and per broadcast, idle CPU, memory and connect rate",
     "replicas": "R1 against R3 device consumers on a 3-node cluster, and a node's loss",
     "storm": "a gateway restart (SIGTERM, then SIGKILL) with every device reconnecting at "
     "once: time until all are live with their backlog, handshake failures, JetStream calls",

@@ -523,9 +523,10 @@ class DeliveryBench(InProcessBench):
         gateway = PathStats(f"tocsin gateway: 1 ordered consumer -> {n_ws} WebSockets")
         durable = PathStats(f"{n_pull} durable pull consumers, fetch(1) long-poll, no gateway")
 
-        async def settle_gateway() -> None:  # this broadcast's checkpoints are written
-            if not await wait_for(lambda: not any(s.needs_checkpoint() for s in gw.gw.sessions), 5):
-                self.results["anomalies"].append("gateway checkpoints not written within 5 s")
+        async def settle_gateway() -> None:  # this broadcast's positions are journaled
+            journal, sessions = gw.gw.journal, gw.gw.sessions
+            if not await wait_for(lambda: not journal.snapshot(sessions), 5):
+                self.results["anomalies"].append("gateway positions not journaled within 5 s")
             await asyncio.sleep(0.1)
 
         async def settle_durables() -> None:  # acks sent, long polls re-armed
