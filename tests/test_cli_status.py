@@ -166,7 +166,7 @@ async def test_status_reports_exactly_the_traffic_it_was_given(
     assert doc["namespace"] == names.namespace
 
     streams = doc["streams"]
-    assert list(streams) == ["alerts", "ingest", "dlq", "devices", "push_dlq"]
+    assert list(streams) == ["alerts", "ingest", "dlq", "devices", "alert_index", "push_dlq"]
     assert all(set(s) == STREAM_KEYS and s["exists"] for s in streams.values())
     alerts = streams["alerts"]
     assert alerts["name"] == names.alerts_stream

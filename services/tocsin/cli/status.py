@@ -54,6 +54,7 @@ STREAMS = (
     ("ingest", "ingest_stream"),
     ("dlq", "dlq_stream"),
     ("devices", "devices_stream"),
+    ("alert_index", "index_stream"),
     ("push_dlq", "push_dlq_stream"),
 )
 _JS_API = "$JS.API"
