@@ -16,7 +16,9 @@ from nats.js.errors import NotFoundError
 from tocsin.bench.pushsink import PushSink
 from tocsin.cli.status import collect
 from tocsin.core.naming import Names
+from tocsin.gateway.journal import Journal
 from tocsin.gateway.push import PushRegistrations
+from tocsin.gateway.records import DeviceRecords
 from tocsin.ingest.pipeline import store_alert
 from tocsin.notifier.app import app_notifiers, create_app
 from tocsin.schemas import Alert
@@ -377,7 +379,8 @@ async def test_a_device_whose_gateway_was_killed_is_pushed_what_it_had_not_acked
     gateway_process: Any,
 ) -> None:
     """Its record still names an owner, but the owner's gateway has no lease any more: the
-    device is offline, and its queue's ack floor (the last checkpoint) says what it had."""
+    device is offline, and what its gateway last saved of its acks (the queue's ack floor,
+    or the gateway's positions journal, written every checkpoint) says what it had."""
     settings = push_settings()
     gateway = gateway_process(settings)
     app = create_app(settings, list(settings.nats_url))
@@ -392,9 +395,17 @@ async def test_a_device_whose_gateway_was_killed_is_pushed_what_it_had_not_acked
         await client.alerts(1, ack=True)  # acked; a checkpoint (0.2 s) saves it
         consumer = names.device_consumer("crash", "phone")
 
+        journal = Journal(js, names, "test")
+
         async def checkpointed() -> bool:
             info = await js.consumer_info(names.alerts_stream, consumer)
-            return bool(info.ack_floor and info.ack_floor.stream_seq >= 1)
+            if info.ack_floor and info.ack_floor.stream_seq >= 1:
+                return True
+            _, record = await DeviceRecords(js, names).read(consumer)
+            if record is None or not record.gateway:
+                return False
+            journaled = await journal.read(record.gateway, consumer)
+            return journaled is not None and journaled.floor >= 1
 
         await eventually(checkpointed, 10, "the ack checkpointed")
         gateway.kill()  # kill -9: the record keeps its owner

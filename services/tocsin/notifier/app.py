@@ -52,6 +52,7 @@ from tocsin.core.natsauth import connect_options
 from tocsin.core.settings import Settings
 from tocsin.core.topology import apply_topology
 from tocsin.gateway.device import Record
+from tocsin.gateway.journal import Journal
 from tocsin.gateway.push import PushRegistrations
 from tocsin.ingest.app import _faststream_logger, _fetch_timeouts_as_documented
 from tocsin.ingest.metrics import serve
@@ -107,8 +108,8 @@ def retry_delay(
 def _exact(record: Record | None) -> bool:
     """The record's floor is the device's: written by the release (no owner) after the
     session's last save, and nothing moves a queue nobody owns. Otherwise (no record, a
-    queue never opened, an owner: connected, or its gateway died) the queue's ack floor
-    may be further."""
+    queue never opened, an owner: connected, or its gateway died) the queue's ack floor,
+    or the owner's positions journal, may be further."""
     return record is not None and record.floor is not None and not record.owner
 
 
@@ -141,6 +142,7 @@ class Notifier:
     async def start(self, js: JetStreamContext, nc: Client | None = None) -> None:
         self._js = js
         self.ledger = Ledger(js, self.names, nc)
+        self.journal = Journal(js, self.names, "notifier")  # read only: gateways' positions
         self.registrations = PushRegistrations(js, self.names)
         await self.supersessions.start(js, self.names)  # read whole before any alert
         self.view = DevicesView(js, self.names)
@@ -263,6 +265,13 @@ class Notifier:
         floor = (record.floor or 0) if record is not None else 0
         if floor < seq and not _exact(record):
             floor = max(floor, await self._queue_floor(consumer))
+        if floor < seq and record is not None and record.owner and record.gateway:
+            # Owned: a live device's queue hears of its acks only every
+            # TOCSIN_QUEUE_SAVE_SECONDS; its gateway's positions journal holds them meanwhile
+            # (gateway/journal.py), and still does after that gateway was killed.
+            journaled = await self.journal.read(record.gateway, consumer)
+            if journaled is not None:
+                floor = max(floor, journaled.floor)
         if floor >= seq:
             return await self._skip(message, "received")
         if record is not None and record.owner and await self._gateway_alive(record.gateway):
