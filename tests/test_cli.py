@@ -246,6 +246,29 @@ def _processes_marked(marks: list[str]) -> list[int]:
     return found
 
 
+def _start_run(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``tocsin run`` in its own process group (killpg stops every child), logging to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tocsin", "run"],
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_ready(run: subprocess.Popen[bytes], log: Path, http_port: int) -> None:
+    """Until the gateway's /readyz is 200; fails with the log if ``tocsin run`` exits first."""
+    wait_until(
+        lambda: run.poll() is not None or _readyz(http_port) == 200,
+        "GET /readyz = 200",
+        timeout=60,
+    )
+    assert run.poll() is None, log.read_text()
+
+
 def _readyz(port: int) -> int | None:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -312,22 +335,9 @@ def test_run_end_to_end_tail_publish_and_clean_stop(
     env, data, http_port = run_env
     env["TOCSIN_CLUSTER"] = str(cluster)
     run_log = tmp_path / "run.log"
-    with open(run_log, "wb") as out:
-        run = subprocess.Popen(
-            [sys.executable, "-m", "tocsin", "run"],
-            env=env,
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    run = _start_run(env, tmp_path, run_log)
     try:
-        wait_until(
-            lambda: run.poll() is not None or _readyz(http_port) == 200,
-            "GET /readyz = 200",
-            timeout=60,
-        )
-        assert run.poll() is None, run_log.read_text()
+        _wait_ready(run, run_log, http_port)
         wait_until(lambda: "Ctrl-C stops everything" in run_log.read_text(), "the banner")
         banner = run_log.read_text()
         assert f"ws://127.0.0.1:{http_port}/api/v1/alerts/ws" in banner
@@ -524,21 +534,9 @@ def test_run_with_a_push_url_pushes_to_an_offline_device(
         env["TOCSIN_PUSH_CREDENTIALS"] = str(tmp_path / "service-account.json")
         env["TOCSIN_PUSH_AFTER_SECONDS"] = "1"
         env["TOCSIN_NOTIFIER_METRICS_PORT"] = "0"
-        with open(run_log, "wb") as out:
-            run = subprocess.Popen(
-                [sys.executable, "-m", "tocsin", "run"],
-                env=env,
-                cwd=tmp_path,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        run = _start_run(env, tmp_path, run_log)
         try:
-            wait_until(
-                lambda: run.poll() is not None or _readyz(http_port) == 200,
-                "GET /readyz = 200",
-                timeout=60,
-            )
+            _wait_ready(run, run_log, http_port)
             nats_port = int(env["TOCSIN_NATS_PORT"])
             wait_until(
                 lambda: (
