@@ -28,11 +28,11 @@ import orjson
 from aiohttp import web
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tocsin.core.auth import Claims, TokenError, bearer
-from tocsin.core.naming import EXPECTED_LAST_HEADER, Names
+from tocsin.core.naming import Names
 from tocsin.schemas import (
     Error,
     ErrorCode,
@@ -43,6 +43,8 @@ from tocsin.schemas import (
     UnregisterPush,
 )
 
+from .records import Conflict, publish_over
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -50,8 +52,6 @@ log = logging.getLogger(__name__)
 
 #: How long one registration write may take.
 WRITE_TIMEOUT = 2.0
-#: JetStream's "wrong last sequence" (a conditional write lost).
-WRONG_LAST_SEQUENCE = 10071
 #: Where the HTTP registration is served (CONTRACT §6).
 PUSH_PATH = "/api/v1/devices/{client_id}/push"
 
@@ -113,18 +113,14 @@ class PushRegistrations:
         """Write the tombstone; with ``expected``, only over that registration (False: it
         was replaced meanwhile, and stays)."""
         body = Registration(user=user, client_id=client_id, token=None, at=time.time())
-        headers = None if expected is None else {EXPECTED_LAST_HEADER: str(expected)}
+        subject, data = self._subject(user, client_id), orjson.dumps(body.model_dump(mode="json"))
+        if expected is None:
+            await self._js.publish(subject, data, timeout=WRITE_TIMEOUT)
+            return True
         try:
-            await self._js.publish(
-                self._subject(user, client_id),
-                orjson.dumps(body.model_dump(mode="json")),
-                timeout=WRITE_TIMEOUT,
-                headers=headers,
-            )
-        except BadRequestError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                return False
-            raise
+            await publish_over(self._js, subject, data, expected, WRITE_TIMEOUT, client_id)
+        except Conflict:
+            return False
         return True
 
     async def read(self, user: str, client_id: str) -> tuple[int, Registration | None]:

@@ -33,6 +33,24 @@ class Conflict(Exception):
     """The record was written by someone else since the sequence the writer based it on."""
 
 
+async def publish_over(
+    js: JetStreamContext, subject: str, data: bytes, expected: int, timeout: float, name: str
+) -> int:
+    """Publish ``data`` as ``subject``'s next message only if its last one is at sequence
+    ``expected`` (0: it has none); return the new sequence. Raises :class:`Conflict`
+    (naming ``name``) when someone else wrote it since: the compare-and-set of device
+    records, push registrations and the push ledger."""
+    try:
+        ack = await js.publish(
+            subject, data, timeout=timeout, headers={EXPECTED_LAST_HEADER: str(expected)}
+        )
+    except BadRequestError as exc:
+        if exc.err_code == WRONG_LAST_SEQUENCE:
+            raise Conflict(name) from None
+        raise
+    return ack.seq
+
+
 class DeviceRecords:
     """Reads and conditional writes of device records; one instance per gateway process."""
 
@@ -64,15 +82,11 @@ class DeviceRecords:
     async def write(self, name: str, record: Record, expected: int) -> int:
         """Replace the record whose sequence is ``expected`` (0: there is none); return the
         new record's sequence. Raises :class:`Conflict` when the record is not that one."""
-        try:
-            ack = await self._js.publish(
-                self._names.device_record_subject(name),
-                orjson.dumps(record.body()),
-                timeout=RECORD_TIMEOUT,
-                headers={EXPECTED_LAST_HEADER: str(expected)},
-            )
-        except BadRequestError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise Conflict(name) from None
-            raise
-        return ack.seq
+        return await publish_over(
+            self._js,
+            self._names.device_record_subject(name),
+            orjson.dumps(record.body()),
+            expected,
+            RECORD_TIMEOUT,
+            name,
+        )

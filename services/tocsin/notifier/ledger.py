@@ -20,11 +20,11 @@ from typing import Literal
 import orjson
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from tocsin.core.naming import EXPECTED_LAST_HEADER, Names
+from tocsin.gateway.records import Conflict, publish_over
 
-WRONG_LAST_SEQUENCE = 10071
 TIMEOUT = 2.0
 
 State = Literal["sending", "failed", "sent", "dead", "dropped"]
@@ -36,10 +36,6 @@ class Entry:
     seq: int  # the entry's sequence in PUSH_LEDGER: the next write is conditional on it
     state: str
     attempt: int
-
-
-class Conflict(Exception):
-    pass
 
 
 class Ledger:
@@ -66,18 +62,14 @@ class Ledger:
     async def write(
         self, consumer: str, seq: int, state: State, attempt: int, expected: int
     ) -> int:
-        try:
-            ack = await self._js.publish(
-                self._names.push_ledger_subject(consumer, seq),
-                orjson.dumps({"state": state, "attempt": attempt}),
-                timeout=TIMEOUT,
-                headers={EXPECTED_LAST_HEADER: str(expected)},
-            )
-        except BadRequestError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise Conflict(consumer) from None
-            raise
-        return ack.seq
+        return await publish_over(
+            self._js,
+            self._names.push_ledger_subject(consumer, seq),
+            orjson.dumps({"state": state, "attempt": attempt}),
+            expected,
+            TIMEOUT,
+            consumer,
+        )
 
     async def read(self, consumer: str, seq: int) -> Entry | None:
         try:
