@@ -341,7 +341,8 @@ def report(results: dict[str, Any], when: Any, plot: Path | None = None) -> str:
         f"{results['loadgen_workers']} load generator processes on the same machine · "
         f"heartbeat {results['heartbeat_seconds']:g} s · open files "
         f"{results['limits']['open_files_soft']:,} · ephemeral ports "
-        f"{results['limits']['ephemeral_ports']:,}",
+        f"{results['limits']['ephemeral_ports']:,} · load average before / after "
+        f"{results['load_before'][0]:.1f} / {results.get('load_after', [math.nan])[0]:.1f}",
         "",
     ]
     for why in results["aborted"]:
@@ -445,6 +446,8 @@ def draw(results: dict[str, Any], path: Path) -> None:
     tm.set_ylabel(f"seconds per {results['step']:,} connects")
     tm.set_title("connect time per step")
     for ax in (mem, tm):
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
