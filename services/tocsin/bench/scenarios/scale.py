@@ -174,7 +174,7 @@ class Scale:
                 await gen.stop(timeout=20)
             stack.stop()
         self.results["load_after"] = os.getloadavg()
-        self.results["fits"] = fits(self.results["steps"])
+        self.results["fits"] = fits(self.results["steps"], self.o.workers)
         return self.results
 
     def usage(self) -> dict[str, Usage]:
@@ -299,20 +299,32 @@ class Scale:
         }
 
 
-def fits(steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """What grows with what: KiB of RSS per connection per process (least squares over the
-    steps), CPU per connect per process (all the steps' CPU over the connections made)."""
+def fits(steps: list[dict[str, Any]], workers: int) -> dict[str, Any]:
+    """What grows with what, per process and per connection *it* holds: a gateway its own
+    (its /metrics), a load generator worker its share, nats-server every device's durable.
+    RSS: the least-squares slope over the steps; CPU: all the steps' CPU over the
+    connections it took on."""
     if not steps:
         return {}
-    xs = [float(s["connections"]) for s in steps]
     procs = list(steps[0]["rss_mib"])
-    made = sum(s["ok"] for s in steps) or 1
+
+    def held(s: dict[str, Any], p: str) -> float:
+        if p in s["held_by_gateway"]:
+            return float(s["held_by_gateway"][p])
+        total = float(s["connections"])
+        return total / workers if p.startswith("loadgen") else total
+
+    xs = [float(s["connections"]) for s in steps]
     return {
         "rss_kib_per_connection": {
-            p: round(slope(xs, [s["rss_mib"][p] * 1024 for s in steps]), 2) for p in procs
+            p: round(slope([held(s, p) for s in steps], [s["rss_mib"][p] * 1024 for s in steps]), 2)
+            for p in procs
         },
         "cpu_ms_per_connect": {
-            p: round(1000 * sum(s["cpu_seconds"][p] for s in steps) / made, 3) for p in procs
+            p: round(
+                1000 * sum(s["cpu_seconds"][p] for s in steps) / max(1.0, held(steps[-1], p)), 3
+            )
+            for p in procs
         },
         "step_seconds_per_1000_held": round(
             1000 * slope(xs, [float(s["seconds"]) for s in steps]), 3
@@ -389,10 +401,10 @@ def report(results: dict[str, Any], when: Any, plot: Path | None = None) -> str:
             "",
             "| figure | " + " | ".join(procs) + " |",
             "|" + "---|" * (1 + len(procs)),
-            "| RSS KiB per connection (fit over the steps) | "
+            "| RSS KiB per connection it holds (fit over the steps) | "
             + " | ".join(fmt(f["rss_kib_per_connection"][p]) for p in procs)
             + " |",
-            "| CPU ms per connect | "
+            "| CPU ms per connect it handled | "
             + " | ".join(fmt(f["cpu_ms_per_connect"][p], 2) for p in procs)
             + " |",
         ]
