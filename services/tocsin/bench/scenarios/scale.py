@@ -349,8 +349,12 @@ def report(results: dict[str, Any], when: Any, plot: Path | None = None) -> str:
         f"# tocsin bench scale — {when:%Y-%m-%d %H:%M}",
         "",
         f"{m['cpus']} CPUs ({m['cpu_model']}) · {m['nats_server']} · code {results['code']} · "
-        f"{results['gateways']} gateway process(es) on one port (SO_REUSEPORT), "
-        f"{results['loadgen_workers']} load generator processes on the same machine · "
+        + (
+            f"{results['gateways']} gateway processes on one port (SO_REUSEPORT), "
+            if results["gateways"] > 1
+            else "1 gateway process, "
+        )
+        + f"{results['loadgen_workers']} load generator processes on the same machine · "
         f"heartbeat {results['heartbeat_seconds']:g} s · open files "
         f"{results['limits']['open_files_soft']:,} · ephemeral ports "
         f"{results['limits']['ephemeral_ports']:,} · load average before / after "
