@@ -137,6 +137,28 @@ async def test_an_operator_ban_closes_open_sockets(
         await running.stop()
 
 
+async def test_a_ban_refuses_a_token_verified_before_it(
+    make_settings: Callable[..., Settings], js: JetStreamContext
+) -> None:
+    """The gateway keeps verified tokens (core/auth.py TokenCache); a ban issued after the
+    token went into the cache still refuses the device's next handshake with that token."""
+    settings = make_settings()
+    running = await start_gateway(settings)
+    try:
+        tok = token("ada", ("KE",))
+        client = await Client.connect(running.ws_url, tok)
+        await client.next("connection_established")
+        assert running.gw.verifier.cache.get(tok) is not None
+        code, _, err = await tocsin_ban(settings, "add", "ada", "--minutes", "2")
+        assert code == 0, err
+        assert await client.wait_closed() == Close.POLICY_VIOLATION
+        await client.session.close()
+        status, body, _ = await handshake(running.ws_url, auth_token=tok)
+        assert status == 429 and body["error"] == "banned", body
+    finally:
+        await running.stop()
+
+
 # ------------------------------------------------------------------ connection caps
 
 
