@@ -197,6 +197,38 @@ async def test_the_connection_cap_holds_across_instances_and_spares_a_reconnect(
         await two.stop()
 
 
+async def test_slots_are_counted_from_the_watch_and_listed_only_past_the_cap(
+    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+) -> None:
+    """A handshake within the cap is counted from the slots the gateway watches (no
+    STREAM.INFO); one over it is listed from the bucket before it is refused. A slot the
+    watch saw written but not removed (purged from the stream, as an older gateway does)
+    counts in the watch only: the listing lets the handshake in."""
+    settings = make_settings(max_connections_per_user=2)
+    running = await start_gateway(settings)
+    guard = running.gw.guard
+    tok = token("counted", ("KE",))
+    try:
+        phone = await Client.connect(running.ws_url, tok, client_id="phone")
+        await phone.next("connection_established")
+        assert guard.slot_counts == {"watched": 1, "listed": 0}
+        # A slot of another device of the user on this instance, then purged unseen.
+        ghost = f"$KV.{names.guard_bucket}.conn.{user_key('counted')}.{guard.instance}.0000"
+        ack = await js.publish(ghost, b"{}")
+        await eventually(lambda: guard.slots_seen >= ack.seq, what="the ghost slot watched")
+        await js.purge_stream(f"KV_{names.guard_bucket}", subject=ghost)
+        tablet = await Client.connect(running.ws_url, tok, client_id="tablet")
+        await tablet.next("connection_established")  # 3 watched, 2 listed: let in
+        assert guard.slot_counts == {"watched": 2, "listed": 1}
+        status, body, _ = await handshake(running.ws_url, auth_token=tok, client_id="desk")
+        assert status == 429 and body["error"] == "too_many_connections", body
+        assert guard.slot_counts["listed"] >= 2  # (the helper asks twice for the body)
+        await phone.close()
+        await tablet.close()
+    finally:
+        await running.stop()
+
+
 @pytest.mark.slow
 async def test_slots_of_a_killed_gateway_come_back_within_a_lease(
     make_settings: Callable[..., Settings],
