@@ -98,7 +98,8 @@ class OpCounter:
 
         async def seen(msg: Any) -> None:
             if msg.subject.startswith(self.guard):
-                kind = "slot write ($KV GUARD publish)"
+                removal = msg.headers and "KV-Operation" in msg.headers
+                kind = f"slot {'purge marker' if removal else 'write'} ($KV GUARD publish)"
             else:
                 kind = c.kind(msg.subject)
             self.counts[kind] += 1
