@@ -289,3 +289,10 @@ def test_the_cache_keeps_the_newest_tokens() -> None:
     for t in tokens:
         v.verify(t)
     assert len(cache) == 2 and cache.get(tokens[0]) is None and cache.get(tokens[2]) is not None
+
+
+def test_a_cache_of_size_zero_keeps_nothing() -> None:
+    v = TokenVerifier(SECRET, None, cache=TokenCache(size=0))
+    token = mint_token(SECRET, "alice")
+    assert v.verify(token).sub == v.verify(token).sub == "alice"
+    assert len(v.cache) == 0 and v.cache.hits == 0

@@ -161,6 +161,8 @@ class TokenCache:
         return self._entries.get(token)
 
     def put(self, token: str, verified: Verified) -> None:
+        if self.size <= 0:
+            return  # no cache
         if token not in self._entries and len(self._entries) >= self.size:
             del self._entries[next(iter(self._entries))]  # the oldest
         self._entries[token] = verified
