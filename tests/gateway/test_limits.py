@@ -229,6 +229,28 @@ async def test_slots_are_counted_from_the_watch_and_listed_only_past_the_cap(
         await running.stop()
 
 
+async def test_the_lease_sweep_purges_own_slots_no_connection_holds(
+    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+) -> None:
+    """A slot of this instance that no open connection holds (its release failed while NATS
+    was away) is purged by the sweep, from the slots watched; a held one stays."""
+    running = await start_gateway(make_settings())
+    guard = running.gw.guard
+    try:
+        client = await Client.connect(running.ws_url, token("kept", ("KE",)))
+        await client.next("connection_established")
+        leak = f"$KV.{names.guard_bucket}.conn.{user_key('leaked')}.{guard.instance}.0000"
+        ack = await js.publish(leak, b"{}")
+        await eventually(lambda: guard.slots_seen >= ack.seq, what="the leaked slot watched")
+        assert user_key("leaked") in guard.slots
+        await guard._sweep_own()
+        await eventually(lambda: user_key("leaked") not in guard.slots, what="the leak purged")
+        assert user_key("kept") in guard.slots
+        await client.close()
+    finally:
+        await running.stop()
+
+
 @pytest.mark.slow
 async def test_slots_of_a_killed_gateway_come_back_within_a_lease(
     make_settings: Callable[..., Settings],

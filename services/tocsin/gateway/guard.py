@@ -488,10 +488,22 @@ class Guard:
 
     async def _sweep_own(self) -> None:
         """Purge this instance's slots that no open connection holds (a release that failed
-        while NATS was away)."""
-        pattern = f"{self._prefix}conn.*.{self.instance}.*"
-        info = await self._js.stream_info(self._stream, subjects_filter=pattern)
-        for subject in (info.state.subjects or {}).keys():
+        while NATS was away). From the slots watched once the watch has replayed the bucket
+        (a listing would also show the purge markers of the last second's releases, and
+        purge them again), else from a listing."""
+        if self.slots_caught_up:
+            mine = f"{self.instance}."
+            subjects = [
+                f"{self._prefix}conn.{user}.{where}"
+                for user, held in self.slots.items()
+                for where in held
+                if where.startswith(mine)
+            ]
+        else:
+            pattern = f"{self._prefix}conn.*.{self.instance}.*"
+            info = await self._js.stream_info(self._stream, subjects_filter=pattern)
+            subjects = list((info.state.subjects or {}).keys())
+        for subject in subjects:
             if subject.removeprefix(self._prefix) not in self.held:
                 self.spawn_purge(subject)
 
