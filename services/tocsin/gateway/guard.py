@@ -174,6 +174,7 @@ class Guard:
         self.bans: dict[str, Ban] = {}  # user key -> ban, as watched
         self.gateways: dict[str, float] = {}  # instance -> monotonic time its lease was seen
         self.held: dict[str, str] = {}  # slot key -> session id, this instance's
+        self.letting_go: set[str] = set()  # slot keys whose release is under way
         self.on_ban: Callable[[Ban], None] = lambda ban: None
         self._tasks: list[asyncio.Task[None]] = []
         self._watchers: list[asyncio.Task[None]] = []
@@ -448,9 +449,13 @@ class Guard:
         if self.held.get(slot) != session:
             return
         del self.held[slot]
-        with contextlib.suppress(Exception):
-            async with self._release_gate:
-                await self._purge(self._prefix + slot)
+        self.letting_go.add(slot)  # the sweep leaves it to this release
+        try:
+            with contextlib.suppress(Exception):
+                async with self._release_gate:
+                    await self._purge(self._prefix + slot)
+        finally:
+            self.letting_go.discard(slot)
 
     async def _purge(self, subject: str) -> None:
         """Remove a slot: a purge marker (the slot's messages go, and every watch sees it),
@@ -504,7 +509,8 @@ class Guard:
             info = await self._js.stream_info(self._stream, subjects_filter=pattern)
             subjects = list((info.state.subjects or {}).keys())
         for subject in subjects:
-            if subject.removeprefix(self._prefix) not in self.held:
+            key = subject.removeprefix(self._prefix)
+            if key not in self.held and key not in self.letting_go:
                 self.spawn_purge(subject)
 
 
