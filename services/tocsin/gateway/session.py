@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import WSMsgType, web
 from nats.errors import TimeoutError as NatsTimeout
@@ -30,7 +30,7 @@ from tocsin.schemas.subscription import Subscription
 from .device import Device, Position, Record, checkpoint_due, record_due
 from .events import Event
 from .limits import RateLimit, TokenBucket
-from .live import LiveAlert, alert_frame, expires_of
+from .live import PING_FRAME, LiveAlert, alert_frame, expires_of, text_frame
 from .ownership import Claim, Lost, Suspended
 from .queue import RECORD_SECONDS
 from .window import InFlight, Window
@@ -112,6 +112,11 @@ class Session:
         self.room_ready: asyncio.Event = Event()
         self.catchup_needed: asyncio.Event = Event()
         self.closing: tuple[int, str] | None = None
+        #: Frames may be written straight to the socket by whoever sends them (the live
+        #: feed's dispatch above all) instead of waking the sender: not compressed (the
+        #: deflate context is aiohttp's writer's), acks by the client (with ack_mode=auto
+        #: a write settles the window and JetStream acks follow it: the sender's work).
+        self.direct = transport is not None and self.track and not ws.compress
         self.frames_written = 0
         self.writing = False  # the sender waits for the socket to take a frame
         now = self.started = time.monotonic()
@@ -167,7 +172,12 @@ class Session:
             return False
         if self._judge(alert.seq, alert.data, alert.expires, alert):
             self._send_new(
-                alert.seq, alert.data, alert.expires, alert.frame, appended=alert.appended
+                alert.seq,
+                alert.data,
+                alert.expires,
+                alert.frame,
+                appended=alert.appended,
+                wire=alert.wire,
             )
         return True
 
@@ -235,11 +245,10 @@ class Session:
         js_msg: Any = None,
         appended: float = 0.0,
         live: bool = True,
+        wire: bytes = b"",
     ) -> None:
         now = time.monotonic()
         item = InFlight(seq, data, expires, now, js_msg)
-        if appended:
-            self.appended[seq] = (appended, live)
         self.window.take(item, self.track)
         if self._room() <= 0 and self.next_sweep > now + self.gw.sweep and self in self.gw.sessions:
             # The window is full: the ticker watches it closely again (a client holding it
@@ -247,18 +256,56 @@ class Session:
             # of each device after each broadcast was most of the ticker's work.
             self.gw.sessions.schedule(self, now + self.gw.sweep)
         redelivered = seq <= self.high_water
-        self.high_water = max(self.high_water, seq)
-        self.redelivered += redelivered
-        self._enqueue(
-            seq, frame if frame and not redelivered else alert_frame(seq, data, redelivered)
-        )
+        if redelivered:
+            self.redelivered += 1
+            frame, wire = alert_frame(seq, data, True), b""
+        else:
+            self.high_water = seq
+            if not frame:
+                frame = alert_frame(seq, data, False)
+        if not self.out and self._write_now(wire or text_frame(frame)):
+            self.frames_written += 1
+            self.sent += 1
+            if appended:
+                self.gw.sessions.timings.delivered(live, appended, time.time())
+            return
+        if appended:
+            self.appended[seq] = (appended, live)
+        self._enqueue(seq, frame)
+
+    def _write_now(self, wire: bytes) -> bool:
+        """Write a whole WebSocket frame to the socket now, if it may go out ahead of the
+        sender: nothing queued for it (the caller checks ``out``) and nothing being written
+        (order), the socket not behind (its transport buffers nothing: the kernel took all
+        so far, so a client that stops reading sends everything through the sender, whose
+        writes wait for the socket), the device usable (NATS lost: nothing is sent), the
+        session not closing. False: the caller queues the frame for the sender instead."""
+        transport = cast("asyncio.Transport", self.transport)  # direct: not None
+        claim = self.claim
+        if (
+            not self.direct
+            or self.writing
+            or self.closing is not None
+            or claim is None
+            or not claim.usable.is_set()
+            or self.ws.closed
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+        ):
+            return False
+        transport.write(wire)
+        return True
 
     def _enqueue(self, seq: int, frame: bytes) -> None:
         self.out.append((seq, frame))
         self.out_ready.set()
 
     def send_control(self, frame: Any) -> None:
-        self._enqueue(0, frame.model_dump_json().encode())
+        data = frame.model_dump_json().encode()
+        if not self.out and self._write_now(text_frame(data)):
+            self.frames_written += 1
+            return
+        self._enqueue(0, data)
 
     def _fall_behind(self, alert: LiveAlert) -> None:
         """Too far behind: stop live delivery; the durable has everything after the floor."""
@@ -476,7 +523,12 @@ class Session:
         for alert in fresh:
             if self._judge(alert.seq, alert.data, alert.expires, alert):
                 self._send_new(
-                    alert.seq, alert.data, alert.expires, alert.frame, appended=alert.appended
+                    alert.seq,
+                    alert.data,
+                    alert.expires,
+                    alert.frame,
+                    appended=alert.appended,
+                    wire=alert.wire,
                 )
         self.mode = Mode.LIVE
         self.catchup_needed.clear()
@@ -486,24 +538,37 @@ class Session:
 
     # ------------------------------------------------------------ acks and timers
     async def on_ack(self, seq: int) -> None:
+        held = self.ack(seq)
+        if held is not None:
+            await self.ack_queue(held)
+
+    def ack(self, seq: int) -> InFlight | None:
+        """A client's ack, applied at once (no await: the receive loop calls it for every
+        ack frame without a coroutine of its own). Returns the newest backlog item it
+        covers when JetStream is to hear of it (:meth:`ack_queue`), else None."""
         if seq >= self.window.next_seq:
             self.send_control(
                 Error(
                     code=ErrorCode.INVALID_ACK, detail=f"seq: {seq} was not sent on this connection"
                 )
             )
-            return
+            return None
         if not self.track:
-            return
+            return None
         self.acks += 1
         done = self.window.ack(seq)
         self.room_ready.set()
         if self.waiting:
             self._release()
-        held = [i for i in done if i.js_msg is not None]
-        if held and self.mode is Mode.CATCHUP and self.owning:
-            await held[-1].js_msg.ack()  # AckAll: JetStream's floor follows the device's
-            self.saved_floor = max(self.saved_floor, held[-1].seq)
+        if done and self.mode is Mode.CATCHUP and self.owning:
+            for item in reversed(done):
+                if item.js_msg is not None:
+                    return item
+        return None
+
+    async def ack_queue(self, item: InFlight) -> None:
+        await item.js_msg.ack()  # AckAll: JetStream's floor follows the device's
+        self.saved_floor = max(self.saved_floor, item.seq)
 
     def established(self) -> None:
         """The handshake is done: heartbeats count from here. Opening the queue may take
@@ -538,10 +603,14 @@ class Session:
             # (its pong carries the latency) and a WebSocket one, answered by the client's
             # WebSocket stack (a browser's, even while the page's scripts are throttled):
             # either answer shows the link is alive.
-            self.out.appendleft((0, b'{"type":"ping","ts":%r}' % now))
-            self.out.appendleft(WS_PING)
+            ping = b'{"type":"ping","ts":%r}' % now
             self.previous_ping_ts, self.ping_ts = self.ping_ts, now
-            self.out_ready.set()
+            if not self.out and self._write_now(PING_FRAME + text_frame(ping)):
+                self.frames_written += 2
+            else:
+                self.out.appendleft((0, ping))
+                self.out.appendleft(WS_PING)
+                self.out_ready.set()
         if self.window.items:
             self.window.drop_expired(now)
             if self.waiting:
