@@ -814,8 +814,9 @@ class Session:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(limit):
                     await self.ws.close(code=code, message=reason.encode())
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and (
+        # Not isinstance(asyncio.WriteTransport): uvloop's transports are not its subclasses.
+        transport = cast("asyncio.Transport | None", self.transport)
+        if transport is not None and (
             not transport.is_closing() or transport.get_write_buffer_size() > 0
         ):
             transport.abort()
