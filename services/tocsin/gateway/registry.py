@@ -7,9 +7,11 @@ its counters are added to :class:`Totals`, so a counter never goes down.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import heapq
 import itertools
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -20,6 +22,8 @@ from tocsin.schemas import Close
 
 if TYPE_CHECKING:
     from .session import Session
+
+log = logging.getLogger(__name__)
 
 #: ``reason`` of a close the server did not choose (the client closed or went away).
 CLIENT_CLOSED = "client"
@@ -185,6 +189,24 @@ class Sessions(set["Session"]):
         #: left is skipped.
         self._due: list[tuple[float, int, Session]] = []
         self._order = itertools.count()
+        #: Sessions with frames corked in this pass of the event loop (Session._write_now).
+        self._corked: list[Session] = []
+
+    def cork(self, session: Session) -> None:
+        """``session`` has corked frames: they are written at the end of this pass of the
+        event loop, with every other session's, one write per session."""
+        if not self._corked:
+            asyncio.get_running_loop().call_soon(self._uncork)
+        self._corked.append(session)
+
+    def _uncork(self) -> None:
+        corked, self._corked = self._corked, []
+        for session in corked:
+            if session.corked:  # not written meanwhile (Session._enqueue)
+                try:
+                    session.uncork()
+                except Exception:  # one broken socket must not keep the others corked
+                    log.exception("session %s: corked frames not written", session.id)
 
     def schedule(self, session: Session, at: float) -> None:
         session.next_sweep = at

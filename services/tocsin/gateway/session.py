@@ -117,6 +117,7 @@ class Session:
         #: deflate context is aiohttp's writer's), acks by the client (with ack_mode=auto
         #: a write settles the window and JetStream acks follow it: the sender's work).
         self.direct = transport is not None and self.track and not ws.compress
+        self.corked: list[bytes] = []  # whole frames, written at the end of this pass
         self.frames_written = 0
         self.writing = False  # the sender waits for the socket to take a frame
         now = self.started = time.monotonic()
@@ -274,12 +275,18 @@ class Session:
         self._enqueue(seq, frame)
 
     def _write_now(self, wire: bytes) -> bool:
-        """Write a whole WebSocket frame to the socket now, if it may go out ahead of the
-        sender: nothing queued for it (the caller checks ``out``) and nothing being written
+        """Write a whole WebSocket frame to the socket, ahead of the sender, if it may go:
+        nothing queued for the sender (the caller checks ``out``) and nothing being written
         (order), the socket not behind (its transport buffers nothing: the kernel took all
         so far, so a client that stops reading sends everything through the sender, whose
         writes wait for the socket), the device usable (NATS lost: nothing is sent), the
-        session not closing. False: the caller queues the frame for the sender instead."""
+        session not closing. False: the caller queues the frame for the sender instead.
+
+        The frame is corked: the frames a session is given in one pass of the event loop
+        (a burst read from NATS in one go is dispatched in one pass) go out in one write
+        at the end of it (Sessions.cork), not one system call each. Whatever is queued for
+        the sender after them waits for that write (``_uncork`` first, here and in
+        ``_enqueue``): corked frames are always older than queued ones."""
         transport = cast("asyncio.Transport", self.transport)  # direct: not None
         claim = self.claim
         if (
@@ -292,11 +299,27 @@ class Session:
             or transport.is_closing()
             or transport.get_write_buffer_size()
         ):
+            if self.corked:
+                self.uncork()
             return False
-        transport.write(wire)
+        if not self.corked:
+            self.gw.sessions.cork(self)
+        self.corked.append(wire)
         return True
 
+    def uncork(self) -> None:
+        """Write the corked frames (one write), unless the socket is gone already (then
+        they are lost as the sender's queue is: the device has them again on reconnect,
+        unacked)."""
+        corked, self.corked = self.corked, []
+        transport = cast("asyncio.Transport", self.transport)
+        # Never after a close frame: ws.closed is set before aiohttp writes it.
+        if corked and not self.ws.closed and not transport.is_closing():
+            transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
+
     def _enqueue(self, seq: int, frame: bytes) -> None:
+        if self.corked:
+            self.uncork()
         self.out.append((seq, frame))
         self.out_ready.set()
 
@@ -804,6 +827,8 @@ class Session:
         """Close the socket with the session's close code, bounded: a client that does not
         read cannot take the close frame, so after ``CLOSE_SECONDS`` (at most a heartbeat)
         the socket is aborted, and so is one whose unread frames would keep it open."""
+        if self.corked:
+            self.uncork()  # what was given to the socket goes before the close frame
         code, reason = self.closing or (Close.NORMAL, "")
         limit = min(CLOSE_SECONDS, self.gw.settings.heartbeat_seconds)
         if code in (Close.HEARTBEAT_TIMEOUT, Close.SLOW_CLIENT):
