@@ -332,7 +332,7 @@ class Session:
             self.frames_written += 1
             self.sent += 1
             if appended:
-                self.gw.sessions.timings.delivered(live, appended, time.time())
+                self.gw.sessions.corked_alert(live, appended)
             return
         if appended:
             self.appended[seq] = (appended, live)
