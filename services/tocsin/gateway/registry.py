@@ -191,32 +191,31 @@ class Sessions(set["Session"]):
         self._order = itertools.count()
         #: Sessions with frames corked in this pass of the event loop (Session._write_now).
         self._corked: list[Session] = []
-        #: The alerts' frames written straight or corked in this pass, by when ALERTS
-        #: stored each: timed at the end of the pass, one observation per alert.
+        #: The alerts' frames corked in this pass, by when ALERTS stored each: timed when
+        #: they are written, at the end of the pass, with one observation per alert.
         self._corked_live: dict[float, int] = {}
         self._corked_backlog: dict[float, int] = {}
 
     def cork(self, session: Session) -> None:
-        """``session`` wrote a frame straight in this pass of the event loop: what it is
-        given after it in the same pass is written at the end of the pass, with every
-        other session's, one write per session."""
+        """``session`` has corked frames: they are written at the end of this pass of the
+        event loop, with every other session's, one write per session."""
         if not self._corked:
             asyncio.get_running_loop().call_soon(self._uncork)
         self._corked.append(session)
 
     def corked_alert(self, live: bool, appended: float) -> None:
-        """A frame of the alert ``appended`` (when ALERTS stored it) was written straight
-        or corked in this pass."""
+        """A frame of the alert ``appended`` (when ALERTS stored it) was corked."""
         by = self._corked_live if live else self._corked_backlog
         by[appended] = by.get(appended, 0) + 1
 
     def _uncork(self) -> None:
         corked, self._corked = self._corked, []
         for session in corked:
-            try:
-                session.uncork()  # and a new pass starts for it
-            except Exception:  # one broken socket must not keep the others corked
-                log.exception("session %s: corked frames not written", session.id)
+            if session.corked:  # not written meanwhile (Session._enqueue)
+                try:
+                    session.uncork()
+                except Exception:  # one broken socket must not keep the others corked
+                    log.exception("session %s: corked frames not written", session.id)
         now = time.time()
         for live, by in ((True, self._corked_live), (False, self._corked_backlog)):
             for appended, n in by.items():

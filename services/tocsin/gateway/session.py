@@ -181,9 +181,7 @@ class Session:
         #: deflate context is aiohttp's writer's), acks by the client (with ack_mode=auto
         #: a write settles the window and JetStream acks follow it: the sender's work).
         self.direct = transport is not None and self.track and not ws.compress
-        #: None: nothing written straight in this pass of the event loop; else the frames
-        #: given after the first, written together at the end of the pass (_write_now).
-        self.corked: list[bytes] | None = None
+        self.corked: list[bytes] = []  # whole frames, written at the end of this pass
         self.frames_written = 0
         self.writing = False  # the sender waits for the socket to take a frame
         now = self.started = time.monotonic()
@@ -348,14 +346,11 @@ class Session:
         writes wait for the socket), the device usable (NATS lost: nothing is sent), the
         session not closing. False: the caller queues the frame for the sender instead.
 
-        The first frame a session is given in a pass of the event loop is written at once
-        (a broadcast reaches the first devices while the feed still offers it to the
-        rest); the ones after it in the same pass are corked and go out in one write at
-        the end of the pass (Sessions.cork): a burst read from NATS in one go is
-        dispatched in one pass, so a device given 50 alerts costs two system calls, not
-        50. Whatever is queued for the sender after them waits for that write
-        (``uncork`` first, here, in ``_enqueue`` and before the close frame): corked
-        frames are always older than queued ones."""
+        The frame is corked: the frames a session is given in one pass of the event loop
+        (a burst read from NATS in one go is dispatched in one pass) go out in one write
+        at the end of it (Sessions.cork), not one system call each. Whatever is queued for
+        the sender after them waits for that write (``_uncork`` first, here and in
+        ``_enqueue``): corked frames are always older than queued ones."""
         transport = cast("asyncio.Transport", self.transport)  # direct: not None
         claim = self.claim
         if (
@@ -371,20 +366,16 @@ class Session:
             if self.corked:
                 self.uncork()
             return False
-        corked = self.corked
-        if corked is None:
-            transport.write(wire)
-            self.corked = []
-            self.gw.sessions.cork(self)  # the pass ends with uncork()
-        else:
-            corked.append(wire)
+        if not self.corked:
+            self.gw.sessions.cork(self)
+        self.corked.append(wire)
         return True
 
     def uncork(self) -> None:
         """Write the corked frames (one write), unless the socket is gone already (then
         they are lost as the sender's queue is: the device has them again on reconnect,
         unacked)."""
-        corked, self.corked = self.corked, None
+        corked, self.corked = self.corked, []
         transport = cast("asyncio.Transport", self.transport)
         # Never after a close frame: ws.closed is set before aiohttp writes it.
         if corked and not self.ws.closed and not transport.is_closing():
