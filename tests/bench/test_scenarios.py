@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from tocsin.bench.scenarios import (
     peers,
     push,
     replicas,
+    scale,
     storm,
     subscriptions,
 )
@@ -394,5 +396,45 @@ def test_storm_options_are_checked_by_name(capsys: pytest.CaptureFixture[str]) -
     ):
         with pytest.raises(SystemExit) as caught:
             main(["bench", "storm", *argv])
+        assert caught.value.code == 2
+        assert f"error: {field}" in capsys.readouterr().err
+
+
+async def test_scale_holds_every_step_on_both_gateways_and_reaches_every_device(
+    tmp_path: Path,
+) -> None:
+    o = scale.Options(devices=40, step=20, gateways=2, workers=1, idle=0.5, broadcasts=1, limit=120)
+    results = await scale.Scale(o).run()
+    steps = results["steps"]
+    assert [s["connections"] for s in steps] == [20, 40] and not results["aborted"]
+    assert all(s["failed"] == 0 for s in steps), [s["failures"] for s in steps]
+    # every process measured; the gateways' own counts add up to what the clients hold
+    procs = {"gateway-1", "gateway-2", "nats-server", "loadgen-1"}
+    assert set(steps[-1]["rss_mib"]) == procs and set(results["idle"]["cpu_percent"]) == procs
+    assert sorted(steps[-1]["held_by_gateway"]) == ["gateway-1", "gateway-2"]
+    assert sum(steps[-1]["held_by_gateway"].values()) == 40
+    b = results["broadcast"]
+    assert b["missing"] == 0 and b["latency_ms"]["n"] == 40
+    assert set(results["fits"]["rss_kib_per_connection"]) == procs
+    plot = tmp_path / "scale.png"
+    text = scale.report(results, WHEN, plot)
+    assert plot.stat().st_size > 0 and f"]({plot.name})" in text
+    rows = table_rows(text, "## Connect steps")
+    assert [r[0] for r in rows] == ["20", "40"] and rows[-1][-1].count("/") == 1
+
+
+def test_scale_slope_is_least_squares() -> None:
+    assert scale.slope([1, 2, 3, 4], [3, 5, 7, 9]) == 2
+    assert math.isnan(scale.slope([5], [1]))
+
+
+def test_scale_options_are_checked_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, field in (
+        (["--workers", "0"], "--workers"),
+        (["--gateways", "65"], "--gateways"),
+        (["--devices", "2000000", "--workers", "1"], "--workers"),  # over open files
+    ):
+        with pytest.raises(SystemExit) as caught:
+            main(["bench", "scale", *argv])
         assert caught.value.code == 2
         assert f"error: {field}" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from nats.js import JetStreamContext
 
@@ -218,3 +219,30 @@ async def test_new_token_regions_update_the_queue_in_place(
     info = await js.consumer_info(names.alerts_stream, names.device_consumer("vera", "phone"))
     assert sorted(info.config.filter_subjects or []) == names.region_filters(["KE", "UG-102"])
     await wider.close()
+
+
+async def test_a_new_device_gets_the_alert_published_during_its_handshake(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    """An alert the gateway's feed offered the session while it was opening its new queue
+    (after the claim, before ``connection_established``) is the device's: its queue starts
+    before it, and it arrives once, live."""
+    queues = gateway.gw.queues
+    opening = queues.open
+    published: list[int] = []
+
+    async def open_after_an_alert(*args: Any, **kwargs: Any) -> Any:
+        seq = (await append(js, names, alert("KE-30"))).seq
+        published.append(seq)
+        await eventually(lambda: gateway.gw.feed.last_seq >= seq, what="the feed has it")
+        return await opening(*args, **kwargs)
+
+    queues.open = open_after_an_alert  # type: ignore[method-assign]
+    client = await Client.connect(gateway.ws_url, token("nia", ("KE",)))
+    hello = await client.next("connection_established")
+    queues.open = opening  # type: ignore[method-assign]
+    assert hello["pending"] == 0
+    [frame] = await client.alerts(1, ack=True)
+    assert frame["seq"] == published[0]
+    await client.nothing_more(0.5)
+    await client.close()

@@ -150,6 +150,20 @@ async def test_rotation_is_picked_up_without_a_restart(provider: Provider) -> No
     assert provider.requests == 2
 
 
+async def test_a_cached_token_of_a_key_rotated_out_is_refused(provider: Provider) -> None:
+    v = verifier(provider)
+    old = provider.token("k1")
+    await v.averify(old)
+    assert (await v.averify(old)).sub == "nia" and v.cache.hits == 1  # from the cache
+    provider.rotate("k2")  # k1 is gone from the document
+    forget_last_fetch(v)
+    await v.averify(provider.token("k2"))  # unknown kid: the JWKS is read again
+    with pytest.raises(TokenError) as refused:
+        await v.averify(old)
+    assert refused.value.error == "invalid_signature" and "k1" in refused.value.detail
+    assert v.cache.hits == 1
+
+
 async def test_made_up_kids_cannot_hammer_the_provider(provider: Provider) -> None:
     v = verifier(provider)
     await v.averify(provider.token("k1"))

@@ -137,6 +137,28 @@ async def test_an_operator_ban_closes_open_sockets(
         await running.stop()
 
 
+async def test_a_ban_refuses_a_token_verified_before_it(
+    make_settings: Callable[..., Settings], js: JetStreamContext
+) -> None:
+    """The gateway keeps verified tokens (core/auth.py TokenCache); a ban issued after the
+    token went into the cache still refuses the device's next handshake with that token."""
+    settings = make_settings()
+    running = await start_gateway(settings)
+    try:
+        tok = token("ada", ("KE",))
+        client = await Client.connect(running.ws_url, tok)
+        await client.next("connection_established")
+        assert running.gw.verifier.cache.get(tok) is not None
+        code, _, err = await tocsin_ban(settings, "add", "ada", "--minutes", "2")
+        assert code == 0, err
+        assert await client.wait_closed() == Close.POLICY_VIOLATION
+        await client.session.close()
+        status, body, _ = await handshake(running.ws_url, auth_token=tok)
+        assert status == 429 and body["error"] == "banned", body
+    finally:
+        await running.stop()
+
+
 # ------------------------------------------------------------------ connection caps
 
 
@@ -173,6 +195,60 @@ async def test_the_connection_cap_holds_across_instances_and_spares_a_reconnect(
     finally:
         await one.stop()
         await two.stop()
+
+
+async def test_slots_are_counted_from_the_watch_and_listed_only_past_the_cap(
+    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+) -> None:
+    """A handshake within the cap is counted from the slots the gateway watches (no
+    STREAM.INFO); one over it is listed from the bucket before it is refused. A slot the
+    watch saw written but not removed (purged from the stream, as an older gateway does)
+    counts in the watch only: the listing lets the handshake in."""
+    settings = make_settings(max_connections_per_user=2)
+    running = await start_gateway(settings)
+    guard = running.gw.guard
+    tok = token("counted", ("KE",))
+    try:
+        phone = await Client.connect(running.ws_url, tok, client_id="phone")
+        await phone.next("connection_established")
+        assert guard.slot_counts == {"watched": 1, "listed": 0}
+        # A slot of another device of the user on this instance, then purged unseen.
+        ghost = f"$KV.{names.guard_bucket}.conn.{user_key('counted')}.{guard.instance}.0000"
+        ack = await js.publish(ghost, b"{}")
+        await eventually(lambda: guard.slots_seen >= ack.seq, what="the ghost slot watched")
+        await js.purge_stream(f"KV_{names.guard_bucket}", subject=ghost)
+        tablet = await Client.connect(running.ws_url, tok, client_id="tablet")
+        await tablet.next("connection_established")  # 3 watched, 2 listed: let in
+        assert guard.slot_counts == {"watched": 2, "listed": 1}
+        status, body, _ = await handshake(running.ws_url, auth_token=tok, client_id="desk")
+        assert status == 429 and body["error"] == "too_many_connections", body
+        assert guard.slot_counts["listed"] >= 2  # (the helper asks twice for the body)
+        await phone.close()
+        await tablet.close()
+    finally:
+        await running.stop()
+
+
+async def test_the_lease_sweep_purges_own_slots_no_connection_holds(
+    make_settings: Callable[..., Settings], js: JetStreamContext, names: Names
+) -> None:
+    """A slot of this instance that no open connection holds (its release failed while NATS
+    was away) is purged by the sweep, from the slots watched; a held one stays."""
+    running = await start_gateway(make_settings())
+    guard = running.gw.guard
+    try:
+        client = await Client.connect(running.ws_url, token("kept", ("KE",)))
+        await client.next("connection_established")
+        leak = f"$KV.{names.guard_bucket}.conn.{user_key('leaked')}.{guard.instance}.0000"
+        ack = await js.publish(leak, b"{}")
+        await eventually(lambda: guard.slots_seen >= ack.seq, what="the leaked slot watched")
+        assert user_key("leaked") in guard.slots
+        await guard._sweep_own()
+        await eventually(lambda: user_key("leaked") not in guard.slots, what="the leak purged")
+        assert user_key("kept") in guard.slots
+        await client.close()
+    finally:
+        await running.stop()
 
 
 @pytest.mark.slow

@@ -226,3 +226,17 @@ async def test_a_handshake_abandoned_while_waiting_its_turn_claims_nothing(
     assert seen == {}  # no record read, no claim, no queue created
     consumer = names.device_consumer("gaveup", CLIENT_ID)
     assert await gateway.gw.owners.records.recorded(consumer) is None
+
+
+async def test_a_new_device_creates_its_queue_with_one_request(
+    gateway: RunningGateway, calls: Calls, nc: Nats, names: Names
+) -> None:
+    before = await settled(calls, nc)
+    hello = await visit(gateway, token("newcomer"))
+    await released(gateway, names, "newcomer")
+    seen = await settled(calls, nc) - before
+
+    assert hello["pending"] == 0
+    # The claim's read and write, the create (no CONSUMER.INFO first, no STREAM.INFO for
+    # the last seq: it is the live feed's), the new device's position and the release.
+    assert seen == {"STREAM.MSG.GET": 1, "record write": 3, "CONSUMER.CREATE": 1}

@@ -110,3 +110,30 @@ async def test_a_connected_device_keeps_its_record_current(
 
 async def _is(floor: Awaitable[int | None], want: int) -> bool:
     return await floor == want
+
+
+async def test_a_queue_kept_with_its_record_gone_is_opened_as_it_stands(
+    gateway: RunningGateway, js: JetStreamContext, names: Names
+) -> None:
+    """No record looks like a new device, whose queue is created outright; a queue of that
+    name exists (its record purged by hand, expired first), so the create is refused and
+    the queue is opened with its backlog, not replaced at the live edge."""
+    tok = token("ines")
+    consumer = names.device_consumer("ines", "phone")
+    first = await Client.connect(gateway.ws_url, tok)
+    await first.next("connection_established")
+    await first.close()
+
+    async def released() -> bool:
+        record = await gateway.gw.records.recorded(consumer)
+        return record is not None and record["floor"] is not None and record["owner"] is None
+
+    await eventually(released, what="the record at close")
+    missed = [(await append(js, names, alert("KE-30"))).seq for _ in range(2)]
+    await js.purge_stream(names.devices_stream, subject=names.device_record_subject(consumer))
+
+    again = await Client.connect(gateway.ws_url, tok)
+    hello = await again.next("connection_established")
+    assert hello["pending"] == 2
+    assert [f["seq"] for f in await again.alerts(2, ack=True)] == missed
+    await again.close()

@@ -14,7 +14,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tocsin.core.auth import Claims, Role, TokenError, TokenVerifier, bearer, mint_token
+from tocsin.core.auth import (
+    Claims,
+    Role,
+    TokenCache,
+    TokenError,
+    TokenVerifier,
+    bearer,
+    mint_token,
+)
 
 SECRET = "unit-secret-0123456789abcdef-0123456789"
 HS = TokenVerifier(SECRET, None)
@@ -245,3 +253,46 @@ def test_roles_are_the_contract_roles() -> None:
 )
 def test_bearer(header: str | None, token: str | None) -> None:
     assert bearer(header) == token
+
+
+# ------------------------------------------------------------------------ the cache
+
+
+def test_a_verified_token_is_taken_from_the_cache_and_still_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    v = TokenVerifier(SECRET, None, leeway=5)
+    token = mint_token(SECRET, "alice", ttl_seconds=60)
+    first = v.verify(token)
+    assert v.verify(token) is first and v.cache.hits == 1  # not decoded again
+    # Past exp + leeway (the clock moved, not the test waiting): refused like any token.
+    later = time.time() + 66
+    monkeypatch.setattr("tocsin.core.auth.time.time", lambda: later)
+    assert refused(v, token).error == "token_expired"
+    assert v.cache.get(token) is None
+
+
+def test_a_tampered_copy_of_a_cached_token_is_not_a_hit() -> None:
+    v = TokenVerifier(SECRET, None)
+    token = mint_token(SECRET, "alice")
+    v.verify(token)
+    head, _body, sig = token.split(".")
+    other = _b64(json.dumps(claims(sub="mallory")).encode())
+    assert refused(v, f"{head}.{other}.{sig}").error == "invalid_signature"
+    assert v.cache.hits == 0
+
+
+def test_the_cache_keeps_the_newest_tokens() -> None:
+    cache = TokenCache(size=2)
+    v = TokenVerifier(SECRET, None, cache=cache)
+    tokens = [mint_token(SECRET, f"u{i}") for i in range(3)]
+    for t in tokens:
+        v.verify(t)
+    assert len(cache) == 2 and cache.get(tokens[0]) is None and cache.get(tokens[2]) is not None
+
+
+def test_a_cache_of_size_zero_keeps_nothing() -> None:
+    v = TokenVerifier(SECRET, None, cache=TokenCache(size=0))
+    token = mint_token(SECRET, "alice")
+    assert v.verify(token).sub == v.verify(token).sub == "alice"
+    assert len(v.cache) == 0 and v.cache.hits == 0

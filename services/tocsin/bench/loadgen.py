@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from tocsin.core.supervisor import raise_fd_limit
+
 try:  # pragma: no cover - depends on the environment
     import uvloop  # type: ignore[import-not-found, unused-ignore]
 except ImportError:  # pragma: no cover
@@ -804,15 +806,6 @@ def rss_bytes() -> int:
             if line.startswith(b"VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def raise_fd_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _worker_main(conn: Connection, host: str, port: int, ack_interval: float) -> None:

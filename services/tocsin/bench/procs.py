@@ -7,6 +7,7 @@ measured from outside, the same way.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import shutil
@@ -52,8 +53,14 @@ def usage(pid: int) -> Usage:
         return Usage(0.0, 0)
 
 
+def _ready(base: str) -> bool:
+    return http_status(f"{base}/readyz")[0] == 200
+
+
 class Stack:
-    """nats-server, one gateway and the ceiling broadcaster, each its own process."""
+    """nats-server, the gateway (``gateways`` > 1: that many processes sharing one port
+    with SO_REUSEPORT, as ``tocsin run`` starts them, each also on a port of its own) and
+    the ceiling broadcaster (unless ``ceiling=False``), each its own process."""
 
     namespace = "bench"
 
@@ -64,6 +71,8 @@ class Stack:
         max_devices: int,
         max_inflight: int,
         extra_env: dict[str, str] | None = None,
+        gateways: int = 1,
+        ceiling: bool = True,
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="tocsin-bench-"))
         self.secret = secrets.token_urlsafe(48)
@@ -72,7 +81,11 @@ class Stack:
         self.max_inflight = max_inflight
         self.extra_env = dict(extra_env or {})
         self.nats: NatsServer | None = None
-        self.gateway: Child | None = None
+        self.gateway: Child | None = None  # the first gateway
+        self.gateways: list[Child] = []
+        self.gateway_count = gateways
+        self.own_ports: list[int] = []  # each gateway's own port (gateways > 1)
+        self.with_ceiling = ceiling
         self.ceiling: Child | None = None
         self.gateway_port = free_port()
         self.ceiling_port = free_port()
@@ -92,19 +105,31 @@ class Stack:
             data_dir=self.dir / "data",
             log_level="WARNING",
             shutdown_grace_seconds=30,
+            gateways=self.gateway_count,
         )
         env = settings_env(settings, self.extra_env)  # --set: gateway settings to explore
-        self.gateway = Child("gateway", tocsin_argv("gateway"), env, self.dir / "gateway.log")
-        self.gateway.start().wait_ready(
-            lambda: http_status(f"{self.http}/readyz")[0] == 200, 60, "ready (/readyz)"
-        )
+        n = self.gateway_count
+        while len(self.own_ports) < (n if n > 1 else 0):
+            port = free_port()
+            if port not in (self.gateway_port, self.ceiling_port, *self.own_ports):
+                self.own_ports.append(port)
+        for i in range(n):
+            name = "gateway" if n == 1 else f"gateway-{i + 1}"
+            own = {"TOCSIN_GATEWAY_METRICS_PORT": str(self.own_ports[i])} if n > 1 else {}
+            child = Child(name, tocsin_argv("gateway"), env | own, self.dir / f"{name}.log")
+            self.gateways.append(child.start())
+        self.gateway = self.gateways[0]
+        for child, url in zip(self.gateways, self.gateway_urls, strict=True):
+            child.wait_ready(functools.partial(_ready, url), 60, "ready (/readyz)")
+        if not self.with_ceiling:
+            return self
         argv = ceiling_command("127.0.0.1", self.ceiling_port, self.heartbeat)
         self.ceiling = Child("ceiling", argv, env, self.dir / "ceiling.log").start()
         self.ceiling.wait_ready(lambda: port_open("127.0.0.1", self.ceiling_port), 30, "listening")
         return self
 
     def stop(self) -> None:
-        stop_all([c for c in (self.ceiling, self.gateway) if c is not None], 60)
+        stop_all([c for c in (self.ceiling, *self.gateways) if c is not None], 60)
         if self.nats is not None:
             # The store is thrown away: a graceful stop costs ~10 ms per consumer (nats 2.15).
             self.nats.kill()
@@ -116,6 +141,11 @@ class Stack:
         return f"http://127.0.0.1:{self.gateway_port}"
 
     @property
+    def gateway_urls(self) -> list[str]:
+        """Each gateway's own address (its /metrics, /readyz); the shared one for one."""
+        return [f"http://127.0.0.1:{p}" for p in self.own_ports] or [self.http]
+
+    @property
     def ceiling_http(self) -> str:
         return f"http://127.0.0.1:{self.ceiling_port}"
 
@@ -123,7 +153,7 @@ class Stack:
         out = {}
         if self.nats is not None and self.nats.process is not None:
             out["nats-server"] = self.nats.process.pid
-        for child in (self.gateway, self.ceiling):
+        for child in (*self.gateways, self.ceiling):
             if child is not None and child.pid is not None:
                 out[child.name] = child.pid
         return out

@@ -40,8 +40,20 @@ def print_banner(
     secret_note: str,
     ingest_metrics_port: int = 0,
     dev_sign_in: bool = False,
+    gateways: list[tuple[str, int, int]] | None = None,
 ) -> None:
+    """``gateways``: (name, pid, own port or 0) of each gateway process."""
     base = http_base(settings, port)
+    procs = gateways or []
+    if len(procs) > 1:
+        own = "   ".join(f"{name} (pid {pid}) {http_base(settings, p)}" for name, pid, p in procs)
+        gateways_ = (
+            f"\n  Gateways    {len(procs)} processes share port {port} (SO_REUSEPORT: a "
+            "connection lands on any one,\n              and so does a scrape of /metrics "
+            f"there); each one alone: /metrics, /readyz on\n              {own}"
+        )
+    else:
+        gateways_ = ""
     ingest = (
         f"   ingest: {http_base(settings, ingest_metrics_port)}/metrics"
         if ingest_metrics_port
@@ -61,7 +73,7 @@ tocsin is ready.
   WebSocket   {ws_url(settings, port)}
   Publish     POST {base}{ALERTS_PATH}   (or NATS subject ingest.alerts)
   Health      {base}/healthz   {base}/readyz
-  Watch       {base}/metrics{ingest}   stats: {base}/api/v1/alerts/stats   tocsin status
+  Watch       {base}/metrics{ingest}   stats: {base}/api/v1/alerts/stats   tocsin status{gateways_}
   NATS        {nats_url}   ({nats_note})
   JWT secret  {secret_note}
 

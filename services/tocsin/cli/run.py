@@ -1,7 +1,8 @@
 """``tocsin run``: an embedded nats-server (unless TOCSIN_NATS_URL), the ingest service,
-one gateway and, with TOCSIN_PUSH_URL, the notifier as child processes; waits for
-readiness, prints the banner, and on SIGINT/SIGTERM or a child's death stops everything
-within a bounded time."""
+``TOCSIN_GATEWAYS`` gateways (one by default; more share the HTTP port with SO_REUSEPORT,
+each also on a port of its own) and, with TOCSIN_PUSH_URL, the notifier as child
+processes; waits for every one to be ready, prints the banner, and on SIGINT/SIGTERM or a
+child's death stops everything within a bounded time."""
 
 from __future__ import annotations
 
@@ -128,6 +129,47 @@ class _Nats:
         return [with_user(u, party, self.passwords[party]) for u in urls]
 
 
+def _gateway_ports(settings: Settings, http_port: int) -> list[int]:
+    """Each gateway's own port (/metrics, /readyz, the stats of that process alone): from
+    TOCSIN_GATEWAY_METRICS_PORT on, one each; free ones when it is 0 and there are several
+    gateways (the shared port answers for one of them at random); none for one gateway."""
+    host = settings.http_host or "127.0.0.1"
+    first = settings.gateway_metrics_port
+    if first:
+        ports = [first + i for i in range(settings.gateways)]
+        if ports[-1] > 65535 or http_port in ports:
+            why = f"include TOCSIN_HTTP_PORT {http_port}"
+            if ports[-1] > 65535:
+                why = "end above 65535"
+            raise Fail(
+                f"TOCSIN_GATEWAY_METRICS_PORT {first} with TOCSIN_GATEWAYS "
+                f"{settings.gateways}: the gateways' own ports {first}..{ports[-1]} {why}",
+                2,
+            )
+        for port in ports:
+            if _port_in_use(settings.http_host, port):
+                raise Fail(
+                    f"TOCSIN_GATEWAY_METRICS_PORT: port {port} on {settings.http_host} "
+                    f"(gateway {port - first + 1} of {settings.gateways}) is already in use; "
+                    "set TOCSIN_GATEWAY_METRICS_PORT to the first of free ports, or 0",
+                    2,
+                )
+        return ports
+    if settings.gateways == 1:
+        return []
+    free: list[int] = []
+    while len(free) < settings.gateways:
+        port = free_port(host)
+        if port not in free and port != http_port and port != settings.nats_port:
+            free.append(port)
+    return free
+
+
+def gateway_names(count: int) -> list[str]:
+    """The children's names: ``gateway`` alone, ``gateway-1`` … ``gateway-N`` for more."""
+    return ["gateway"] if count == 1 else [f"gateway-{i + 1}" for i in range(count)]
+
+
 def _check_ports(settings: Settings) -> int:
     http_port = settings.http_port or free_port(settings.http_host or "127.0.0.1")
     if _port_in_use(settings.http_host, http_port):
@@ -222,19 +264,26 @@ def dev_sign_in(settings: Settings, environ: Mapping[str, str]) -> bool:
     return not settings.jwt_secret
 
 
-def _await_ready(children: list[Child], url: str, stop: _StopRequest) -> bool:
-    """Wait for the gateway's /readyz (connected to NATS, streams present)."""
+def _await_ready(children: list[Child], urls: list[str], stop: _StopRequest) -> bool:
+    """Wait for every gateway's /readyz (connected to NATS, streams present): each on its
+    own port when there are several (the shared port answers for any one of them)."""
     deadline = time.monotonic() + READY_TIMEOUT
+    waiting = list(urls)
     while not stop:
         if _report_exits(children, "during start-up"):
             return False
-        status, last = http_status(url)
-        if status == 200:
+        last = ""
+        for url in list(waiting):
+            status, last = http_status(url)
+            if status != 200:
+                break
+            waiting.remove(url)
+        if not waiting:
             return True
         if time.monotonic() > deadline:
             _say(
-                f"the gateway was not ready after {READY_TIMEOUT:.0f}s ({url}: "
-                f"{last.strip()}); stopping",
+                f"{len(waiting)} of {len(urls)} gateway(s) not ready after "
+                f"{READY_TIMEOUT:.0f}s ({waiting[0]}: {last.strip()}); stopping",
                 True,
             )
             return False
@@ -262,6 +311,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     http_port = _check_ports(settings)
+    own_ports = _gateway_ports(settings, http_port)
     nats: _Nats | None = None
     children: list[Child] = []
     failed = False
@@ -290,19 +340,27 @@ def cmd_run(args: argparse.Namespace) -> int:
             _apply_topology(settings, nats.for_party("operator"), nats.replicas)
         # The notifier when there is somewhere to push to; it is a NATS user like ingest
         # (core/natsauth.py).
-        services = [("ingest", "ingest"), ("gateway", "gateway")]
+        # Every gateway: the shared port, and its own one when there are several.
+        services: list[tuple[str, str, str, dict[str, object]]] = [
+            ("ingest", "ingest", "ingest", {})
+        ]
+        names = gateway_names(settings.gateways)
+        for i, name in enumerate(names):
+            port: dict[str, object] = {"gateway_metrics_port": own_ports[i]} if own_ports else {}
+            services.append((name, "gateway", "gateway", port))
         if settings.push_url:
-            services.append(("notifier", "ingest"))
-        for name, party in services:
+            services.append(("notifier", "notifier", "ingest", {}))
+        for name, command, party, extra in services:
             if not stop:
-                own: dict[str, object] = {"nats_url": nats.for_party(party)}
+                own: dict[str, object] = {"nats_url": nats.for_party(party), **extra}
                 if nats.passwords is not None:  # replies to inboxes of its own
                     own["nats_inbox_prefix"] = INBOXES[party]
                 env = settings_env(resolved.model_copy(update=own))
-                children.append(Child(name, tocsin_argv(name), env).start())
-        ready = not stop and _await_ready(
-            children, http_base(settings, http_port) + "/readyz", stop
-        )
+                children.append(Child(name, tocsin_argv(command), env).start())
+        ready_urls = [f"{http_base(settings, p)}/readyz" for p in own_ports] or [
+            http_base(settings, http_port) + "/readyz"
+        ]
+        ready = not stop and _await_ready(children, ready_urls, stop)
         failed = not stop and not ready
         if ready:
             print_banner(
@@ -313,6 +371,15 @@ def cmd_run(args: argparse.Namespace) -> int:
                 secret_note,
                 metrics_port,
                 dev_sign_in=resolved.dev_sign_in,
+                gateways=[
+                    (n, c.pid or 0, p)
+                    for n, c, p in zip(
+                        names,
+                        [c for c in children if c.name in names],
+                        own_ports or [0] * len(names),
+                        strict=True,
+                    )
+                ],
             )
             failed = not _watch(children, stop)
         if stop:

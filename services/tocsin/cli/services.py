@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 
 from tocsin.core.logs import setup_logging
 from tocsin.core.settings import Settings, exit_on_bad_settings
+from tocsin.core.supervisor import raise_fd_limit
 
 from .common import Fail
 
@@ -55,13 +57,19 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     loop = use_event_loop(settings)
     from tocsin.gateway.app import create_app
 
+    fd_limit = raise_fd_limit()  # a socket per device: the soft limit (often 1024) is low
+    own = _own_socket(settings)
     app = create_app(settings)
+    shared = settings.gateways > 1
     log.info(
-        "gateway listening on http://%s:%s (NATS %s; %s event loop)",
+        "gateway listening on http://%s:%s%s%s (NATS %s; %s event loop; %d open files)",
         settings.http_host,
         settings.http_port,
+        f", shared by {settings.gateways} gateway processes (SO_REUSEPORT)" if shared else "",
+        f", its own on :{settings.gateway_metrics_port}" if own is not None else "",
         ",".join(settings.nats_url),
         loop,
+        fd_limit,
     )
     # run_app turns SIGINT/SIGTERM into a graceful stop: on_shutdown closes the sockets
     # (1001), cleanup saves positions and drains NATS.
@@ -73,11 +81,38 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print=None,
         access_log=log if settings.log_level == "DEBUG" else None,
         handle_signals=True,
+        # One of several processes on the port (`tocsin run` with TOCSIN_GATEWAYS > 1): the
+        # kernel spreads the connections over them. Alone, the port stays exclusive: a
+        # second gateway started on it by mistake fails at once instead of silently taking
+        # a share of the connections.
+        reuse_port=shared or None,
+        sock=[own] if own is not None else None,
         # aiohttp arms this at connect too: a client that has not sent a whole request by
         # then (a slow-loris upgrade) is closed (docs/security.md)
         keepalive_timeout=settings.handshake_timeout_seconds,
     )
     return 0
+
+
+def _own_socket(settings: Settings) -> socket.socket | None:
+    """The listening socket of TOCSIN_GATEWAY_METRICS_PORT (the gateway's own address, the
+    whole app answered by this process alone), or None when it is 0."""
+    if not settings.gateway_metrics_port:
+        return None
+    host, port = settings.http_host, settings.gateway_metrics_port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise Fail(
+            f"TOCSIN_GATEWAY_METRICS_PORT {port} on {host}: {exc.strerror or exc}; "
+            "set it to a free port (or 0: none)",
+            2,
+        ) from None
+    return sock
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

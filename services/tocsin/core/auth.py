@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -127,6 +127,50 @@ class Jwks:
             self.last_error = None
 
 
+#: Tokens verified lately, kept with their claims: a device that reconnects with the token
+#: it connected with (every few minutes on a flaky network, all at once after a gateway
+#: restart) is not verified again. The oldest goes first past this many.
+TOKEN_CACHE_SIZE = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Verified:
+    """A token that passed verification: its claims, the key that verified it, and the
+    JWKS ``kid`` it named (None: the configured secret or public key)."""
+
+    claims: Claims
+    key: Any
+    kid: str | None
+
+
+class TokenCache:
+    """Verified tokens by their exact text (so by their signature too). A hit still has its
+    ``exp`` checked against the clock, and a JWKS token's key must still be the one in the
+    JWKS (a rotation drops it); bans are not the verifier's business (gateway/guard.py
+    checks them on every handshake)."""
+
+    def __init__(self, size: int = TOKEN_CACHE_SIZE) -> None:
+        self.size = size
+        self._entries: dict[str, Verified] = {}
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, token: str) -> Verified | None:
+        return self._entries.get(token)
+
+    def put(self, token: str, verified: Verified) -> None:
+        if self.size <= 0:
+            return  # no cache
+        if token not in self._entries and len(self._entries) >= self.size:
+            del self._entries[next(iter(self._entries))]  # the oldest
+        self._entries[token] = verified
+
+    def drop(self, token: str) -> None:
+        self._entries.pop(token, None)
+
+
 @dataclass(frozen=True)
 class TokenVerifier:
     secret: str | None
@@ -135,6 +179,7 @@ class TokenVerifier:
     issuer: str | None = None
     audience: str | None = None
     jwks: Jwks | None = None
+    cache: TokenCache = field(default_factory=TokenCache, compare=False, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:
@@ -152,6 +197,12 @@ class TokenVerifier:
         the JWKS (``TOCSIN_JWT_JWKS_URL``), fetched if need be."""
         if self.jwks is None or not token:
             return self.verify(token)
+        known = self.cache.get(token)
+        if known is not None and known.kid is not None:
+            jwk = await self.jwks.key(known.kid)  # refreshed as for any token of that kid
+            if jwk is not None and jwk.key is known.key:
+                return self._unexpired(token, known)
+            self.cache.drop(token)  # its key rotated out (or was refreshed): verify anew
         header = self._header(token)
         if header.get("alg") not in ASYMMETRIC:
             return self.verify(token)
@@ -161,7 +212,18 @@ class TokenVerifier:
         jwk = await self.jwks.key(kid)
         if jwk is None:
             raise TokenError("invalid_signature", f"key {kid!r} is not in the JWKS")
-        return self.verify(token, jwk.key)
+        claims = self._decode(token, header, jwk.key)
+        self.cache.put(token, Verified(claims, jwk.key, kid))
+        return claims
+
+    def _unexpired(self, token: str, known: Verified) -> Claims:
+        """A cached token's claims, unless its ``exp`` has passed since (as jwt.decode
+        judges it: with the leeway)."""
+        if known.claims.exp <= time.time() - self.leeway:
+            self.cache.drop(token)
+            raise TokenError("token_expired", "the token's exp is in the past")
+        self.cache.hits += 1
+        return known.claims
 
     @staticmethod
     def _header(token: str) -> dict[str, Any]:
@@ -176,7 +238,17 @@ class TokenVerifier:
     def verify(self, token: str | None, jwk_key: Any = None) -> Claims:
         if not token:
             raise TokenError("missing_token", "pass auth_token=... or Authorization: Bearer ...")
-        alg = self._header(token).get("alg")
+        known = self.cache.get(token) if jwk_key is None else None
+        if known is not None and known.kid is None:  # verified with the configured key
+            return self._unexpired(token, known)
+        header = self._header(token)
+        claims = self._decode(token, header, jwk_key)
+        if jwk_key is None:
+            self.cache.put(token, Verified(claims, None, None))
+        return claims
+
+    def _decode(self, token: str, header: dict[str, Any], jwk_key: Any) -> Claims:
+        alg = header.get("alg")
         if jwk_key is not None and alg in ASYMMETRIC:
             key: Any = jwk_key
         elif alg == "HS256" and self.secret:
@@ -213,8 +285,8 @@ class TokenVerifier:
             return Claims.model_validate(payload)
         except ValidationError as exc:
             err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise TokenError("invalid_claims", f"claim {field}: {err['msg']}") from None
+            where = ".".join(str(p) for p in err["loc"])
+            raise TokenError("invalid_claims", f"claim {where}: {err['msg']}") from None
 
 
 def mint_token(

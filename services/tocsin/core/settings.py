@@ -207,6 +207,23 @@ class Settings(BaseSettings):
         description="embedded nats-server nodes in `tocsin run`: 1, or 3 or 5 for a JetStream "
         "cluster on loopback (streams then default to 3 replicas)",
     )
+    gateways: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="gateway processes `tocsin run` starts, sharing TOCSIN_HTTP_PORT "
+        "(SO_REUSEPORT: the kernel spreads the connections); a gateway told it is one of "
+        "more than 1 listens with SO_REUSEPORT",
+    )
+    gateway_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="this gateway process's own port beside the shared TOCSIN_HTTP_PORT, "
+        "on TOCSIN_HTTP_HOST: the same endpoints (/metrics, /readyz, the stats), answered "
+        "by this process alone; 0: none. `tocsin run` with TOCSIN_GATEWAYS > 1 gives its "
+        "gateways this port and the next ones (free ports when 0)",
+    )
     shutdown_grace_seconds: float = Field(default=10, gt=0)
     takeover_seconds: float = Field(
         default=15,
@@ -371,6 +388,15 @@ class Settings(BaseSettings):
                     f"TOCSIN_CAP_ALERT_TYPES maps to {alert_type!r}, which TOCSIN_ALERT_TYPES "
                     "does not accept"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _gateway_port(self) -> Settings:
+        if self.gateway_metrics_port and self.gateway_metrics_port == self.http_port:
+            raise ValueError(
+                f"TOCSIN_GATEWAY_METRICS_PORT and TOCSIN_HTTP_PORT are both {self.http_port}: "
+                "a gateway's own port must differ from the port the gateways share"
+            )
         return self
 
     @field_validator("nats_url")

@@ -13,7 +13,9 @@ bench`` (gateway and ceiling) and the tests (gateways killed and restarted in pl
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -78,6 +80,17 @@ def _defaults() -> dict[str, object]:
 def tocsin_argv(*args: str) -> list[str]:
     """``python -m tocsin <args>`` with this interpreter."""
     return [sys.executable, "-m", "tocsin", *args]
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (a gateway or a load
+    generator holding tens of thousands of sockets); the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 # ----------------------------------------------------------------------- readiness

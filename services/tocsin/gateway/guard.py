@@ -13,14 +13,20 @@ Keys never carry user input: a user is the first 32 hex digits of the SHA-256 of
   ``LEASE_SECONDS``. Every gateway watches ``gw.>``; an instance not heard for a lease is
   dead (killed, or cut off from NATS), and its slots count no more.
 * ``conn.<user>.<instance>.<device>``: one open connection of a device on an instance.
-  A handshake writes its slot, then lists the user's slots (one ``STREAM.INFO`` with a
-  subject filter): those of live instances, not counting the device's own slot on another
-  instance (a reconnect that is taking over its old connection), over
-  ``TOCSIN_MAX_CONNECTIONS_PER_USER`` refuse it (429 ``too_many_connections``) and its slot
-  is removed. Two handshakes at the same instant may both see the other and both be
-  refused (never both admitted); the client's retry with jitter lets one in. A slot goes
-  with its connection (purged from the stream); a gateway also purges, every lease, slots
-  of its own that no open connection holds, and those of dead instances it meets.
+  A handshake writes its slot, then counts the user's slots: those of live instances, not
+  counting the device's own slot on another instance (a reconnect that is taking over its
+  old connection), over ``TOCSIN_MAX_CONNECTIONS_PER_USER`` refuse it (429
+  ``too_many_connections``) and its slot is removed. Every gateway watches ``conn.>`` and
+  counts from what it watched, once the watch has delivered its own write (in stream
+  order: every slot written before it is then known); a watch not there yet, or a count
+  over the cap, is checked by listing the user's slots (one ``STREAM.INFO`` with a subject
+  filter), so a slot the watch missed the end of can refuse no one. Of two handshakes at
+  the same instant the later write sees the earlier, so they are never both admitted
+  over the cap (both may be refused by the listing; the client's retry with jitter lets
+  one in). A slot goes with its connection (a purge marker that the watches see, itself
+  gone a second later; a listing within that second still counts it); a gateway also
+  purges, every lease, slots of its own that no open connection holds, and those of dead
+  instances it meets.
 """
 
 from __future__ import annotations
@@ -39,8 +45,8 @@ import orjson
 from nats.aio.client import Client
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.kv import KeyValue
+from nats.js.api import Header, KeyValueConfig, StorageType
+from nats.js.kv import KV_OP, KV_PURGE, MSG_ROLLUP_SUBJECT, KeyValue
 
 from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
@@ -52,6 +58,12 @@ audit = logging.getLogger("tocsin.audit")
 
 #: A gateway not heard for this long is dead: its connection slots are free again.
 LEASE_SECONDS = 15.0
+#: A handshake waits this long at most for the slots watch to deliver its slot's write;
+#: then its user's slots are listed instead.
+SLOT_WATCH_SECONDS = 1.0
+#: A removed slot's purge marker stays this long (the watches have it within milliseconds;
+#: until it goes, a listing counts it as a slot).
+SLOT_MARKER_SECONDS = 1
 
 
 def user_key(sub: str) -> str:
@@ -162,12 +174,21 @@ class Guard:
         self.bans: dict[str, Ban] = {}  # user key -> ban, as watched
         self.gateways: dict[str, float] = {}  # instance -> monotonic time its lease was seen
         self.held: dict[str, str] = {}  # slot key -> session id, this instance's
+        self.letting_go: set[str] = set()  # slot keys whose release is under way
         self.on_ban: Callable[[Ban], None] = lambda ban: None
         self._tasks: list[asyncio.Task[None]] = []
         self._watchers: list[asyncio.Task[None]] = []
         self._announced: set[str] = set()  # bans acted on before a rewatch
         self.ready = False  # the bucket is open and watched (start, or the lease loop)
         self.warnings: dict[str, list[float]] = {}  # sub -> monotonic times of its warnings
+        #: The slots watched: user key -> {"<instance>.<device>"}; ``slots_seen`` is the
+        #: stream seq the watch has delivered up to, ``slots_caught_up`` that it has replayed
+        #: what the bucket held (only then is the view whole).
+        self.slots: dict[str, set[str]] = {}
+        self.slots_seen = 0
+        self.slots_caught_up = False
+        self._slot_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.slot_counts = {"watched": 0, "listed": 0}
         # The slots' JetStream calls, bounded like the claims' (ownership.OPENS_AT_ONCE):
         # a reconnect storm must not put thousands of requests in flight at once.
         self._gate = asyncio.Semaphore(OPENS_AT_ONCE)
@@ -196,9 +217,12 @@ class Guard:
         assert self._kv is not None
         bans = await self._kv.watch("ban.>")
         leases = await self._kv.watch("gw.>")
+        self.slots, self.slots_seen, self.slots_caught_up = {}, 0, False
+        slots = await self._kv.watch("conn.>")
         return [
             asyncio.create_task(self._watch(bans, self._on_ban_entry)),
             asyncio.create_task(self._watch(leases, self._on_lease_entry)),
+            asyncio.create_task(self._watch(slots, self._on_slot_entry)),
         ]
 
     async def rewatch(self) -> None:
@@ -230,11 +254,17 @@ class Guard:
     # ------------------------------------------------------------ watching
     @staticmethod
     async def _watch(watcher: Any, handle: Callable[[Any], None]) -> None:
+        task = asyncio.current_task()
         while True:
             try:
                 entry = await watcher.updates(timeout=3600)
             except TimeoutError:
                 continue
+            if task is not None and task.cancelling():
+                # 3.11's wait_for (inside updates()) returns an entry that arrived with the
+                # cancel instead of raising it: the slots watch, busy at every close, would
+                # then wait out its hour at shutdown.
+                raise asyncio.CancelledError
             handle(entry)  # None: what the bucket held has been replayed
 
     def _on_ban_entry(self, entry: Any) -> None:
@@ -275,6 +305,48 @@ class Guard:
             self.gateways[instance] = time.monotonic() - min(max(age, 0.0), LEASE_SECONDS)
         else:
             self.gateways.pop(instance, None)
+
+    def _on_slot_entry(self, entry: Any) -> None:
+        if entry is None:
+            self.slots_caught_up = True
+        else:
+            parts = entry.key.split(".")
+            if len(parts) == 4:  # conn.<user>.<instance>.<device>
+                user, where = parts[1], f"{parts[2]}.{parts[3]}"
+                if entry.operation is None:
+                    self.slots.setdefault(user, set()).add(where)
+                else:  # deleted or purged
+                    held = self.slots.get(user)
+                    if held is not None:
+                        held.discard(where)
+                        if not held:
+                            del self.slots[user]
+            self.slots_seen = max(self.slots_seen, entry.revision or 0)
+        if self._slot_waiters and self.slots_caught_up:
+            waiting = []
+            for seq, fut in self._slot_waiters:
+                if seq <= self.slots_seen:
+                    if not fut.done():
+                        fut.set_result(None)
+                else:
+                    waiting.append((seq, fut))
+            self._slot_waiters = waiting
+
+    async def _watched_to(self, seq: int) -> bool:
+        """The slots watch has replayed the bucket and delivered up to ``seq``: True at once
+        or within SLOT_WATCH_SECONDS, else False."""
+        if self.slots_caught_up and self.slots_seen >= seq:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append((seq, fut))
+        try:
+            async with asyncio.timeout(SLOT_WATCH_SECONDS):
+                await fut
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._slot_waiters = [(s, f) for s, f in self._slot_waiters if f is not fut]
 
     def live(self, instance: str) -> bool:
         seen = self.gateways.get(instance)
@@ -317,16 +389,22 @@ class Guard:
         slot = self._slot(sub, self.instance, client_id)
         value = orjson.dumps({"sub": sub, "client_id": client_id, "session": session})
         self.held[slot] = session  # before it exists: the sweep must not take it for a leak
+        cap = self._settings.max_connections_per_user
         try:
             async with self._gate:
-                await self._js.publish(self._prefix + slot, value)
-                count, dead = await self._count(sub, client_id)
+                ack = await self._js.publish(self._prefix + slot, value)
+                count = -1
+                if await self._watched_to(ack.seq):
+                    count, dead = self._count_watched(sub, client_id)
+                    self.slot_counts["watched"] += 1
+                if not 0 <= count <= cap:  # not watched yet, or over: list them to be sure
+                    count, dead = await self._count(sub, client_id)
+                    self.slot_counts["listed"] += 1
         except BaseException:
             await self.release(slot, session)
             raise
         for stale in dead:
             self.spawn_purge(stale)
-        cap = self._settings.max_connections_per_user
         if count > cap:
             await self.release(slot, session)
             raise Refused(
@@ -335,6 +413,20 @@ class Guard:
                 1.0,
             )
         return slot
+
+    def _count_watched(self, sub: str, client_id: str) -> tuple[int, list[str]]:
+        """:meth:`_count` from the slots watched. It may count a slot whose removal it did
+        not see (a purge by an older version): never fewer than the bucket holds."""
+        own = device_key(client_id)
+        user = user_key(sub)
+        count, dead = 0, []
+        for where in self.slots.get(user, ()):
+            instance, device = where.split(".")
+            if not self.live(instance):
+                dead.append(f"{self._prefix}conn.{user}.{where}")
+            elif instance == self.instance or device != own:
+                count += 1
+        return count, dead
 
     async def _count(self, sub: str, client_id: str) -> tuple[int, list[str]]:
         """Connections of ``sub`` on live instances, this device's own slot elsewhere not
@@ -357,14 +449,24 @@ class Guard:
         if self.held.get(slot) != session:
             return
         del self.held[slot]
-        with contextlib.suppress(Exception):
-            async with self._release_gate:
-                await self._js.purge_stream(self._stream, subject=self._prefix + slot)
+        self.letting_go.add(slot)  # the sweep leaves it to this release
+        try:
+            with contextlib.suppress(Exception):
+                async with self._release_gate:
+                    await self._purge(self._prefix + slot)
+        finally:
+            self.letting_go.discard(slot)
+
+    async def _purge(self, subject: str) -> None:
+        """Remove a slot: a purge marker (the slot's messages go, and every watch sees it),
+        itself gone after SLOT_MARKER_SECONDS."""
+        headers = {KV_OP: KV_PURGE, Header.ROLLUP: MSG_ROLLUP_SUBJECT}
+        await self._js.publish(subject, b"", headers=headers, msg_ttl=SLOT_MARKER_SECONDS)
 
     def spawn_purge(self, subject: str) -> None:
         async def purge() -> None:
             with contextlib.suppress(Exception):
-                await self._js.purge_stream(self._stream, subject=subject)
+                await self._purge(subject)
 
         self._tasks.append(asyncio.create_task(purge()))
 
@@ -391,11 +493,24 @@ class Guard:
 
     async def _sweep_own(self) -> None:
         """Purge this instance's slots that no open connection holds (a release that failed
-        while NATS was away)."""
-        pattern = f"{self._prefix}conn.*.{self.instance}.*"
-        info = await self._js.stream_info(self._stream, subjects_filter=pattern)
-        for subject in (info.state.subjects or {}).keys():
-            if subject.removeprefix(self._prefix) not in self.held:
+        while NATS was away). From the slots watched once the watch has replayed the bucket
+        (a listing would also show the purge markers of the last second's releases, and
+        purge them again), else from a listing."""
+        if self.slots_caught_up:
+            mine = f"{self.instance}."
+            subjects = [
+                f"{self._prefix}conn.{user}.{where}"
+                for user, held in self.slots.items()
+                for where in held
+                if where.startswith(mine)
+            ]
+        else:
+            pattern = f"{self._prefix}conn.*.{self.instance}.*"
+            info = await self._js.stream_info(self._stream, subjects_filter=pattern)
+            subjects = list((info.state.subjects or {}).keys())
+        for subject in subjects:
+            key = subject.removeprefix(self._prefix)
+            if key not in self.held and key not in self.letting_go:
                 self.spawn_purge(subject)
 
 

@@ -194,6 +194,9 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
                 session, device.user_id, device.client_id
             )
             gw.feed.register(session)  # before the queue is opened: live alerts buffer
+            # Every alert after this seq is offered to the session from here on (the feed is
+            # in order): a new device's queue starts right after it (queue.py open).
+            live_from = gw.feed.last_seq if gw.feed.running else None
             found = claim.found
             journaled = None
             if found is not None and found.owner is not None and found.gateway is not None:
@@ -207,6 +210,7 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
                 device.filters,
                 found,
                 journaled,
+                live_from,
             )
         session.resume(opened.position, opened.subscription)
         if session.closing:  # asked to leave while opening: let go at once

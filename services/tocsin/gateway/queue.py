@@ -43,6 +43,8 @@ class QueueError(Exception):
     """JetStream refused an operation on a device queue."""
 
 
+#: JetStream's "consumer already exists" (a create with action ``create`` of another config).
+CONSUMER_EXISTS = 10148
 #: What asking for a consumer whose (R1) node is down looks like (measured on 2.15.1: a
 #: request timeout for CONSUMER.INFO, no responders for a fetch), as opposed to a 404.
 UNREACHABLE = (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError)
@@ -150,6 +152,7 @@ class DeviceQueues:
         filters: Filters | None = None,
         recorded: Record | None = None,
         journaled: Position | None = None,
+        live_from: int | None = None,
     ) -> Opened:
         """Find or create the device's queue, bring its subscription and subject filters up to
         date, rewind it to its acknowledged position and cut its backlog to
@@ -158,11 +161,23 @@ class DeviceQueues:
         when its session claimed it; only a record with a floor can rebuild the queue.
         ``journaled``: the device's position in its last owner's positions journal (that
         owner did not let go: journal.py); delivery resumes past its floor if it is ahead.
-        The caller owns the device (ownership.py) and writes its record.
+        ``live_from``: the live feed's last seq when the session began buffering its
+        alerts (handler.serve); a new device's queue starts right after it, so every alert
+        the session may have been offered is in the queue (none falls between), without
+        asking the stream for its last seq. The caller owns the device (ownership.py) and
+        writes its record.
         """
         if recorded is not None and recorded.floor is None:
             recorded = None
         name = self._names.device_consumer(user, client_id)
+        if recorded is None and live_from is not None:
+            # No record: most likely a new device. Create its queue outright (one request
+            # instead of CONSUMER.INFO, STREAM.INFO and the create); JetStream refuses the
+            # create if a queue of that name exists (a record lost, a create whose answer
+            # was lost), and then the queue is opened as it stands.
+            subscription = Subscription(filters=filters or Filters())
+            if await self._create(name, user, client_id, live_from + 1, subscription, regions):
+                return Opened(name, Position(live_from), 0, 0, True, subscription)
         try:
             info = await self._js.consumer_info(self._stream, name)
         except NotFoundError:
@@ -171,9 +186,12 @@ class DeviceQueues:
             # device has not acked is skipped. Only a device without a record is new.
             if recorded is None:
                 subscription = Subscription(filters=filters or Filters())
-                stream = await self._js.stream_info(self._stream)
-                last = stream.state.last_seq
-                await self._create(name, user, client_id, last + 1, subscription, regions)
+                if live_from is not None:
+                    last = live_from
+                else:
+                    last = (await self._js.stream_info(self._stream)).state.last_seq
+                if not await self._create(name, user, client_id, last + 1, subscription, regions):
+                    raise QueueError(f"{name} was created meanwhile") from None  # reconnect
                 return Opened(name, Position(last), 0, 0, True, subscription)
             await self._create_from(name, user, client_id, regions, recorded)
             info = await self._js.consumer_info(self._stream, name)
@@ -221,11 +239,27 @@ class DeviceQueues:
         start_seq: int,
         subscription: Subscription,
         regions: tuple[str, ...] | None,
-    ) -> None:
+    ) -> bool:
+        """Create the queue at ``start_seq`` (``$JS.API.CONSUMER.CREATE`` with action
+        ``create``: never an update of a queue that exists). False if one exists and is
+        not what this create would have made (it is then opened as it stands)."""
         metadata = {SUBSCRIPTION_KEY: subscription.to_json()}
         config = self._config(name, user, client_id, start_seq, metadata)
         subjects = coarse_filters(self._names, subscription, regions)
-        await self._js.add_consumer(self._stream, self._with_filters(config, subjects))
+        config = self._with_filters(config, subjects)
+        request = {"stream_name": self._stream, "config": config.as_dict(), "action": "create"}
+        reply = await self._nc.request(
+            f"$JS.API.CONSUMER.CREATE.{self._stream}.{name}", orjson.dumps(request), timeout=5
+        )
+        body = orjson.loads(reply.data)
+        error = body.get("error")
+        if error is not None:
+            if error.get("err_code") == CONSUMER_EXISTS:
+                return False
+            raise QueueError(f"create {name}: {error.get('description')}")
+        # The same config as one that exists is no error: it must also stand at its start.
+        info = ConsumerInfo.from_response(body)
+        return at_floor(info, start_seq - 1)
 
     async def _create_from(
         self,

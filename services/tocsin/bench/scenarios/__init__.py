@@ -30,6 +30,8 @@ SCENARIOS: dict[str, str] = {
     "with and without permessage-deflate offered: latency, deliveries/s, server CPU per "
     "delivery and per broadcast, idle CPU, memory and connect rate",
     "replicas": "R1 against R3 device consumers on a 3-node cluster, and a node's loss",
+    "scale": "connections held against memory, connect time and CPU of every process, in "
+    "steps up to 25,000, with one gateway process per core on one port (SO_REUSEPORT)",
     "storm": "a gateway restart (SIGTERM, then SIGKILL) with every device reconnecting at "
     "once: time until all are live with their backlog, handshake failures, JetStream calls",
     "subscriptions": "subscription change round trips and the fine filter's cost per device "

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +78,49 @@ class Side:
         return {name: usage(pid) for name, pid in self.pids.items()}
 
 
+class OpCounter:
+    """A NATS connection of its own counting what the gateway asks of NATS, by kind
+    (``$JS.API`` requests, record writes, slot writes): --connect-only's operations per
+    connect. A copy of each reaches this subscriber too, for the runs compared alike."""
+
+    def __init__(self, url: str, names: Names) -> None:
+        from .ownership import Classifier
+
+        self.url = url
+        self.classify = Classifier(names)
+        self.guard = f"$KV.{names.guard_bucket}."
+        self.counts: Counter[str] = Counter()
+        self.nc: Any = None
+
+    async def start(self) -> None:
+        self.nc = await nats.connect(self.url, name="peers-ops")
+        c = self.classify
+
+        async def seen(msg: Any) -> None:
+            if msg.subject.startswith(self.guard):
+                removal = msg.headers and "KV-Operation" in msg.headers
+                kind = f"slot {'purge marker' if removal else 'write'} ($KV GUARD publish)"
+            else:
+                kind = c.kind(msg.subject)
+            self.counts[kind] += 1
+
+        # Not tocsin.gateway.>: a subscriber there would answer takeovers' "no responders".
+        for subject in ("$JS.API.>", c.records + ">", self.guard + "conn.>"):
+            await self.nc.subscribe(subject, cb=seen, pending_msgs_limit=10_000_000)
+        await self.nc.flush()
+
+    async def snapshot(self) -> Counter[str]:
+        assert self.nc is not None
+        await self.nc.flush(timeout=30)
+        await asyncio.sleep(0.1)  # the callbacks of what the flush let through
+        return Counter(self.counts)
+
+    async def stop(self) -> None:
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+
 def cpu_between(a: dict[str, Usage], b: dict[str, Usage]) -> dict[str, float]:
     """CPU seconds of each process from ``a`` to ``b``."""
     return {p: b[p].cpu_seconds - a[p].cpu_seconds for p in a if p in b}
@@ -93,6 +138,7 @@ class Options:
     profiles: tuple[str, ...]
     gateway_env: dict[str, str]
     gateway_code: Path | None
+    connect_only: bool = False  # tocsin's fresh and returning connects, NATS operations counted
 
 
 class Peers:
@@ -106,6 +152,7 @@ class Peers:
             "heartbeat_seconds": HEARTBEAT,
             "gateway_settings": o.gateway_env,
             "load_before": os.getloadavg(),
+            "connect_only": o.connect_only,
             "profiles": {},
         }
 
@@ -132,6 +179,8 @@ class Peers:
             progress(f"peers [{profile}]: starting nats-server, gateway, ceiling, Socket.IO")
             stack.start()
             try:
+                if o.connect_only:
+                    raise peer.PeerUnavailable("--connect-only")
                 folder = peer.prepare()
                 sio_port = free_port()
                 sio = Child(
@@ -173,6 +222,8 @@ class Peers:
                     f"{stack.ceiling_http}/broadcast",
                 )
             )
+            if o.connect_only:
+                sides = sides[:1]
             for s in sides:
                 gens.append(s.gen)
                 await s.gen.start()
@@ -208,10 +259,19 @@ class ProfileRun:
         self.js = js
         self.names = Names(stack.namespace)
         self.http = http
+        self.ops: OpCounter | None = None
+        self._specs: dict[str, list[ClientSpec]] = {}
         for s in sides:
             s.out = {}
 
     def specs(self, side: Side) -> list[ClientSpec]:
+        """The same specs every time a side connects: a returning device presents the token
+        it connected with before, as a real one does within its token's lifetime."""
+        if side.name not in self._specs:
+            self._specs[side.name] = self._new_specs(side)
+        return self._specs[side.name]
+
+    def _new_specs(self, side: Side) -> list[ClientSpec]:
         deflate = self.profile == "deflate"
         if side.name == "socketio":
             spec = ClientSpec(peer.WS_PATH, engineio=True, deflate=deflate)
@@ -259,9 +319,13 @@ class ProfileRun:
             await self.connect(side, "connect")
         tocsin = self.sides[0]
         # Returning devices: each has its queue and record now.
-        await tocsin.gen.close_all()
-        await asyncio.sleep(1.0)
+        await self.close(tocsin, "close")
         await self.connect(tocsin, "returning", rss=False)
+        if o.connect_only:
+            await self.close(tocsin, "close_returning")
+            if self.ops is not None:
+                await self.ops.stop()
+            return {tocsin.name: tocsin.out}
         progress(f"peers [{self.profile}]: broadcasts")
         await self.broadcasts()
         progress(f"peers [{self.profile}]: bursts")
@@ -279,8 +343,13 @@ class ProfileRun:
         return out
 
     async def connect(self, side: Side, key: str, rss: bool = True) -> None:
-        before = side.usage()
         specs = self.specs(side)
+        counting = self.o.connect_only and side.name == "tocsin"
+        if counting and self.ops is None:
+            self.ops = OpCounter(self.stack.nats.url if self.stack.nats else "", self.names)
+            await self.ops.start()
+        ops_before = await self.ops.snapshot() if counting and self.ops else None
+        before = side.usage()
         t0 = time.monotonic()
         res = await side.gen.connect(specs, concurrency=256, timeout=300)
         seconds = time.monotonic() - t0
@@ -296,6 +365,11 @@ class ProfileRun:
             "handshake_ms": summary(res.established_ms),
             "cpu_seconds": {p: round(c, 2) for p, c in cpu_between(before, after).items()},
         }
+        if ops_before is not None and self.ops is not None:
+            # The handshakes' operations; a close's are counted at the next connect's start.
+            ops = await self.ops.snapshot() - ops_before
+            side.out[key]["nats_ops"] = dict(sorted(ops.items()))
+            side.out[key]["nats_ops_per_connect"] = round(ops.total() / max(1, res.ok), 2)
         if rss:
             side.out["rss_kib_per_connection"] = {
                 p: round((after[p].rss_bytes - before[p].rss_bytes) / 1024 / max(1, res.ok), 1)
@@ -303,6 +377,29 @@ class ProfileRun:
             }
             side.out["rss_mib"] = {p: round(u.rss_bytes / 2**20, 1) for p, u in after.items()}
             side.out["deflate_accepted"] = status.deflate_accepted
+
+    async def close(self, side: Side, key: str) -> None:
+        """Every device of ``side`` closes; in --connect-only, what the closes cost."""
+        counting = self.ops is not None and side.name == "tocsin"
+        ops_before = await self.ops.snapshot() if counting and self.ops else None
+        before = side.usage()
+        await side.gen.close_all()
+        await asyncio.sleep(1.0)
+        if ops_before is None or self.ops is None:
+            return
+        # The gateway saves and lets go after the socket closed: wait until it is quiet.
+        for _ in range(30):
+            a = await self.ops.snapshot()
+            await asyncio.sleep(0.5)
+            if (await self.ops.snapshot()).total() == a.total():
+                break
+        after = side.usage()
+        ops = await self.ops.snapshot() - ops_before
+        side.out[key] = {
+            "cpu_seconds": {p: round(c, 2) for p, c in cpu_between(before, after).items()},
+            "nats_ops": dict(sorted(ops.items())),
+            "nats_ops_per_connect": round(ops.total() / max(1, side.online), 2),
+        }
 
     async def broadcasts(self) -> None:
         lat: dict[str, list[float]] = {s.name: [] for s in self.sides}
@@ -519,6 +616,8 @@ def report(results: dict[str, Any], when: Any) -> str:
     ]
     if results.get("socketio_skipped"):
         lines += ["", f"Socket.IO: skipped: {results['socketio_skipped']}."]
+    if results.get("connect_only"):
+        return "\n".join(lines + connect_report(results)) + "\n"
     for profile, sides in results["profiles"].items():
         names = list(sides)
         offer = "offer permessage-deflate" if profile == "deflate" else "offer no compression"
@@ -553,6 +652,60 @@ def report(results: dict[str, Any], when: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+CONNECT_PHASES = (
+    ("connect", "fresh devices connect"),
+    ("close", "they close"),
+    ("returning", "the same devices return"),
+    ("close_returning", "they close"),
+)
+
+
+def connect_report(results: dict[str, Any]) -> list[str]:
+    """--connect-only: per phase, time, CPU of each process and NATS operations, per device."""
+    lines: list[str] = []
+    for profile, sides in results["profiles"].items():
+        t = sides["tocsin"]
+        n = max(1, t["connect"]["ok"])
+        lines += [
+            "",
+            f"## tocsin connects ({profile}, {t['connect']['ok']:,} devices)",
+            "",
+            "| phase | seconds (per s) | handshake p50 / p99 ms | CPU ms per device: gateway, "
+            "nats-server | NATS operations per device |",
+            "|---|---|---|---|---|",
+        ]
+        kinds: set[str] = set()
+        for key, label in CONNECT_PHASES:
+            ph = t.get(key)
+            if ph is None:
+                continue
+            kinds |= set(ph.get("nats_ops", {}))
+            cpu = ph["cpu_seconds"]
+            rate = (
+                f"{ph['seconds']} s ({fmt(ph['per_second'], 0)}/s)"
+                + (f", {ph['failures']}" if ph.get("failures") else "")
+                if "seconds" in ph
+                else "—"
+            )
+            hs = ph.get("handshake_ms")
+            lines.append(
+                f"| {label} | {rate} | "
+                + (f"{fmt(hs['p50'])} / {fmt(hs['p99'])}" if hs else "—")
+                + f" | {fmt(cpu.get('gateway', 0) * 1000 / n, 2)}, "
+                f"{fmt(cpu.get('nats-server', 0) * 1000 / n, 2)} | "
+                f"{ph.get('nats_ops_per_connect', '—')} |"
+            )
+        lines += ["", "| operation | " + " | ".join(k for k, _ in CONNECT_PHASES) + " |"]
+        lines.append("|---|" + "---|" * len(CONNECT_PHASES))
+        for kind in sorted(kinds):
+            cells = [
+                fmt(t[k]["nats_ops"].get(kind, 0) / n, 2) if k in t else "—"
+                for k, _ in CONNECT_PHASES
+            ]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -583,6 +736,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="the services directory of another tree: its gateway and ceiling are measured",
     )
+    parser.add_argument(
+        "--connect-only",
+        action="store_true",
+        help="tocsin alone: fresh devices connect, close, return and close again; CPU and "
+        "NATS operations per device for each (no Socket.IO, no broadcasts)",
+    )
     set_option(parser)
     out_option(parser)
     return parser
@@ -610,12 +769,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         profiles=profiles,
         gateway_env=env,
         gateway_code=args.gateway_code.resolve() if args.gateway_code else None,
+        connect_only=args.connect_only,
     )
     return run_and_write(
         Peers(o).run(),
         report,
         args.out,
-        lambda when: f"peers-{when:%Y-%m-%d-%H%M}-d{devices}",
+        lambda when: (
+            f"peers-{when:%Y-%m-%d-%H%M}-d{devices}" + ("-connect" if args.connect_only else "")
+        ),
     )
 
 
