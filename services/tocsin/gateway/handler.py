@@ -323,23 +323,41 @@ async def _leave(gw: Gateway, session: Session, opened: bool) -> None:
             log.warning("could not release %s: %s", session.consumer, exc)
 
 
+#: What ends the receive loop (``async for`` over a WebSocketResponse ends on the same).
+_ENDS = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+
+
 async def receive(session: Session) -> None:
-    async for msg in session.ws:
+    """The client's frames, in order. An ack (nearly every frame a client sends) is applied
+    here without a coroutine of its own, and without awaiting anything unless JetStream
+    is to hear of it (in catchup); aiohttp's ``receive()`` returns at once while frames
+    are buffered, so the acks of one read are applied in one wake of this task."""
+    ws = session.ws
+    receive = ws.receive
+    match_ack = ACK_FRAME.fullmatch
+    while True:
+        msg = await receive()
+        kind = msg.type
         session.last_heard = time.monotonic()
-        if msg.type is WSMsgType.TEXT:
-            await on_text(session, msg.data)
-        elif msg.type is WSMsgType.PONG:  # the answer to the ticker's WebSocket ping: heard
+        if kind is WSMsgType.TEXT:
+            if (ack := match_ack(msg.data)) is not None:
+                held = session.ack(int(ack[1]))
+                if held is not None:
+                    await session.ack_queue(held)
+            else:
+                await on_text(session, msg.data)
+        elif kind in _ENDS:
+            break
+        elif kind is WSMsgType.PONG:  # the answer to the ticker's WebSocket ping: heard
             session.ws_pongs += 1
-        elif msg.type is WSMsgType.PING:
+        elif kind is WSMsgType.PING:
             if not await over_limit(session):
                 await session.ws.pong(msg.data)
-        elif msg.type is WSMsgType.BINARY:
+        elif kind is WSMsgType.BINARY:
             if not await over_limit(session):
                 session.send_control(
                     Error(code=ErrorCode.BINARY_NOT_SUPPORTED, detail="frames are JSON text")
                 )
-        elif msg.type is WSMsgType.ERROR:
-            break
 
 
 def _frame_error(exc: ValidationError) -> Error:

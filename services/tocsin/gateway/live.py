@@ -9,6 +9,7 @@ buffer what they are offered, so that the hand-over to live delivery has no gap
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,6 +37,26 @@ def alert_frame(seq: int, data: bytes, redelivered: bool) -> bytes:
     return b'{"type":"alert","seq":%d,"redelivered":%s,"alert":%s}' % (seq, flag, data)
 
 
+_LEN2 = struct.Struct("!BBH").pack
+_LEN3 = struct.Struct("!BBQ").pack
+
+
+def text_frame(payload: bytes) -> bytes:
+    """``payload`` as one whole WebSocket text frame as a server sends it (RFC 6455 §5.2:
+    FIN, opcode 1, no mask, no extension bits): what aiohttp's writer puts on the socket
+    for an uncompressed ``send_frame``, built once per alert instead of once per device."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return _LEN2(0x81, 126, n) + payload
+    return _LEN3(0x81, 127, n) + payload
+
+
+#: The WebSocket ping the ticker sends (no payload), as it goes on the socket.
+PING_FRAME = b"\x89\x00"
+
+
 @dataclass(slots=True)
 class LiveAlert:
     seq: int
@@ -44,10 +65,14 @@ class LiveAlert:
     expires: float | None
     appended: float = 0.0  # unix time ALERTS stored it (0: unknown)
     frame: bytes = field(default=b"")
+    #: ``frame`` with its WebSocket header: written as is to every socket that takes it
+    #: straight from the feed (Session._write_now).
+    wire: bytes = field(default=b"")
     _alert: Alert | None = None
 
     def __post_init__(self) -> None:
         self.frame = alert_frame(self.seq, self.data, False)
+        self.wire = text_frame(self.frame)
 
     def parsed(self) -> Alert:
         """The alert as a model, parsed once per gateway when a subscription needs it."""

@@ -7,9 +7,11 @@ its counters are added to :class:`Totals`, so a counter never goes down.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import heapq
 import itertools
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -20,6 +22,8 @@ from tocsin.schemas import Close
 
 if TYPE_CHECKING:
     from .session import Session
+
+log = logging.getLogger(__name__)
 
 #: ``reason`` of a close the server did not choose (the client closed or went away).
 CLIENT_CLOSED = "client"
@@ -58,9 +62,9 @@ class Histogram:
         self.counts = [0] * (len(self.bounds) + 1)  # the last one: above every bound
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.sum += value * n
 
     @property
     def count(self) -> int:
@@ -85,13 +89,13 @@ class RecentAverage:
         self._sum = [0.0] * seconds
         self._count = [0] * seconds
 
-    def observe(self, value: float, now: float) -> None:
+    def observe(self, value: float, now: float, n: int = 1) -> None:
         second = int(now)
         slot = second % self.seconds
         if self._second[slot] != second:
             self._second[slot], self._sum[slot], self._count[slot] = second, 0.0, 0
-        self._sum[slot] += value
-        self._count[slot] += 1
+        self._sum[slot] += value * n
+        self._count[slot] += n
 
     def mean(self, now: float) -> float | None:
         oldest = int(now) - self.seconds + 1
@@ -142,11 +146,11 @@ class Timings:
     catchup: Histogram = field(default_factory=lambda: Histogram(CATCHUP_BUCKETS))
     recent: RecentAverage = field(default_factory=RecentAverage)
 
-    def delivered(self, live: bool, appended: float, now: float) -> None:
-        """An alert frame was written ``now``; ``appended``: when ALERTS stored it."""
+    def delivered(self, live: bool, appended: float, now: float, n: int = 1) -> None:
+        """``n`` frames of an alert were written ``now``; ``appended``: when ALERTS stored it."""
         latency = max(0.0, now - appended)
-        (self.live if live else self.backlog).observe(latency)
-        self.recent.observe(latency, now)
+        (self.live if live else self.backlog).observe(latency, n)
+        self.recent.observe(latency, now, n)
 
 
 class Totals:
@@ -185,6 +189,38 @@ class Sessions(set["Session"]):
         #: left is skipped.
         self._due: list[tuple[float, int, Session]] = []
         self._order = itertools.count()
+        #: Sessions with frames corked in this pass of the event loop (Session._write_now).
+        self._corked: list[Session] = []
+        #: The alerts' frames corked in this pass, by when ALERTS stored each: timed when
+        #: they are written, at the end of the pass, with one observation per alert.
+        self._corked_live: dict[float, int] = {}
+        self._corked_backlog: dict[float, int] = {}
+
+    def cork(self, session: Session) -> None:
+        """``session`` has corked frames: they are written at the end of this pass of the
+        event loop, with every other session's, one write per session."""
+        if not self._corked:
+            asyncio.get_running_loop().call_soon(self._uncork)
+        self._corked.append(session)
+
+    def corked_alert(self, live: bool, appended: float) -> None:
+        """A frame of the alert ``appended`` (when ALERTS stored it) was corked."""
+        by = self._corked_live if live else self._corked_backlog
+        by[appended] = by.get(appended, 0) + 1
+
+    def _uncork(self) -> None:
+        corked, self._corked = self._corked, []
+        for session in corked:
+            if session.corked:  # not written meanwhile (Session._enqueue)
+                try:
+                    session.uncork()
+                except Exception:  # one broken socket must not keep the others corked
+                    log.exception("session %s: corked frames not written", session.id)
+        now = time.time()
+        for live, by in ((True, self._corked_live), (False, self._corked_backlog)):
+            for appended, n in by.items():
+                self.timings.delivered(live, appended, now, n)
+            by.clear()
 
     def schedule(self, session: Session, at: float) -> None:
         session.next_sweep = at

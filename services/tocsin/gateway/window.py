@@ -21,7 +21,7 @@ class InFlight:
     js_msg: Any = None  # the durable's message for this seq, when it came from the backlog
 
 
-@dataclass
+@dataclass(slots=True)
 class Window:
     """Sequences ``floor < seq < next_seq`` have been sent; those still in ``items`` are
     unacknowledged. ``floor`` only grows, by cumulative acks."""
