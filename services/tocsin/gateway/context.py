@@ -94,9 +94,11 @@ class Gateway:
         # The server has the responders' subscriptions (takeover, stats) once start returns:
         # a request right after start-up finds them instead of "no responders".
         await self.nc.flush()
+        self.collector.watch()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_loop())
 
     async def stop(self) -> None:
+        self.collector.unwatch()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
