@@ -97,7 +97,8 @@ async def test_only_the_targeted_phase_with_its_parts(tmp_path: Path) -> None:
     assert t["parts_ms"]["pub_js"]["n"] == 5  # the orchestrator's own consumer saw each
     assert t["parts_ms"]["js_recv"]["n"] == 5
     assert set(t["waited_percent"]) >= {"gateway", "nats-server", "loadgen-0", "orchestrator"}
-    assert t["gateway_gc_pauses"]["count"] >= 0 and "le=+Inf" in t["gateway_gc_pauses"]
+    assert set(t["gateway_gc_pauses"]) == {"0", "1", "2"}  # the gateway's, by generation
+    assert all(g["collections"] >= g["over_5_ms"] >= 0 for g in t["gateway_gc_pauses"].values())
     for slow in t["slow"]:
         assert slow["ms"] > t["slow_ms"] and "gateway" in slow["ran_ms"]
     assert len(report["load_average"]["start"]) == 3

@@ -182,7 +182,7 @@ class Run:
     results: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     series: dict[str, Any] = field(default_factory=dict)  # raw data for the plots
-    gc_before: dict[str, float] = field(default_factory=dict)  # the gateway's, after connect
+    gc_before: dict[str, dict[str, float]] = field(default_factory=dict)  # after the connects
 
     def token(self, user: str, region: str) -> str:
         return mint_token(self.stack.secret, user, regions=[region], ttl_seconds=24 * 3600)
@@ -468,10 +468,10 @@ def cpu_pressure_us() -> int:
     return 0
 
 
-async def gc_pauses(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
-    """The gateway's ``tocsin_gateway_gc_pause_seconds`` histogram, summed over generations
-    (bucket -> pauses at or below it, and count/sum); empty for a gateway without it."""
-    out: dict[str, float] = {}
+async def gc_pauses(http: aiohttp.ClientSession, url: str) -> dict[str, dict[str, float]]:
+    """The gateway's ``tocsin_gateway_gc_pause_seconds`` histogram: per generation, pauses
+    at or below each bucket (``le=...``), ``count`` and ``sum``; empty without it."""
+    out: dict[str, dict[str, float]] = {}
     try:
         async with http.get(f"{url}/metrics") as resp:
             text = await resp.text()
@@ -481,15 +481,33 @@ async def gc_pauses(http: aiohttp.ClientSession, url: str) -> dict[str, float]:
         if not line.startswith("tocsin_gateway_gc_pause_seconds"):
             continue
         name, _, value = line.rpartition(" ")
+        generation = name.split('generation="', 1)[-1].split('"', 1)[0]
         if "_bucket" in name:
             key = "le=" + name.split('le="', 1)[1].split('"', 1)[0]
-        elif name.endswith("_count") or "_count{" in name:
+        elif "_count" in name:
             key = "count"
-        elif name.endswith("_sum") or "_sum{" in name:
+        elif "_sum" in name:
             key = "sum"
         else:
             continue
-        out[key] = out.get(key, 0.0) + float(value)
+        out.setdefault(generation, {})[key] = float(value)
+    return out
+
+
+def gc_delta(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """Per generation: collections, their total ms, and those over 5 and 10 ms."""
+    out = {}
+    for gen, h in sorted(after.items()):
+        b = before.get(gen, {})
+        d = {k: v - b.get(k, 0.0) for k, v in h.items()}
+        out[gen] = {
+            "collections": d.get("count", 0.0),
+            "ms": round(1000 * d.get("sum", 0.0), 1),
+            "over_5_ms": d.get("count", 0.0) - d.get("le=0.005", 0.0),
+            "over_10_ms": d.get("count", 0.0) - d.get("le=0.01", 0.0),
+        }
     return out
 
 
@@ -587,7 +605,7 @@ async def _targeted(run: Run, js: Any, names: Names, nats_url: str = "") -> None
             for p, w in waited_total.items()
         },
         # over the hold and the targeted phase: from the end of the connects to here
-        "gateway_gc_pauses": {k: gc_after[k] - run.gc_before.get(k, 0.0) for k in gc_after},
+        "gateway_gc_pauses": gc_delta(run.gc_before, gc_after),
         "load_average": {"start": load, "end": os.getloadavg()},
     }
     run.series["targeted"] = lat
@@ -862,6 +880,18 @@ def table(report: dict[str, Any]) -> str:
                 "measured",
                 f"{len(t['slow'])} of {n}; run-queue wait in the phase, % of its time: "
                 + ", ".join(f"{p} {v}" for p, v in t["waited_percent"].items()),
+            )
+        )
+    if t.get("gateway_gc_pauses"):
+        rows.append(
+            (
+                "gateway garbage collections over the hold and the targeted phase",
+                "measured",
+                "; ".join(
+                    f"gen {g}: {v['collections']:.0f} ({v['ms']} ms, {v['over_10_ms']:.0f} "
+                    "over 10 ms)"
+                    for g, v in t["gateway_gc_pauses"].items()
+                ),
             )
         )
     if "catchup" in r:
