@@ -68,17 +68,3 @@ def test_every_collection_is_timed_by_generation_while_watched() -> None:
     gc.collect(2)
     assert c.pauses["2"].count == 1  # not watched any more
     assert c._on_gc not in gc.callbacks
-
-
-def test_what_is_new_since_the_last_freeze_is_collected_before_it_is_frozen(
-    thawed: None,
-) -> None:
-    c = Collector(min_sessions=1)
-    c.tick(0.0, open_sessions=8)  # frozen: everything so far
-    leftover = Cycle()  # garbage made between two freezes, e.g. a finished task's cycle
-    ref = weakref.ref(leftover)
-    del leftover
-    assert ref() is not None  # a cycle: only a collection frees it
-    c.tick(FREEZE_SECONDS, open_sessions=8)
-    assert ref() is None  # collected (young), not frozen with the survivors
-    assert c.collections == 0 and c.frozen  # no full collection: no churn

@@ -26,11 +26,10 @@ from .registry import Histogram
 
 log = logging.getLogger(__name__)
 
-#: How often survivors are frozen, after a young collection of what is new since the last
-#: freeze. A young collection scans everything tracked since the last freeze (objects from
-#: free lists are tracked without counting towards its threshold): with 10,000 sessions
-#: and a freeze every 5 s the collector's own young collections found 5 s of survivors,
-#: 10-22 ms of CPU each (docs/benchmarks.md, "The targeted tail"); a second's are a few ms.
+#: How often survivors are frozen. A young collection scans everything tracked since the
+#: last freeze, and most objects come from free lists without counting towards its
+#: threshold: with 10,000 sessions and a freeze every 5 s the rare young collections found
+#: 5 s of survivors, 17-22 ms of CPU each (docs/benchmarks.md, "The targeted tail").
 FREEZE_SECONDS = 1.0
 #: Buckets of the collector's pauses (seconds): a young collection takes microseconds, a
 #: full one over a large unfrozen heap hundreds of milliseconds.
@@ -90,9 +89,5 @@ class Collector:
                 found,
                 (time.perf_counter() - started) * 1000,
             )
-        else:
-            # Cycles among what is new since the last freeze are freed now, not frozen
-            # with it until the next churn collection.
-            gc.collect(1)
         gc.freeze()
         self.frozen = True
