@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,9 @@ async def test_a_tiny_run_measures_every_row(tmp_path: Path) -> None:
         (["--devices", "-3"], "--devices"),
         (["--set", "CHECKPOINT_SECONDS=60"], "--set"),
         (["--set", "TOCSIN_CHECKPOINT_SECONDS"], "--set"),
+        (["--targeted", "0"], "--targeted"),
+        (["--hold", "-1"], "--hold"),
+        (["--gateway-code", "/nonexistent"], "--gateway-code"),
     ],
 )
 def test_bad_flags_are_named_before_anything_starts(argv: list[str], flag: str) -> None:
@@ -79,3 +83,26 @@ def test_bad_flags_are_named_before_anything_starts(argv: list[str], flag: str) 
     with pytest.raises(Fail) as caught:
         cmd_bench(args)
     assert caught.value.code == 2 and caught.value.message.startswith(f"{flag}:")
+
+
+async def test_only_the_targeted_phase_with_its_parts(tmp_path: Path) -> None:
+    plan = Plan(**(asdict(TINY) | {"targeted": 5}))
+    report = await run_bench(plan, "tiny-targeted", tmp_path, only="targeted")
+    r = report["results"]
+    assert set(r) == {"connections", "targeted"}  # no scrapes, broadcast, sustained, catch-up
+    assert set(report["cpu_percent_of_one_core"]) == {"connect", "hold", "targeted"}
+    t = r["targeted"]
+    assert t["latency_ms"]["n"] == 5
+    assert t["parts_ms"]["pub_ack"]["n"] == 5
+    assert t["parts_ms"]["pub_js"]["n"] == 5  # the orchestrator's own consumer saw each
+    assert t["parts_ms"]["js_recv"]["n"] == 5
+    assert set(t["waited_percent"]) >= {"gateway", "nats-server", "loadgen-0", "orchestrator"}
+    assert set(t["gateway_gc_pauses"]) == {"0", "1", "2"}  # the gateway's, by generation
+    assert all(g["collections"] >= g["over_5_ms"] >= 0 for g in t["gateway_gc_pauses"].values())
+    for slow in t["slow"]:
+        assert slow["ms"] > t["slow_ms"] and "gateway" in slow["ran_ms"]
+    assert len(report["load_average"]["start"]) == 3
+    text = table(report)
+    assert "targeted alert among 30 online (5 alerts)" in text and "broadcast" not in text
+    with pytest.raises(ValueError, match="only"):
+        await run_bench(plan, "bad", tmp_path, only="broadcast")

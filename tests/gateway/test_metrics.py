@@ -48,6 +48,7 @@ DOCUMENTED = {
     "tocsin_gateway_background_tasks_running": "gauge",
     "tocsin_gateway_shutting_down": "gauge",
     "tocsin_gateway_churn_collections_total": "counter",
+    "tocsin_gateway_gc_pause_seconds": "histogram",
     "tocsin_gateway_queues_rebuilt_total": "counter",
     "tocsin_gateway_device_claims_total": "counter",
     "tocsin_gateway_info": "gauge",

@@ -52,3 +52,30 @@ def test_churn_brings_a_full_collection_that_frees_frozen_cycles(thawed: None) -
     assert ref() is None  # unfrozen, collected, frozen again
     c.tick(2 * FREEZE_SECONDS + 0.1, open_sessions=8)  # not due again yet
     assert c.collections == 1
+
+
+def test_every_collection_is_timed_by_generation_while_watched() -> None:
+    c = Collector()
+    c.watch()
+    try:
+        c.watch()  # once only: a second hook would count every pause twice
+        gc.collect(0)
+        gc.collect(2)
+        assert c.pauses["0"].count == 1 and c.pauses["1"].count == 0
+        assert c.pauses["2"].count == 1 and c.pauses["2"].sum > 0
+    finally:
+        c.unwatch()
+    gc.collect(2)
+    assert c.pauses["2"].count == 1  # not watched any more
+    assert c._on_gc not in gc.callbacks
+
+
+def test_survivors_are_frozen_every_second(thawed: None) -> None:
+    """A young collection scans everything tracked since the last freeze: with 10,000
+    sessions, 5 s of survivors took 10-22 ms (docs/benchmarks.md, step 5 of issue 17)."""
+    c = Collector(min_sessions=1)
+    c.tick(0.0, open_sessions=8)
+    frozen = gc.get_freeze_count()
+    kept = [[i] for i in range(1000)]  # survivors tracked after the freeze
+    c.tick(1.0, open_sessions=8)
+    assert gc.get_freeze_count() >= frozen + len(kept)  # frozen a second later

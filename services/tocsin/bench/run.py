@@ -8,7 +8,10 @@ generator's worker processes (:mod:`tocsin.bench.loadgen`). Phases, in order:
    with heartbeats; connect rate, drops, gateway RSS per connection, nats-server memory
    per durable.
 2. **targeted** – with all N online, alerts for a region only one device holds:
-   publish→receive latency.
+   publish→receive latency, and per alert what it is made of (publish→PubAck, publish→
+   JetStream's delivery to a consumer of the orchestrator's own, the CPU each process had
+   and waited for meanwhile, from ``/proc/<pid>/task/*/schedstat``).
+   ``only="targeted"`` stops the run here.
 3. **broadcast** – D devices on tocsin and D on the ceiling, the same client code; K
    broadcasts alternate between the two so neither gains from going second.
 4. **sustained** – the same D devices, client acks on: a burst of M alerts, deliveries/s
@@ -41,6 +44,7 @@ from typing import Any
 import aiohttp
 import nats
 import orjson
+from nats.js.api import DeliverPolicy
 
 from tocsin.core.auth import mint_token
 from tocsin.core.embedded import server_binary
@@ -83,7 +87,7 @@ PLANS = {
     "full": Plan(
         connections=10_000,
         hold_seconds=60,
-        targeted=50,
+        targeted=500,
         devices=2000,
         broadcasts=20,
         burst=100,
@@ -178,6 +182,7 @@ class Run:
     results: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     series: dict[str, Any] = field(default_factory=dict)  # raw data for the plots
+    gc_before: dict[str, dict[str, float]] = field(default_factory=dict)  # after the connects
 
     def token(self, user: str, region: str) -> str:
         return mint_token(self.stack.secret, user, regions=[region], ttl_seconds=24 * 3600)
@@ -270,8 +275,13 @@ async def run_bench(
     out_dir: Path,
     profile: bool = False,
     gateway_env: dict[str, str] | None = None,
+    only: str | None = None,
 ) -> dict[str, Any]:
+    """``only="targeted"``: connect, hold, targeted, and nothing after (the tail's loop)."""
+    if only not in (None, "targeted"):
+        raise ValueError(f"only: 'targeted' or None, got {only!r}")
     progress = Progress()
+    load_before = os.getloadavg()
     stack = Stack(
         heartbeat=plan.heartbeat,
         max_devices=plan.connections + plan.devices + plan.catchup_runs + 1000,
@@ -285,11 +295,12 @@ async def run_bench(
         stack.stop()  # whatever did start, and the temporary directory
         raise
     os.makedirs(out_dir, exist_ok=True)
-    spy = (
-        start_profiler(stack.pids()["gateway"], out_dir / f"{name}-gateway.stacks")
-        if profile
-        else None
-    )
+    # With only the targeted phase, the profile starts once the devices are connected: it
+    # is then of what the gateway does while it holds them (heartbeats, ticker, saves).
+    stacks = out_dir / f"{name}-gateway.stacks"
+    spies: list[subprocess.Popen[bytes] | None] = []
+    if profile and only is None:
+        spies.append(start_profiler(stack.pids()["gateway"], stacks))
     gen = LoadGen("127.0.0.1", stack.gateway_port, processes=plan.processes)
     ceiling_gen = LoadGen("127.0.0.1", stack.ceiling_port, processes=plan.processes)
     await gen.start()
@@ -299,23 +310,36 @@ async def run_bench(
     nc = await nats.connect(stack.nats.url if stack.nats else "", max_reconnect_attempts=2)
     js = nc.jetstream()
     http = aiohttp.ClientSession()
+
+    async def connected() -> None:
+        if profile and only is not None:
+            spies.append(start_profiler(stack.pids()["gateway"], stacks))
+        # Read here, long before the targeted phase: a scrape of /metrics lists every
+        # device queue from JetStream, which would disturb the alerts right after it.
+        run.gc_before = await gc_pauses(http, stack.http)
+
     try:
-        await _connections(run)
-        await _scrapes(run, http)
-        await _targeted(run, js, names)
-        await _broadcast_and_sustained(run, ceiling_gen, js, names, http)
-        await _catchup(run, js, names)
+        await _connections(run, connected)
+        if only is None:
+            await _scrapes(run, http)
+        await _targeted(run, js, names, nats_url=stack.nats.url if stack.nats else "")
+        if only is None:
+            await _broadcast_and_sustained(run, ceiling_gen, js, names, http)
+            await _catchup(run, js, names)
     finally:
         await http.close()
         await nc.close()
         for g in (gen, ceiling_gen):
             await g.stop()
-        stop_profiler(spy)
+        for spy in spies:
+            stop_profiler(spy)
         stack.stop()
     report = {
         "name": name,
         "plan": asdict(plan),
         "machine": machine(),
+        "load_average": {"start": load_before, "end": os.getloadavg()},
+        "only": only,
         "results": run.results,
         "cpu_percent_of_one_core": run.cpu,
         "targets": TARGETS,
@@ -325,7 +349,7 @@ async def run_bench(
     return report
 
 
-async def _connections(run: Run) -> None:
+async def _connections(run: Run, connected: Callable[[], Awaitable[None]] | None = None) -> None:
     plan, gen = run.plan, run.gen
     base = run.stack.usage()
     specs = [run.spec(f"u{i}", "KE", f"d{i}") for i in range(plan.connections - 1)]
@@ -346,6 +370,8 @@ async def _connections(run: Run) -> None:
         run.progress("connect", res.ok, len(specs), force=True)
 
     await run.phase("connect", connect)
+    if connected is not None:
+        await connected()
     held = run.stack.usage()
 
     async def hold() -> None:
@@ -412,30 +438,182 @@ async def _scrapes(run: Run, http: aiohttp.ClientSession) -> None:
     run.results["scrapes"] = result
 
 
-async def _targeted(run: Run, js: Any, names: Names) -> None:
+#: A targeted alert slower than this is listed with what it was made of.
+TARGETED_SLOW_MS = 10.0
+
+
+def sched(pid: int, all_threads: bool = False) -> tuple[int, int]:
+    """(ns on a CPU, ns runnable but waiting for one) of ``pid``'s main thread, or of all
+    its threads, from ``/proc/<pid>/task/<tid>/schedstat`` (0s where there is none)."""
+    tids = os.listdir(f"/proc/{pid}/task") if all_threads else [str(pid)]
+    ran = waited = 0
+    for tid in tids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+        except OSError:
+            continue
+        ran += int(fields[0])
+        waited += int(fields[1])
+    return ran, waited
+
+
+def cpu_pressure_us() -> int:
+    """The machine's ``some`` CPU stall so far (µs: some task waited for a CPU), or 0."""
+    try:
+        for line in Path("/proc/pressure/cpu").read_text().splitlines():
+            if line.startswith("some"):
+                return int(line.rsplit("total=", 1)[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+async def gc_pauses(http: aiohttp.ClientSession, url: str) -> dict[str, dict[str, float]]:
+    """The gateway's ``tocsin_gateway_gc_pause_seconds`` histogram: per generation, pauses
+    at or below each bucket (``le=...``), ``count`` and ``sum``; empty without it."""
+    out: dict[str, dict[str, float]] = {}
+    try:
+        async with http.get(f"{url}/metrics") as resp:
+            text = await resp.text()
+    except aiohttp.ClientError:
+        return out
+    for line in text.splitlines():
+        if not line.startswith("tocsin_gateway_gc_pause_seconds"):
+            continue
+        name, _, value = line.rpartition(" ")
+        generation = name.split('generation="', 1)[-1].split('"', 1)[0]
+        if "_bucket" in name:
+            key = "le=" + name.split('le="', 1)[1].split('"', 1)[0]
+        elif "_count" in name:
+            key = "count"
+        elif "_sum" in name:
+            key = "sum"
+        else:
+            continue
+        out.setdefault(generation, {})[key] = float(value)
+    return out
+
+
+def gc_delta(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """Per generation: collections, their total ms, and those over 5 and 10 ms."""
+    out = {}
+    for gen, h in sorted(after.items()):
+        b = before.get(gen, {})
+        d = {k: v - b.get(k, 0.0) for k, v in h.items()}
+        out[gen] = {
+            "collections": d.get("count", 0.0),
+            "ms": round(1000 * d.get("sum", 0.0), 1),
+            "over_5_ms": d.get("count", 0.0) - d.get("le=0.005", 0.0),
+            "over_10_ms": d.get("count", 0.0) - d.get("le=0.01", 0.0),
+        }
+    return out
+
+
+async def _targeted(run: Run, js: Any, names: Names, nats_url: str = "") -> None:
+    """Alerts for TZ-1, one at a time: publish→receipt of the one device, and its parts.
+
+    Beside the gateway's ordered consumer on ALERTS the orchestrator has one of its own
+    (on a connection of its own): publish→its delivery is nats-server's share and the
+    orchestrator's, delivery→receipt the gateway's, loopback's and the load generator's.
+    Each alert's window (just before the publish until the receipt was seen, polled every
+    5 ms) also gets each process's CPU time and run-queue wait from schedstat."""
     plan = run.plan
     lat: list[float] = []
+    parts: dict[str, list[float]] = {"pub_ack": [], "pub_js": [], "js_recv": []}
+    slow: list[dict[str, Any]] = []
+    pids = dict(run.stack.pids())
+    pids.pop("ceiling", None)
+    for i, pid in enumerate(run.gen.pids):
+        pids[f"loadgen-{i}"] = pid
+    pids["orchestrator"] = os.getpid()
+    ran_total = {p: 0 for p in pids}
+    waited_total = {p: 0 for p in pids}
+    js_seen: dict[int, int] = {}
+    probe = await nats.connect(nats_url, max_reconnect_attempts=2) if nats_url else None
+    sample = make_alert("TZ-1")
+    subject = names.alert_subject(
+        sample.location.region, sample.alert_level.value, sample.alert_type
+    )
+
+    async def on_js(msg: Any) -> None:
+        js_seen[msg.metadata.sequence.stream] = time.monotonic_ns()
+
+    def snap() -> dict[str, tuple[int, int]]:
+        return {p: sched(pid, all_threads=p == "nats-server") for p, pid in pids.items()}
 
     async def body() -> None:
+        if probe is not None:
+            await probe.jetstream().subscribe(
+                subject, cb=on_js, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW
+            )
+            await probe.flush()
         await run.gen.collect()
         for i in range(plan.targeted):
             start = await run.gen.received()
-            sent = await run.publish_tocsin(js, names, [make_alert("TZ-1")])
-            await settle(run.gen, start + 1, 10)
-            got, _ = await _lat(run.gen, sent)
+            s0, psi0 = snap(), cpu_pressure_us()
+            alert = make_alert("TZ-1")
+            t0 = time.monotonic_ns()
+            ack = await append_alert(js, names, alert)
+            t_ack = time.monotonic_ns()
+            await settle(run.gen, start + 1, 10, poll=0.005)
+            s1, psi1 = snap(), cpu_pressure_us()
+            got, _ = await _lat(run.gen, {int(alert.alert_id): t0})
             lat.extend(got)
+            t_js = js_seen.pop(ack.seq, 0)
+            parts["pub_ack"].append((t_ack - t0) / 1e6)
+            if t_js:
+                parts["pub_js"].append((t_js - t0) / 1e6)
+            if got and t_js:
+                parts["js_recv"].append(got[0] - (t_js - t0) / 1e6)
+            for p in pids:
+                ran_total[p] += s1[p][0] - s0[p][0]
+                waited_total[p] += s1[p][1] - s0[p][1]
+            if got and got[0] > TARGETED_SLOW_MS:
+                slow.append(
+                    {
+                        "at_ns": t0,
+                        "ms": round(got[0], 2),
+                        "pub_ack_ms": round((t_ack - t0) / 1e6, 2),
+                        "pub_js_ms": round((t_js - t0) / 1e6, 2) if t_js else None,
+                        "ran_ms": {p: round((s1[p][0] - s0[p][0]) / 1e6, 1) for p in pids},
+                        "waited_ms": {p: round((s1[p][1] - s0[p][1]) / 1e6, 1) for p in pids},
+                        "cpu_pressure_ms": round((psi1 - psi0) / 1000, 1),
+                    }
+                )
             run.progress("targeted", i + 1, plan.targeted)
         run.progress("targeted", plan.targeted, plan.targeted, force=True)
 
-    await run.phase("targeted", body)
+    load = os.getloadavg()
+    try:
+        await run.phase("targeted", body)
+    finally:
+        if probe is not None:
+            await probe.close()
+    async with aiohttp.ClientSession() as http:
+        gc_after = await gc_pauses(http, run.stack.http)
+    seconds = run.cpu["targeted"]["seconds"]
     run.results["targeted"] = {
         "online": run.results["connections"]["ok"],
         "latency_ms": summary(lat),
+        "parts_ms": {k: summary(v) for k, v in parts.items()},
+        "slow_ms": TARGETED_SLOW_MS,
+        "slow": slow,
+        "waited_percent": {
+            p: round(100 * w / 1e9 / seconds, 1) if seconds else 0.0
+            for p, w in waited_total.items()
+        },
+        # over the hold and the targeted phase: from the end of the connects to here
+        "gateway_gc_pauses": gc_delta(run.gc_before, gc_after),
+        "load_average": {"start": load, "end": os.getloadavg()},
     }
     run.series["targeted"] = lat
 
 
-async def settle(gen: LoadGen, target: int, limit: float, stall: float = 10.0) -> int:
+async def settle(
+    gen: LoadGen, target: int, limit: float, stall: float = 10.0, poll: float = 0.02
+) -> int:
     """Wait until ``gen`` has ``target`` alert frames in all, or nothing new came for
     ``stall`` seconds (lost, or clients closed: reported, never waited out), or ``limit``."""
     last, since = -1, time.monotonic()
@@ -449,7 +627,7 @@ async def settle(gen: LoadGen, target: int, limit: float, stall: float = 10.0) -
             last, since = got, now
         elif now - since > stall:
             return got
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(poll)
 
 
 async def _broadcast_and_sustained(
@@ -645,36 +823,86 @@ def _fmt(summary_: dict[str, float]) -> str:
 
 def table(report: dict[str, Any]) -> str:
     r = report["results"]
-    c, t, b, s, k = (r[x] for x in ("connections", "targeted", "broadcast", "sustained", "catchup"))
+    c, t = r["connections"], r["targeted"]
     hold = report["plan"]["hold_seconds"]
-    d = b["tocsin"]["devices"]
     held = (
         f"{c['ok']:,} connected, {c['open_after_hold']:,} open after {hold:.0f} s "
         f"({c['failed']} failed, {c['closed_during_hold']} dropped)"
     )
-    bcast = (
-        f"tocsin {_fmt(b['tocsin']['latency_ms'])}; ceiling {_fmt(b['ceiling']['latency_ms'])};"
-        f" p99 ratio {b['p99_ratio']}; missing {b['tocsin']['missing']} / {b['ceiling']['missing']}"
-    )
-    best = s["best"]
-    rate = (
-        f"tocsin {best['tocsin']:,}/s; ceiling {best['ceiling']:,}/s; ratio {s['ratio']};"
-        f" missing {s['missing']['tocsin']} / {s['missing']['ceiling']}"
-    )
-    rows = [
-        ("connections, own durable each, held with heartbeats", TARGETS["connections"], held),
-        (f"broadcast to {d:,}: p50 / p90 / p99 / max ms", TARGETS["broadcast_p99_ratio"], bcast),
-        (f"sustained deliveries/s to {d:,}, acks on", TARGETS["sustained"], rate),
+    rows = [("connections, own durable each, held with heartbeats", TARGETS["connections"], held)]
+    if "broadcast" in r:  # not in a run of only the targeted phase
+        b, s = r["broadcast"], r["sustained"]
+        d = b["tocsin"]["devices"]
+        bcast = (
+            f"tocsin {_fmt(b['tocsin']['latency_ms'])}; ceiling {_fmt(b['ceiling']['latency_ms'])};"
+            f" p99 ratio {b['p99_ratio']}; missing {b['tocsin']['missing']} / "
+            f"{b['ceiling']['missing']}"
+        )
+        best = s["best"]
+        rate = (
+            f"tocsin {best['tocsin']:,}/s; ceiling {best['ceiling']:,}/s; ratio {s['ratio']};"
+            f" missing {s['missing']['tocsin']} / {s['missing']['ceiling']}"
+        )
+        rows += [
+            (
+                f"broadcast to {d:,}: p50 / p90 / p99 / max ms",
+                TARGETS["broadcast_p99_ratio"],
+                bcast,
+            ),
+            (f"sustained deliveries/s to {d:,}, acks on", TARGETS["sustained"], rate),
+        ]
+    n = t["latency_ms"]["n"]
+    rows.append(
         (
-            f"targeted alert among {t['online']:,} online: p50 / p90 / p99 / max ms",
+            f"targeted alert among {t['online']:,} online ({n:,} alerts): p50 / p90 / p99 / max ms",
             TARGETS["targeted_p99_ms"],
             _fmt(t["latency_ms"]),
-        ),
-        (
-            "reconnect catch-up of 100, all received: p50 / p90 / p99 / max ms",
-            TARGETS["catchup_ms"],
-            _fmt(k["all_100_ms"]),
-        ),
+        )
+    )
+    labels = {
+        "pub_ack": "publish → PubAck",
+        "pub_js": "publish → a JetStream consumer of the orchestrator",
+        "js_recv": "that delivery → the device's receipt",
+    }
+    for key, label in labels.items():
+        if key in t.get("parts_ms", {}):
+            rows.append(
+                (
+                    f"targeted, {label}: p50 / p90 / p99 / max ms",
+                    "measured",
+                    _fmt(t["parts_ms"][key]),
+                )
+            )
+    if "slow" in t:
+        rows.append(
+            (
+                f"targeted alerts over {t['slow_ms']:g} ms",
+                "measured",
+                f"{len(t['slow'])} of {n}; run-queue wait in the phase, % of its time: "
+                + ", ".join(f"{p} {v}" for p, v in t["waited_percent"].items()),
+            )
+        )
+    if t.get("gateway_gc_pauses"):
+        rows.append(
+            (
+                "gateway garbage collections over the hold and the targeted phase",
+                "measured",
+                "; ".join(
+                    f"gen {g}: {v['collections']:.0f} ({v['ms']} ms, {v['over_10_ms']:.0f} "
+                    "over 10 ms)"
+                    for g, v in t["gateway_gc_pauses"].items()
+                ),
+            )
+        )
+    if "catchup" in r:
+        rows.append(
+            (
+                "reconnect catch-up of 100, all received: p50 / p90 / p99 / max ms",
+                TARGETS["catchup_ms"],
+                _fmt(r["catchup"]["all_100_ms"]),
+            )
+        )
+    rows += [
         (
             "gateway RSS per connection",
             TARGETS["gateway_kib_per_connection"],
@@ -696,6 +924,15 @@ def table(report: dict[str, Any]) -> str:
                 f"GET stats, {sc['connections']:,} connected: cold; warm p50 / p99 ms",
                 "measured",
                 f"{sc['stats_cold_ms']}; {sc['stats_ms']['p50']:.1f} / {sc['stats_ms']['p99']:.1f}",
+            )
+        )
+    if "load_average" in report:
+        la = report["load_average"]
+        rows.append(
+            (
+                "load average (1, 5, 15 min) at the start / end of the run",
+                "measured",
+                " / ".join(", ".join(f"{x:.2f}" for x in la[k]) for k in ("start", "end")),
             )
         )
     lines = ["| scenario | target | measured |", "|---|---|---|"]
@@ -759,6 +996,8 @@ def plots(series: dict[str, Any], stem: Path) -> list[str]:
         save("latency-cdf", fig, ax, "publish → receive (ms, log)", "fraction of deliveries")
     )
 
+    if not series.get("sustained"):  # a run of only the targeted phase
+        return out
     fig, ax = plt.subplots(figsize=(7, 4))
     for side, times in series.get("sustained", {}).items():
         if not times:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 
 from .ban import add_parser as add_ban_parser
 from .common import Fail, dev_secret_path, ensure_dev_secret, resolve_secret
@@ -228,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--full", action="store_true", help="the sizes of the targets (minutes)")
     p.add_argument("--connections", type=int, help="override the number of held connections")
     p.add_argument("--devices", type=int, help="override the broadcast audience per side")
+    p.add_argument("--targeted", type=int, metavar="N", help="override the targeted alerts")
+    p.add_argument("--hold", type=float, metavar="SECONDS", help="override the hold phase")
+    p.add_argument(
+        "--only",
+        choices=["targeted"],
+        help="targeted: connect, hold and the targeted phase only (no scrapes, broadcast, "
+        "sustained or catch-up)",
+    )
+    p.add_argument(
+        "--gateway-code",
+        type=Path,
+        metavar="DIR",
+        help="run the gateway from another tree's services directory (before/after runs)",
+    )
     p.add_argument(
         "--out", default="benchmarks/results", help="where results go (default: %(default)s)"
     )
@@ -264,6 +279,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 ("--full", args.full),
                 ("--connections", args.connections is not None),
                 ("--devices", args.devices is not None),
+                ("--targeted", args.targeted is not None),
+                ("--hold", args.hold is not None),
+                ("--only", args.only is not None),
+                ("--gateway-code", args.gateway_code is not None),
                 ("--out", args.out != "benchmarks/results"),
                 ("--profile", args.profile),
                 ("--set", args.set),

@@ -197,6 +197,13 @@ def families(gw: Gateway) -> Iterator[Metric]:
         "Full garbage collections run after session churn (gateway/collector.py).",
         gw.collector.collections,
     )
+    yield _histogram(
+        "tocsin_gateway_gc_pause_seconds",
+        "Garbage collections of the gateway process by generation (2: full), each a pause "
+        "of its event loop (gateway/collector.py).",
+        gw.collector.pauses,
+        "generation",
+    )
     yield _one(
         "counter",
         "tocsin_gateway_queues_rebuilt_total",
