@@ -191,7 +191,22 @@ class Client:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no {kind or 'frame'} within {timeout}s")
-            frame = await asyncio.wait_for(self.frames.get(), remaining)
+            if self.frames.empty() and self.closed.is_set():
+                # Nothing more can come: say how it ended instead of waiting out the deadline.
+                raise AssertionError(f"no {kind or 'frame'}: the socket closed ({self.close_code})")
+            getting = asyncio.ensure_future(self.frames.get())
+            closing = asyncio.ensure_future(self.closed.wait())
+            try:
+                await asyncio.wait(
+                    {getting, closing}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                closing.cancel()
+                if not getting.done():
+                    getting.cancel()
+            if not getting.done() or getting.cancelled():
+                continue  # closed (said above, once the queue is read) or the deadline
+            frame = getting.result()
             if kind is None or frame["type"] == kind:
                 return frame
 
