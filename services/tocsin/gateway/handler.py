@@ -181,7 +181,7 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
     the device waits for the release, never for the socket (docs/architecture.md §9)."""
     device = session.device
     opened: Opened | None = None
-    tasks: list[asyncio.Task[Any]] = []
+    tasks: list[asyncio.Future[Any]] = []
     gw.owners.register(session)  # from here the takeover responder can find it
     try:
         if not gw.nc.is_connected:
@@ -235,17 +235,19 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
             gw.sessions.timings.handshake.observe(session.established_at - arrived)
         gw.sessions.add(session)  # from now on the ticker pings, redelivers, checkpoints
         session.catchup_needed.set()
-        tasks = [
-            asyncio.create_task(session.sender()),
-            asyncio.create_task(session.catchup(opened.pending)),
-        ]
+        # The sender is not among them: it runs only while frames wait for the socket
+        # (Session._wake_sender), and what ends it with an error stops the session.
+        tasks = [asyncio.create_task(session.catchup(opened.pending))]
         found = claim.found
         if opened.created or found is None or found.subscription != opened.subscription:
             await session.record()  # its position (a new device) or its new filters
         receiver = asyncio.create_task(receive(session))
-        stopped = asyncio.create_task(session.stopped.wait())
+        # A future set with the event, not a task waiting on it (a task per connection).
+        stopped = session.stopped.future()
         tasks += [receiver, stopped]
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if session.failed is not None:
+            raise session.failed
         for task in done:
             if task not in (receiver, stopped) and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
@@ -267,6 +269,9 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
         raise
     finally:
         gw.feed.unregister(session)
+        session.stopped.set()  # no sender starts from here on
+        if session.sender_task is not None:
+            tasks.append(session.sender_task)
         for task in tasks:
             task.cancel()
         if tasks:
