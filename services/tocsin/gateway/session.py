@@ -414,13 +414,15 @@ class Session:
         never starts once the session is stopping (its handler cancels what runs)."""
         if self.sender_task is None and not self.stopped.is_set() and self.claim is not None:
             task = self.sender_task = asyncio.get_running_loop().create_task(self.sender())
-            task.add_done_callback(self._sender_done)
+            task.add_done_callback(self.task_done)
 
-    def _sender_done(self, task: asyncio.Task[None]) -> None:
+    def task_done(self, task: asyncio.Future[Any]) -> None:
+        """The sender or the catch-up task ended: if by an error, the session stops and
+        serve() raises it (the session ends with 1011 or 4503)."""
         if self.sender_task is task:
             self.sender_task = None
-        if not task.cancelled() and task.exception() is not None:
-            self.failed = task.exception()  # serve() raises it: the session ends (1011/4503)
+        if not task.cancelled() and task.exception() is not None and self.failed is None:
+            self.failed = task.exception()
             self.stopped.set()
 
     def send_control(self, frame: Any) -> None:
