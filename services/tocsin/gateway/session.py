@@ -180,7 +180,7 @@ class Session:
         self.written_js: deque[tuple[int, Any]] = NO_QUEUE  # ack_mode=auto, see _ack_written
         #: The sender: a task only while frames wait for it (``_wake_sender``).
         self.sender_task: asyncio.Task[None] | None = None
-        self.failed: BaseException | None = None  # what ended the sender, for serve()
+        self.failed: BaseException | None = None  # the sender or catch-up task failed: serve()
         self.room_ready: asyncio.Event = Event()
         self.catchup_needed: asyncio.Event = Event()
         self.closing: tuple[int, str] | None = None
