@@ -17,3 +17,13 @@ class Event(asyncio.Event):
     def __init__(self) -> None:  # asyncio.Event's own, with a list for the deque
         self._waiters: Any = []
         self._value = False
+
+    def future(self) -> asyncio.Future[bool]:
+        """A future done when the event is set (at once if it is): what ``wait()`` awaits,
+        without a task around it. It stays among the waiters (``set`` skips done ones)."""
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self._value:
+            fut.set_result(True)
+        else:
+            self._waiters.append(fut)
+        return fut

@@ -181,7 +181,7 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
     the device waits for the release, never for the socket (docs/architecture.md §9)."""
     device = session.device
     opened: Opened | None = None
-    tasks: list[asyncio.Task[Any]] = []
+    tasks: list[asyncio.Future[Any]] = []
     gw.owners.register(session)  # from here the takeover responder can find it
     try:
         if not gw.nc.is_connected:
@@ -235,20 +235,17 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
             gw.sessions.timings.handshake.observe(session.established_at - arrived)
         gw.sessions.add(session)  # from now on the ticker pings, redelivers, checkpoints
         session.catchup_needed.set()
-        tasks = [
-            asyncio.create_task(session.sender()),
-            asyncio.create_task(session.catchup(opened.pending)),
-        ]
+        # The sender is not among them: it runs only while frames wait for the socket
+        # (Session._wake_sender); the receive loop runs in this task. A failure of either
+        # task stops the session (Session.task_done) and is raised here.
+        tasks = [asyncio.create_task(session.catchup(opened.pending))]
         found = claim.found
         if opened.created or found is None or found.subscription != opened.subscription:
             await session.record()  # its position (a new device) or its new filters
-        receiver = asyncio.create_task(receive(session))
-        stopped = asyncio.create_task(session.stopped.wait())
-        tasks += [receiver, stopped]
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task not in (receiver, stopped) and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        tasks[0].add_done_callback(session.task_done)  # its failure stops the session
+        await _receive_until_stopped(session)
+        if session.failed is not None:
+            raise session.failed
     except Superseded:
         session.close(Close.REPLACED, "another connection of this device took over")
     except Busy:
@@ -267,6 +264,9 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
         raise
     finally:
         gw.feed.unregister(session)
+        session.stopped.set()  # no sender starts from here on
+        if session.sender_task is not None:
+            tasks.append(session.sender_task)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -282,6 +282,36 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
             gw.sessions.discard(session)
             gw.collector.session_closed()
             await session.shut()
+
+
+async def _receive_until_stopped(session: Session) -> None:
+    """Run the receive loop in the handler's own task (not a task of its own per
+    connection) until the client closes or the session is stopped (``Session.close``, or a
+    failure of its catch-up or sender task): then the loop is cancelled where it waits, as
+    a receiver task was. An error of the loop ends the session like its end does (logged)."""
+    task = asyncio.current_task()
+    assert task is not None
+    receiving = interrupted = False
+
+    def interrupt(_: object) -> None:
+        nonlocal interrupted
+        if receiving and not interrupted:
+            interrupted = True
+            task.cancel()
+
+    stopped = session.stopped.future()  # set with the event; no task waits on it
+    stopped.add_done_callback(interrupt)
+    receiving = True
+    try:
+        await receive(session)
+    except asyncio.CancelledError:
+        if not interrupted or task.uncancel() > 0:
+            raise  # cancelled from outside (the server stopping): not ours to swallow
+    except Exception:
+        log.exception("session %s: receive loop failed", session.id)
+    finally:
+        receiving = False
+        stopped.remove_done_callback(interrupt)
 
 
 async def _leave(gw: Gateway, session: Session, opened: bool) -> None:

@@ -46,6 +46,8 @@ BUFFER_LIMIT = 10_000
 #: reading its durable. A burst larger than the window then costs no JetStream reads (the
 #: alerts are shared objects: a pointer each); only a device this far behind re-reads.
 WAITING_LIMIT = 1_000
+#: A session's queues before their first use (``Session.waiting``, ``out``, ``written_js``).
+NO_QUEUE: Any = ()
 #: The WebSocket ping the ticker queues beside the protocol's ``ping`` frame (no payload).
 WS_PING = (-1, b"")
 PING = WSMsgType.PING
@@ -88,6 +90,7 @@ class Session:
         "device",
         "direct",
         "established_at",
+        "failed",
         "filters",
         "finished",
         "frames_written",
@@ -104,7 +107,6 @@ class Session:
         "next_record",
         "next_sweep",
         "out",
-        "out_ready",
         "ping_ts",
         "previous_ping_ts",
         "progress_at",
@@ -118,6 +120,7 @@ class Session:
         "rewind",
         "room_ready",
         "saved_floor",
+        "sender_task",
         "sent",
         "started",
         "stopped",
@@ -146,7 +149,7 @@ class Session:
         self.device = device
         self.id = uuid.uuid4().hex
         self.claim: Claim | None = None  # ownership of the device (ownership.py)
-        self.stopped: asyncio.Event = Event()  # close() was called: the handler unwinds
+        self.stopped = Event()  # close() was called: the handler unwinds
         self.finished: asyncio.Event = Event()  # let go of the device: acts no more
         regions = self.claims_regions = device.claims.receivable_regions()
         self.filters = gw.names.region_filters(regions)  # the token's bound, for the live feed
@@ -160,7 +163,10 @@ class Session:
         self.mode = Mode.CATCHUP
         self.window = Window(gw.settings.max_inflight)
         self.buffer: list[LiveAlert] = []
-        self.waiting: deque[LiveAlert] = deque()  # live, not yet judged: the window was full
+        #: Live, not yet judged: the window was full. This and the other queues below start
+        #: as an empty tuple and become deques when first used (an empty deque is 760
+        #: bytes, and most connections never queue anything: frames go straight out).
+        self.waiting: deque[LiveAlert] = NO_QUEUE
         self.buffer_overflow = False
         # The device's position (device.Position) lives in the window (floor, next seq)
         # and here, as plain ints for the hot paths; resume() sets them, position reads them.
@@ -168,11 +174,13 @@ class Session:
         self.high_water = 0  # highest seq sent to this device, by any of its connections
         self.queue_at_floor = False  # see resume()
         self.queue_reads = 0
-        self.out: deque[tuple[int, bytes]] = deque()
+        self.out: deque[tuple[int, bytes]] = NO_QUEUE  # for the sender, in order
         #: seq -> (when ALERTS stored it, live): timed when its first frame is written.
         self.appended: dict[int, tuple[float, bool]] = {}
-        self.written_js: deque[tuple[int, Any]] = deque()  # ack_mode=auto, see _ack_written
-        self.out_ready: asyncio.Event = Event()
+        self.written_js: deque[tuple[int, Any]] = NO_QUEUE  # ack_mode=auto, see _ack_written
+        #: The sender: a task only while frames wait for it (``_wake_sender``).
+        self.sender_task: asyncio.Task[None] | None = None
+        self.failed: BaseException | None = None  # the sender or catch-up task failed: serve()
         self.room_ready: asyncio.Event = Event()
         self.catchup_needed: asyncio.Event = Event()
         self.closing: tuple[int, str] | None = None
@@ -227,6 +235,8 @@ class Session:
             if len(self.waiting) >= WAITING_LIMIT:
                 self._fall_behind(alert)
             else:
+                if not self.waiting:
+                    self.waiting = deque()
                 self.waiting.append(alert)  # sent in order as acks make room
 
     def _try_live(self, alert: LiveAlert) -> bool:
@@ -384,8 +394,36 @@ class Session:
     def _enqueue(self, seq: int, frame: bytes) -> None:
         if self.corked:
             self.uncork()
+        if not self.out:
+            self.out = deque()
         self.out.append((seq, frame))
-        self.out_ready.set()
+        self._wake_sender()
+
+    def _queue_first(self, *frames: tuple[int, bytes]) -> None:
+        """Put ``frames`` ahead of everything queued for the sender (a ping), in order."""
+        if self.corked:
+            self.uncork()
+        if not self.out:
+            self.out = deque()
+        self.out.extendleft(reversed(frames))
+        self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        """Frames are queued: start the sender unless it runs. It ends once the queue is
+        empty (most connections never need it: their frames go straight to the socket), and
+        never starts once the session is stopping (its handler cancels what runs)."""
+        if self.sender_task is None and not self.stopped.is_set() and self.claim is not None:
+            task = self.sender_task = asyncio.get_running_loop().create_task(self.sender())
+            task.add_done_callback(self.task_done)
+
+    def task_done(self, task: asyncio.Future[Any]) -> None:
+        """The sender or the catch-up task ended: if by an error, the session stops and
+        serve() raises it (the session ends with 1011 or 4503)."""
+        if self.sender_task is task:
+            self.sender_task = None
+        if not task.cancelled() and task.exception() is not None and self.failed is None:
+            self.failed = task.exception()
+            self.stopped.set()
 
     def send_control(self, frame: Any) -> None:
         data = frame.model_dump_json().encode()
@@ -398,16 +436,15 @@ class Session:
         """Too far behind: stop live delivery; the durable has everything after the floor."""
         self.mode = Mode.CATCHUP
         self.buffer = [*self.waiting, alert]
-        self.waiting.clear()
+        self.waiting = NO_QUEUE
         self.buffer_overflow = False
         self.catchup_needed.set()
 
     async def sender(self) -> None:
+        """Write what is queued, in order, then end (``_wake_sender`` starts it again)."""
         assert self.claim is not None
         usable = self.claim.usable
-        while not self.stopped.is_set():  # a swallowed cancel ends here too
-            await self.out_ready.wait()
-            self.out_ready.clear()
+        while self.out and not self.stopped.is_set():  # a swallowed cancel ends here too
             while self.out:
                 if not usable.is_set():  # NATS lost: nothing is sent until the device is
                     await usable.wait()  # reclaimed (if it is lost, the session ends)
@@ -416,8 +453,9 @@ class Session:
                     self.writing = True
                     try:
                         await self.ws.send_frame(frame, WSMsgType.TEXT if seq >= 0 else PING)
-                    except ConnectionError:
-                        return  # the client went away: the receiver ends the session
+                    except ConnectionError:  # the client went away: the session ends
+                        self.stopped.set()
+                        return
                     finally:
                         self.writing = False
                     self.frames_written += 1
@@ -433,6 +471,9 @@ class Session:
                 self._release()
             if self.written_js:
                 await self._ack_written()
+        if self.sender_task is asyncio.current_task():
+            self.sender_task = None  # no await since the queue was found empty: none missed
+            self.out = NO_QUEUE
 
     async def _ack_written(self) -> None:
         """ack_mode=auto: tell JetStream about backlog alerts now written to the socket."""
@@ -566,7 +607,7 @@ class Session:
             if item is not None:
                 item.js_msg = msg  # so that the device's ack of it reaches JetStream
             elif not self.track:
-                self.written_js.append((seq, msg))  # queued, not yet written: ack after
+                self._written_js((seq, msg))  # queued, not yet written: ack after
         else:
             expires = expires_of(msg.headers)
             sent = not self._superseded(msg, seq) and self._judge(
@@ -576,11 +617,16 @@ class Session:
                 stored = msg.metadata.timestamp.timestamp()
                 self._send_new(seq, msg.data, expires, None, msg, stored, live=False)
             if not self.track:
-                self.written_js.append((seq, msg))  # acked once written (or passed over)
+                self._written_js((seq, msg))  # acked once written (or passed over)
             elif not sent and self.window.floor >= seq:
                 self._act()
                 await msg.ack()  # passed over with nothing unacked before it: settled
                 self.saved_floor = max(self.saved_floor, seq)
+
+    def _written_js(self, entry: tuple[int, Any]) -> None:
+        if not self.written_js:
+            self.written_js = deque()
+        self.written_js.append(entry)
 
     def _superseded(self, msg: Any, seq: int) -> bool:
         """A later update or cancel in the stream replaced this backlog alert: pass over it
@@ -695,9 +741,7 @@ class Session:
             if not self.out and self._write_now(PING_FRAME + text_frame(ping)):
                 self.frames_written += 2
             else:
-                self.out.appendleft((0, ping))
-                self.out.appendleft(WS_PING)
-                self.out_ready.set()
+                self._queue_first(WS_PING, (0, ping))
         if self.window.items:
             self.window.drop_expired(now)
             if self.waiting:
