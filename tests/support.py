@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -274,6 +275,32 @@ async def handshake_with(
                 if resp.status != exc.status or resp.content_type != "application/json":
                     return exc.status, {}, {}
                 return exc.status, await resp.json(), dict(resp.headers)
+
+
+@contextlib.asynccontextmanager
+async def reading_stopped(
+    ws: aiohttp.ClientWebSocketResponse, session: Any, every: float
+) -> AsyncIterator[None]:
+    """The client stops reading its socket (what the gateway writes fills the kernel's
+    buffers) but goes on sending bare protocol pongs every ``every`` seconds (its own timer,
+    not a sync) until ``session`` ends; its socket is aborted on the way out."""
+    conn = ws._conn
+    assert conn is not None and conn.transport is not None
+    transport = conn.transport
+    transport.pause_reading()
+
+    async def bare_pongs() -> None:
+        while not session.finished.is_set():
+            await ws.send_str('{"type":"pong"}')
+            await asyncio.sleep(every)
+
+    ponger = asyncio.create_task(bare_pongs())
+    try:
+        yield
+    finally:
+        ponger.cancel()
+        await asyncio.gather(ponger, return_exceptions=True)
+        transport.abort()
 
 
 def session_of(running: RunningGateway, user: str, client_id: str | None = None) -> Any:

@@ -3,7 +3,6 @@ its silence, and everything its session held let go."""
 
 from __future__ import annotations
 
-import asyncio
 import socket
 from collections.abc import Callable
 
@@ -22,6 +21,7 @@ from ..support import (
     alert,
     append,
     eventually,
+    reading_stopped,
     session_of,
     start_gateway,
     token,
@@ -138,24 +138,12 @@ async def test_a_reader_that_stops_reading_is_cut_off_by_its_send_buffer(
         sock = session.transport.get_extra_info("socket") if session.transport else None
         assert sock is not None
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 64 * 1024  # Linux x2
-        conn = ws._conn
-        assert conn is not None and conn.transport is not None
-        conn.transport.pause_reading()
-
-        async def bare_pongs() -> None:
-            while not session.finished.is_set():
-                await ws.send_str('{"type":"pong"}')
-                await asyncio.sleep(HEARTBEAT / 3)  # the client's own timer, not a sync
-
-        ponger = asyncio.create_task(bare_pongs())
-        for i in range(60):
-            await append(js, names, alert("UG-1", message=f"{i} " + "x" * 7500))
-        await eventually(session.finished.is_set, timeout=30, what="the stuck reader cut off")
-        assert session.closing is not None and session.closing[0] == Close.SLOW_CLIENT
-        assert session.frames_written < 61  # it was cut while the burst was still unsent
-        ponger.cancel()
-        await asyncio.gather(ponger, return_exceptions=True)
-        conn.transport.abort()
+        async with reading_stopped(ws, session, every=HEARTBEAT / 3):
+            for i in range(60):
+                await append(js, names, alert("UG-1", message=f"{i} " + "x" * 7500))
+            await eventually(session.finished.is_set, timeout=30, what="the stuck reader cut off")
+            assert session.closing is not None and session.closing[0] == Close.SLOW_CLIENT
+            assert session.frames_written < 61  # it was cut while the burst was still unsent
     finally:
         await http.close()
         await running.stop()

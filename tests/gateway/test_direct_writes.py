@@ -4,7 +4,6 @@ reading is still cut off (4008) with acks by the client, where the direct path i
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 
@@ -16,7 +15,15 @@ from tocsin.core.naming import Names
 from tocsin.core.settings import Settings
 from tocsin.schemas.codes import Close
 
-from ..support import alert, append, eventually, session_of, start_gateway, token
+from ..support import (
+    alert,
+    append,
+    eventually,
+    reading_stopped,
+    session_of,
+    start_gateway,
+    token,
+)
 
 HEARTBEAT = 0.5
 BURST = 60  # alerts of ~7.5 KB: ~450 KB, more than the socket's buffers hold
@@ -85,23 +92,11 @@ async def test_a_client_acking_mode_reader_that_stops_reading_is_closed_4008(
         assert hello["type"] == "connection_established"
         session = session_of(running, "mira")
         assert session.direct
-        conn = ws._conn
-        assert conn is not None and conn.transport is not None
-        conn.transport.pause_reading()
-
-        async def bare_pongs() -> None:
-            while not session.finished.is_set():
-                await ws.send_str('{"type":"pong"}')
-                await asyncio.sleep(HEARTBEAT / 3)  # the client's own timer, not a sync
-
-        ponger = asyncio.create_task(bare_pongs())
-        for i in range(BURST):
-            await append(js, names, alert("UG-1", message=f"{i} {BIG}"))
-        await eventually(session.finished.is_set, timeout=30, what="the stuck reader cut off")
-        assert session.closing is not None and session.closing[0] == Close.SLOW_CLIENT
-        ponger.cancel()
-        await asyncio.gather(ponger, return_exceptions=True)
-        conn.transport.abort()
+        async with reading_stopped(ws, session, every=HEARTBEAT / 3):
+            for i in range(BURST):
+                await append(js, names, alert("UG-1", message=f"{i} {BIG}"))
+            await eventually(session.finished.is_set, timeout=30, what="the stuck reader cut off")
+            assert session.closing is not None and session.closing[0] == Close.SLOW_CLIENT
     finally:
         await http.close()
         await running.stop()

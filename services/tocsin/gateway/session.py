@@ -246,15 +246,19 @@ class Session:
         if self._room() <= 0:
             return False
         if self._judge(alert.seq, alert.data, alert.expires, alert):
-            self._send_new(
-                alert.seq,
-                alert.data,
-                alert.expires,
-                alert.frame,
-                appended=alert.appended,
-                wire=alert.wire,
-            )
+            self._send_live(alert)
         return True
+
+    def _send_live(self, alert: LiveAlert) -> None:
+        """Send an alert of the live feed (its frames built once per gateway)."""
+        self._send_new(
+            alert.seq,
+            alert.data,
+            alert.expires,
+            alert.frame,
+            appended=alert.appended,
+            wire=alert.wire,
+        )
 
     def _release(self) -> None:
         """Room in the window: send the live alerts that waited for it, in order."""
@@ -655,14 +659,7 @@ class Session:
         self.buffer.clear()
         for alert in fresh:
             if self._judge(alert.seq, alert.data, alert.expires, alert):
-                self._send_new(
-                    alert.seq,
-                    alert.data,
-                    alert.expires,
-                    alert.frame,
-                    appended=alert.appended,
-                    wire=alert.wire,
-                )
+                self._send_live(alert)
         self.mode = Mode.LIVE
         self.catchup_needed.clear()
         if self.live_since is None:
