@@ -37,7 +37,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -417,25 +417,23 @@ class Guard:
     def _count_watched(self, sub: str, client_id: str) -> tuple[int, list[str]]:
         """:meth:`_count` from the slots watched. It may count a slot whose removal it did
         not see (a purge by an older version): never fewer than the bucket holds."""
-        own = device_key(client_id)
         user = user_key(sub)
-        count, dead = 0, []
-        for where in self.slots.get(user, ()):
-            instance, device = where.split(".")
-            if not self.live(instance):
-                dead.append(f"{self._prefix}conn.{user}.{where}")
-            elif instance == self.instance or device != own:
-                count += 1
-        return count, dead
+        held = self.slots.get(user, ())
+        return self._tally((f"{self._prefix}conn.{user}.{where}" for where in held), client_id)
 
     async def _count(self, sub: str, client_id: str) -> tuple[int, list[str]]:
-        """Connections of ``sub`` on live instances, this device's own slot elsewhere not
-        counted (it is being taken over), this one counted; and the slots of dead ones."""
-        own = device_key(client_id)
+        """:meth:`_tally` of the user's slots as the stream lists them."""
         pattern = f"{self._prefix}conn.{user_key(sub)}.>"
         info = await self._js.stream_info(self._stream, subjects_filter=pattern)
+        return self._tally((info.state.subjects or {}).keys(), client_id)
+
+    def _tally(self, subjects: Iterable[str], client_id: str) -> tuple[int, list[str]]:
+        """Of a user's slot subjects: the connections on live instances, this device's own
+        slot elsewhere not counted (it is being taken over), this one counted; and the
+        slots of dead instances."""
+        own = device_key(client_id)
         count, dead = 0, []
-        for subject in (info.state.subjects or {}).keys():
+        for subject in subjects:
             _, _, instance, device = subject.removeprefix(self._prefix).split(".")
             if not self.live(instance):
                 dead.append(subject)
