@@ -69,10 +69,27 @@ async def test_random_disconnects_lose_nothing_and_keep_order(
                 seen[user].append(seq)
             return seq
 
+        last_info: dict[str, ConsumerInfo] = {}
+
         async def drained(user: str) -> bool:
             consumer = names.device_consumer(user, "phone")
             info: ConsumerInfo = await js.consumer_info(names.alerts_stream, consumer)
+            last_info[user] = info
             return info.num_pending == 0 and info.num_ack_pending == 0
+
+        def describe(user: str) -> list[dict[str, Any]]:
+            return [
+                {
+                    "mode": s.mode.name,
+                    "floor": s.window.floor,
+                    "saved": s.saved_floor,
+                    "in flight": len(s.window.items),
+                    "queued": len(s.out),
+                    "closing": s.closing,
+                }
+                for s in running.gw.sessions
+                if s.device.user_id == user
+            ]
 
         async def settle_auto(user: str) -> None:
             """An auto device loses what was written to a socket it closed unread, so it may
@@ -90,6 +107,14 @@ async def test_random_disconnects_lose_nothing_and_keep_order(
             reader = asyncio.create_task(read())
             try:
                 await eventually(lambda: drained(user), timeout=30, what=f"{user}'s queue")
+            except AssertionError as exc:
+                info = last_info.get(user)
+                state = info and (info.num_pending, info.num_ack_pending, info.delivered)
+                raise AssertionError(
+                    f"seed {seed}: {exc}; (pending, ack pending, delivered) {state}, "
+                    f"sessions {describe(user)}, seen {seen[user][-5:]}, "
+                    f"published last {published[-1][0]}"
+                ) from None
             finally:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
