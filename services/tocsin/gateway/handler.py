@@ -234,15 +234,14 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
         if arrived is not None:
             gw.sessions.timings.handshake.observe(session.established_at - arrived)
         gw.sessions.add(session)  # from now on the ticker pings, redelivers, checkpoints
-        session.catchup_needed.set()
-        # The sender is not among them: it runs only while frames wait for the socket
+        # The catch-up task reads the backlog, then ends (the session starts it again when
+        # it falls behind); the sender runs only while frames wait for the socket
         # (Session._wake_sender); the receive loop runs in this task. A failure of either
         # task stops the session (Session.task_done) and is raised here.
-        tasks = [asyncio.create_task(session.catchup(opened.pending))]
+        session.start_catchup(opened.pending)
         found = claim.found
         if opened.created or found is None or found.subscription != opened.subscription:
             await session.record()  # its position (a new device) or its new filters
-        tasks[0].add_done_callback(session.task_done)  # its failure stops the session
         await _receive_until_stopped(session)
         if session.failed is not None:
             raise session.failed
@@ -265,8 +264,7 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
     finally:
         gw.feed.unregister(session)
         session.stopped.set()  # no sender starts from here on
-        if session.sender_task is not None:
-            tasks.append(session.sender_task)
+        tasks.extend(t for t in (session.catchup_task, session.sender_task) if t is not None)
         for task in tasks:
             task.cancel()
         if tasks:
