@@ -234,16 +234,15 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
         if arrived is not None:
             gw.sessions.timings.handshake.observe(session.established_at - arrived)
         gw.sessions.add(session)  # from now on the ticker pings, redelivers, checkpoints
-        session.catchup_needed.set()
-        # The sender is not among them: it runs only while frames wait for the socket
+        # The catch-up task reads the backlog, then ends (the session starts it again when
+        # it falls behind); the sender runs only while frames wait for the socket
         # (Session._wake_sender); the receive loop runs in this task. A failure of either
         # task stops the session (Session.task_done) and is raised here.
-        tasks = [asyncio.create_task(session.catchup(opened.pending))]
+        session.start_catchup(opened.pending)
         found = claim.found
         if opened.created or found is None or found.subscription != opened.subscription:
             await session.record()  # its position (a new device) or its new filters
-        tasks[0].add_done_callback(session.task_done)  # its failure stops the session
-        await _receive_until_stopped(session)
+        await receive(session)
         if session.failed is not None:
             raise session.failed
     except Superseded:
@@ -265,8 +264,7 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
     finally:
         gw.feed.unregister(session)
         session.stopped.set()  # no sender starts from here on
-        if session.sender_task is not None:
-            tasks.append(session.sender_task)
+        tasks.extend(t for t in (session.catchup_task, session.sender_task) if t is not None)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -282,36 +280,6 @@ async def serve(gw: Gateway, session: Session, arrived: float | None = None) -> 
             gw.sessions.discard(session)
             gw.collector.session_closed()
             await session.shut()
-
-
-async def _receive_until_stopped(session: Session) -> None:
-    """Run the receive loop in the handler's own task (not a task of its own per
-    connection) until the client closes or the session is stopped (``Session.close``, or a
-    failure of its catch-up or sender task): then the loop is cancelled where it waits, as
-    a receiver task was. An error of the loop ends the session like its end does (logged)."""
-    task = asyncio.current_task()
-    assert task is not None
-    receiving = interrupted = False
-
-    def interrupt(_: object) -> None:
-        nonlocal interrupted
-        if receiving and not interrupted:
-            interrupted = True
-            task.cancel()
-
-    stopped = session.stopped.future()  # set with the event; no task waits on it
-    stopped.add_done_callback(interrupt)
-    receiving = True
-    try:
-        await receive(session)
-    except asyncio.CancelledError:
-        if not interrupted or task.uncancel() > 0:
-            raise  # cancelled from outside (the server stopping): not ours to swallow
-    except Exception:
-        log.exception("session %s: receive loop failed", session.id)
-    finally:
-        receiving = False
-        stopped.remove_done_callback(interrupt)
 
 
 async def _leave(gw: Gateway, session: Session, opened: bool) -> None:
@@ -358,36 +326,64 @@ _ENDS = (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
 
 
 async def receive(session: Session) -> None:
-    """The client's frames, in order. An ack (nearly every frame a client sends) is applied
-    here without a coroutine of its own, and without awaiting anything unless JetStream
-    is to hear of it (in catchup); aiohttp's ``receive()`` returns at once while frames
-    are buffered, so the acks of one read are applied in one wake of this task."""
+    """The client's frames, in order, read in the handler's own task (not a task of its own
+    per connection; and in one coroutine, one frame fewer to resume per frame read) until
+    the client closes or the session is stopped (``Session.close``, or a failure of its
+    catch-up or sender task): then the loop is cancelled where it waits, as a receiver
+    task was. An error of the loop ends the session like its end does (logged).
+
+    An ack (nearly every frame a client sends) is applied here without a coroutine of its
+    own, and without awaiting anything unless JetStream is to hear of it (in catchup);
+    aiohttp's ``receive()`` returns at once while frames are buffered, so the acks of one
+    read are applied in one wake of this task."""
+    task = asyncio.current_task()
+    assert task is not None
+    receiving = interrupted = False
+
+    def interrupt(_: object) -> None:
+        nonlocal interrupted
+        if receiving and not interrupted:
+            interrupted = True
+            task.cancel()
+
+    stopped = session.stopped.future()  # set with the event; no task waits on it
+    stopped.add_done_callback(interrupt)
+    receiving = True
     ws = session.ws
     receive = ws.receive
     match_ack = ACK_FRAME.fullmatch
-    while True:
-        msg = await receive()
-        kind = msg.type
-        session.last_heard = time.monotonic()
-        if kind is WSMsgType.TEXT:
-            if (ack := match_ack(msg.data)) is not None:
-                held = session.ack(int(ack[1]))
-                if held is not None:
-                    await session.ack_queue(held)
-            else:
-                await on_text(session, msg.data)
-        elif kind in _ENDS:
-            break
-        elif kind is WSMsgType.PONG:  # the answer to the ticker's WebSocket ping: heard
-            session.ws_pongs += 1
-        elif kind is WSMsgType.PING:
-            if not await over_limit(session):
-                await session.ws.pong(msg.data)
-        elif kind is WSMsgType.BINARY:
-            if not await over_limit(session):
-                session.send_control(
-                    Error(code=ErrorCode.BINARY_NOT_SUPPORTED, detail="frames are JSON text")
-                )
+    try:
+        while True:
+            msg = await receive()
+            kind = msg.type
+            session.last_heard = time.monotonic()
+            if kind is WSMsgType.TEXT:
+                if (ack := match_ack(msg.data)) is not None:
+                    held = session.ack(int(ack[1]))
+                    if held is not None:
+                        await session.ack_queue(held)
+                else:
+                    await on_text(session, msg.data)
+            elif kind in _ENDS:
+                break
+            elif kind is WSMsgType.PONG:  # the answer to the ticker's WebSocket ping: heard
+                session.ws_pongs += 1
+            elif kind is WSMsgType.PING:
+                if not await over_limit(session):
+                    await session.ws.pong(msg.data)
+            elif kind is WSMsgType.BINARY:
+                if not await over_limit(session):
+                    session.send_control(
+                        Error(code=ErrorCode.BINARY_NOT_SUPPORTED, detail="frames are JSON text")
+                    )
+    except asyncio.CancelledError:
+        if not interrupted or task.uncancel() > 0:
+            raise  # cancelled from outside (the server stopping): not ours to swallow
+    except Exception:
+        log.exception("session %s: receive loop failed", session.id)
+    finally:
+        receiving = False
+        stopped.remove_done_callback(interrupt)
 
 
 def _frame_error(exc: ValidationError) -> Error:

@@ -80,7 +80,7 @@ class Session:
         "appended",
         "buffer",
         "buffer_overflow",
-        "catchup_needed",
+        "catchup_task",
         "claim",
         "claims_regions",
         "closing",
@@ -106,6 +106,7 @@ class Session:
         "next_ping",
         "next_record",
         "next_sweep",
+        "next_touch",
         "out",
         "ping_ts",
         "previous_ping_ts",
@@ -182,7 +183,9 @@ class Session:
         self.sender_task: asyncio.Task[None] | None = None
         self.failed: BaseException | None = None  # the sender or catch-up task failed: serve()
         self.room_ready: asyncio.Event = Event()
-        self.catchup_needed: asyncio.Event = Event()
+        #: The catch-up task: it runs while the session is in catchup mode (and for a live
+        #: queue's touch), then ends; ``start_catchup`` starts it again.
+        self.catchup_task: asyncio.Task[None] | None = None
         self.closing: tuple[int, str] | None = None
         #: Frames may be written straight to the socket by whoever sends them (the live
         #: feed's dispatch above all) instead of waking the sender: not compressed (the
@@ -196,6 +199,7 @@ class Session:
         self.progress_at = now  # the socket last took a frame, or had nothing to take
         self._written_seen = 0
         self.next_ping = now + gw.settings.heartbeat_seconds
+        self.next_touch = now + self.touch_seconds  # the live queue's pull (start_catchup)
         self.last_heard = now  # any frame from the client: it is alive
         self.latency_ms: float | None = None
         # staggered: sessions that connected together do not all save at the same tick.
@@ -425,6 +429,8 @@ class Session:
         serve() raises it (the session ends with 1011 or 4503)."""
         if self.sender_task is task:
             self.sender_task = None
+        if self.catchup_task is task:
+            self.catchup_task = None
         if not task.cancelled() and task.exception() is not None and self.failed is None:
             self.failed = task.exception()
             self.stopped.set()
@@ -442,7 +448,7 @@ class Session:
         self.buffer = [*self.waiting, alert]
         self.waiting = NO_QUEUE
         self.buffer_overflow = False
-        self.catchup_needed.set()
+        self.start_catchup()
 
     async def sender(self) -> None:
         """Write what is queued, in order, then end (``_wake_sender`` starts it again)."""
@@ -490,11 +496,22 @@ class Session:
             self.saved_floor = max(self.saved_floor, newest[0])
 
     # ------------------------------------------------------------ backlog
-    async def catchup(self, pending: int | None) -> None:
-        """The backlog task: reads the queue whenever the session is in catchup mode.
-        ``pending`` is the backlog found when the connection opened (None: unknown)."""
+    def start_catchup(self, pending: int | None = None, touch: bool = False) -> None:
+        """Start the catch-up task unless it runs. It reads the queue while the session is
+        in catchup mode, then ends: a task only while catching up (about a kilobyte per
+        connection less than one waiting for the next fall behind), as the sender is one
+        only while frames wait. ``pending``: the backlog found when the connection opened
+        (None: unknown; the queue is reset to the floor first). ``touch``: a live session's
+        queue is pulled once (:meth:`_touch`), by the ticker's call every ``touch_seconds``."""
+        if self.stopped.is_set() or (self.catchup_task and not self.catchup_task.done()):
+            return  # a running task reads on while the mode is catchup: nothing is missed
+        task = asyncio.get_running_loop().create_task(self.catchup(pending, touch))
+        self.catchup_task = task
+        task.add_done_callback(self.task_done)  # its failure stops the session
+
+    async def catchup(self, pending: int | None, touch: bool = False) -> None:
+        """The catch-up task (:meth:`start_catchup`)."""
         reader = None
-        reset_needed = pending is None
 
         def read(reader: Any, before: int) -> None:
             if reader.delivered != before:  # JetStream delivered: it may be past the floor
@@ -502,23 +519,20 @@ class Session:
                 self.queue_reads += 1
 
         try:
-            while not self.stopped.is_set():  # a swallowed cancel ends here too
-                try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
-                    async with asyncio.timeout(self.touch_seconds):
-                        await self.catchup_needed.wait()
-                except TimeoutError:
-                    self._act()
-                    reader = reader or await self.gw.queues.reader(self.consumer)
-                    before = reader.delivered
-                    try:
-                        await self._touch(reader)
-                    finally:
-                        read(reader, before)
-                    reader = await self._let_go(reader)
-                    continue
-                if reset_needed:
+            if touch:
+                self._act()
+                reader = await self.gw.queues.reader(self.consumer)
+                before = reader.delivered
+                try:
+                    await self._touch(reader)
+                finally:
+                    read(reader, before)
+                reader = await self._let_go(reader)
+            # The mode is read again after every await: a session that fell behind while
+            # this task was ending (no new task started: this one ran) is read on here.
+            while self.mode is Mode.CATCHUP and not self.stopped.is_set():
+                if pending is None:
                     pending = await self.checkpoint()
-                reset_needed = True
                 if reader is None:
                     self._act()
                     reader = await self.gw.queues.reader(self.consumer)
@@ -527,11 +541,17 @@ class Session:
                     await self._drain(reader, pending)
                 finally:
                     read(reader, before)
+                pending = None  # a later pass asks JetStream again, after a reset
                 reader = await self._let_go(reader)
         finally:
             if reader is not None:
                 with contextlib.suppress(Exception):
                     await reader.unsubscribe()
+            if self.catchup_task is asyncio.current_task():
+                # No await since the mode was found live: a fall behind from here starts
+                # a new task.
+                self.catchup_task = None
+                self.next_touch = time.monotonic() + self.touch_seconds
 
     async def _let_go(self, reader: Any) -> Any:
         """A live session keeps no subscription to its queue (a nats-py subscription with
@@ -546,7 +566,7 @@ class Session:
     @property
     def touch_seconds(self) -> float:
         """JetStream reaps a consumer after ``inactive_threshold`` without pulls or acks, and
-        a live device's queue sees neither: pull once well before that."""
+        a live device's queue sees neither: pull once well before that (``next_touch``)."""
         return self.gw.settings.retention_seconds / 4
 
     async def _touch(self, reader: Any) -> None:
@@ -661,7 +681,6 @@ class Session:
             if self._judge(alert.seq, alert.data, alert.expires, alert):
                 self._send_live(alert)
         self.mode = Mode.LIVE
-        self.catchup_needed.clear()
         if self.live_since is None:
             self.live_since = time.monotonic()
             self.gw.sessions.timings.catchup.observe(self.live_since - self.established_at)
@@ -739,6 +758,9 @@ class Session:
                 self.frames_written += 2
             else:
                 self._queue_first(WS_PING, (0, ping))
+        if now_mono >= self.next_touch and self.mode is Mode.LIVE and self.catchup_task is None:
+            self.next_touch = now_mono + self.touch_seconds  # again after the task, if it runs
+            self.start_catchup(touch=True)
         if self.window.items:
             self.window.drop_expired(now)
             if self.waiting:
@@ -757,10 +779,10 @@ class Session:
         """When the ticker must see this session again. While anything is in flight, queued
         or being written: after one sweep (a window held full, a client that stopped
         reading). Otherwise at its next deadline: a ping, two silent heartbeats, the
-        token's expiry, a save or record write due. An idle device costs a visit per
-        heartbeat, not one per second; a delivery brings the visit forward only when it
-        fills the window (_send_new): a client that stops reading is seen at its next
-        visit at the latest, then watched every sweep."""
+        token's expiry, the queue's touch, a save or record write due. An idle device costs
+        a visit per heartbeat, not one per second; a delivery brings the visit forward only
+        when it fills the window (_send_new): a client that stops reading is seen at its
+        next visit at the latest, then watched every sweep."""
         sweep = self.gw.sweep
         if self.window.items or self.waiting or self.out or self.writing or self.closing:
             return now_mono + sweep
@@ -769,6 +791,7 @@ class Session:
             self.next_ping,
             self.last_heard + 2 * hb,
             now_mono + (self.device.claims.exp - now),
+            self.next_touch,
         )
         if self.needs_checkpoint():
             due = min(due, self.next_checkpoint)
